@@ -1,0 +1,193 @@
+"""SMPP 3.4 numbers: command ids, command_status values, TLV tags, states.
+
+Pure data. Names follow the SMPP 3.4 specification so that a reader with the
+spec open can grep for them.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class CommandId(IntEnum):
+    GENERIC_NACK = 0x80000000
+    BIND_RECEIVER = 0x00000001
+    BIND_RECEIVER_RESP = 0x80000001
+    BIND_TRANSMITTER = 0x00000002
+    BIND_TRANSMITTER_RESP = 0x80000002
+    QUERY_SM = 0x00000003
+    QUERY_SM_RESP = 0x80000003
+    SUBMIT_SM = 0x00000004
+    SUBMIT_SM_RESP = 0x80000004
+    DELIVER_SM = 0x00000005
+    DELIVER_SM_RESP = 0x80000005
+    UNBIND = 0x00000006
+    UNBIND_RESP = 0x80000006
+    REPLACE_SM = 0x00000007
+    REPLACE_SM_RESP = 0x80000007
+    CANCEL_SM = 0x00000008
+    CANCEL_SM_RESP = 0x80000008
+    BIND_TRANSCEIVER = 0x00000009
+    BIND_TRANSCEIVER_RESP = 0x80000009
+    OUTBIND = 0x0000000B
+    ENQUIRE_LINK = 0x00000015
+    ENQUIRE_LINK_RESP = 0x80000015
+    SUBMIT_MULTI = 0x00000021
+    SUBMIT_MULTI_RESP = 0x80000021
+    ALERT_NOTIFICATION = 0x00000102
+    DATA_SM = 0x00000103
+    DATA_SM_RESP = 0x80000103
+
+
+RESPONSE_BIT = 0x80000000
+
+
+class Status(IntEnum):
+    """command_status values (SMPP 3.4 section 5.1.3)."""
+
+    ESME_ROK = 0x00000000
+    ESME_RINVMSGLEN = 0x00000001
+    ESME_RINVCMDLEN = 0x00000002
+    ESME_RINVCMDID = 0x00000003
+    ESME_RINVBNDSTS = 0x00000004
+    ESME_RALYBND = 0x00000005
+    ESME_RINVPRTFLG = 0x00000006
+    ESME_RINVREGDLVFLG = 0x00000007
+    ESME_RSYSERR = 0x00000008
+    ESME_RINVSRCADR = 0x0000000A
+    ESME_RINVDSTADR = 0x0000000B
+    ESME_RINVMSGID = 0x0000000C
+    ESME_RBINDFAIL = 0x0000000D
+    ESME_RINVPASWD = 0x0000000E
+    ESME_RINVSYSID = 0x0000000F
+    ESME_RCANCELFAIL = 0x00000011
+    ESME_RREPLACEFAIL = 0x00000013
+    ESME_RMSGQFUL = 0x00000014
+    ESME_RINVSERTYP = 0x00000015
+    ESME_RINVNUMDESTS = 0x00000033
+    ESME_RINVDLNAME = 0x00000034
+    ESME_RINVDESTFLAG = 0x00000040
+    ESME_RINVSUBREP = 0x00000042
+    ESME_RINVESMCLASS = 0x00000043
+    ESME_RCNTSUBDL = 0x00000044
+    ESME_RSUBMITFAIL = 0x00000045
+    ESME_RINVSRCTON = 0x00000048
+    ESME_RINVSRCNPI = 0x00000049
+    ESME_RINVDSTTON = 0x00000050
+    ESME_RINVDSTNPI = 0x00000051
+    ESME_RINVSYSTYP = 0x00000053
+    ESME_RINVREPFLAG = 0x00000054
+    ESME_RINVNUMMSGS = 0x00000055
+    ESME_RTHROTTLED = 0x00000058
+    ESME_RINVSCHED = 0x00000061
+    ESME_RINVEXPIRY = 0x00000062
+    ESME_RINVDFTMSGID = 0x00000063
+    ESME_RX_T_APPN = 0x00000064
+    ESME_RX_P_APPN = 0x00000065
+    ESME_RX_R_APPN = 0x00000066
+    ESME_RQUERYFAIL = 0x00000067
+    ESME_RINVOPTPARSTREAM = 0x000000C0
+    ESME_ROPTPARNOTALLWD = 0x000000C1
+    ESME_RINVPARLEN = 0x000000C2
+    ESME_RMISSINGOPTPARAM = 0x000000C3
+    ESME_RINVOPTPARAMVAL = 0x000000C4
+    ESME_RDELIVERYFAILURE = 0x000000FE
+    ESME_RUNKNOWNERR = 0x000000FF
+    # Vendor-specific range 0x400-0x4FF. Ours:
+    ESME_ROPTEDOUT = 0x00000401  # destination is on the account's opt-out list
+
+
+def status_name(value: int) -> str:
+    """A readable name for any command_status, including vendor codes."""
+    try:
+        return Status(value).name
+    except ValueError:
+        return f"0x{value:08X}"
+
+
+# Statuses a submitter should retry later rather than treat as a final failure.
+TEMPORARY_STATUSES = frozenset(
+    {
+        Status.ESME_RTHROTTLED,
+        Status.ESME_RMSGQFUL,
+        Status.ESME_RSYSERR,
+        Status.ESME_RX_T_APPN,
+        Status.ESME_RUNKNOWNERR,
+    }
+)
+
+
+class Tag(IntEnum):
+    """Optional parameter (TLV) tags that the router reads or writes."""
+
+    DEST_ADDR_SUBUNIT = 0x0005
+    SOURCE_ADDR_SUBUNIT = 0x000D
+    PAYLOAD_TYPE = 0x0019
+    RECEIPTED_MESSAGE_ID = 0x001E
+    USER_MESSAGE_REFERENCE = 0x0204
+    SOURCE_PORT = 0x020A
+    DESTINATION_PORT = 0x020B
+    SAR_MSG_REF_NUM = 0x020C
+    SAR_TOTAL_SEGMENTS = 0x020E
+    SAR_SEGMENT_SEQNUM = 0x020F
+    SC_INTERFACE_VERSION = 0x0210
+    NETWORK_ERROR_CODE = 0x0423
+    MESSAGE_PAYLOAD = 0x0424
+    MORE_MESSAGES_TO_SEND = 0x0426
+    MESSAGE_STATE = 0x0427
+
+
+class MessageState(IntEnum):
+    """message_state values (SMPP 3.4 section 5.2.28)."""
+
+    ENROUTE = 1
+    DELIVERED = 2
+    EXPIRED = 3
+    DELETED = 4
+    UNDELIVERABLE = 5
+    ACCEPTED = 6
+    UNKNOWN = 7
+    REJECTED = 8
+
+
+# The stat: word of the receipt text for each message_state.
+RECEIPT_STAT = {
+    MessageState.ENROUTE: "ENROUTE",
+    MessageState.DELIVERED: "DELIVRD",
+    MessageState.EXPIRED: "EXPIRED",
+    MessageState.DELETED: "DELETED",
+    MessageState.UNDELIVERABLE: "UNDELIV",
+    MessageState.ACCEPTED: "ACCEPTD",
+    MessageState.UNKNOWN: "UNKNOWN",
+    MessageState.REJECTED: "REJECTD",
+}
+STAT_TO_STATE = {v: k for k, v in RECEIPT_STAT.items()}
+
+
+class BindType(IntEnum):
+    RECEIVER = CommandId.BIND_RECEIVER
+    TRANSMITTER = CommandId.BIND_TRANSMITTER
+    TRANSCEIVER = CommandId.BIND_TRANSCEIVER
+
+    @property
+    def can_submit(self) -> bool:
+        return self is not BindType.RECEIVER
+
+    @property
+    def can_receive(self) -> bool:
+        return self is not BindType.TRANSMITTER
+
+
+# esm_class bits
+ESM_UDHI = 0x40
+ESM_TYPE_MASK = 0x3C
+ESM_TYPE_RECEIPT = 0x04
+
+# registered_delivery bits 0-1
+REGDLV_NONE = 0
+REGDLV_FINAL = 1
+REGDLV_FAILURE = 2
+
+HEADER_LEN = 16
+DEFAULT_MAX_PDU = 64 * 1024
+SMPP_VERSION_34 = 0x34
