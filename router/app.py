@@ -1,0 +1,229 @@
+"""Wiring: build every room from the Config, start them in order, stop them
+in reverse. Also the demo mode (embedded PostgreSQL + carrier simulators).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from .accounts import AccountStore, ensure_demo_account
+from .config import CarrierConfig, Config, RouteEntry, RoutesConfig, load_config
+from .engine import Engine
+from .ingress.http import make_api
+from .ingress.smpp import SmppFrontDoor
+from .observe.health import make_ops
+from .store.db import create_pool, migrate
+from .store.trafficlog import TrafficLog
+
+log = structlog.get_logger("router.app")
+
+DEMO_SIM_PORTS = (2776, 2777)
+EUROPE = ("AT BE BG CH CY CZ DE DK EE ES FI FR GB GR HR HU IE IS IT LI LT LU LV MT NL NO "
+          "PL PT RO SE SI SK").split()
+
+
+def demo_config(base: Config, sim_ports: tuple[int, int] = DEMO_SIM_PORTS) -> Config:
+    """Two simulated carriers: one for Europe, one for the rest of the world."""
+    base.carriers = [
+        CarrierConfig(name="sim-eu", port=sim_ports[0], system_id="router", password="sim",
+                      tps=5000.0, window=256),
+        CarrierConfig(name="sim-world", port=sim_ports[1], system_id="router", password="sim",
+                      tps=5000.0, window=256),
+    ]
+    base.routes = RoutesConfig(
+        default=[RouteEntry("sim-world")],
+        countries={cc: [RouteEntry("sim-eu", 1), RouteEntry("sim-world", 2)] for cc in EUROPE},
+    )
+    base.demo = True
+    return base
+
+
+@dataclass
+class Router:
+    """A running router: what ``start`` built, so ``stop`` can undo it."""
+
+    cfg: Config
+    pool: asyncpg.Pool | None = None
+    accounts: AccountStore = field(default_factory=AccountStore)
+    traffic_log: TrafficLog | None = None
+    engine: Engine | None = None
+    smpp: SmppFrontDoor | None = None
+    runners: list[web.AppRunner] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
+    draining: bool = False
+
+    async def start(self, *, migrate_schema: bool = False) -> None:
+        cfg = self.cfg
+        if cfg.database_url is None:
+            raise RuntimeError("no database: set ROUTER_DATABASE_URL or database.url")
+        self.pool = await create_pool(cfg.database_url)
+        if migrate_schema:
+            async with self.pool.acquire() as conn:
+                await migrate(conn)
+        if cfg.demo:
+            await ensure_demo_account(self.pool)
+        await self.accounts.load(self.pool)
+        self.traffic_log = TrafficLog(
+            self.pool if cfg.traffic_log else None,
+            limit=cfg.log_buffer, flush_rows=cfg.log_flush_rows,
+            flush_interval=cfg.log_flush_interval,
+        )
+        self.traffic_log.start()
+        self.engine = Engine(cfg, self.traffic_log)
+        self.engine.start()
+        self.smpp = SmppFrontDoor(cfg, self.engine, self.accounts)
+        self.ports["smpp"] = await self.smpp.start()
+        for name, app, (host, port) in (
+            ("http", make_api(cfg, self.engine, self.accounts), cfg.http_listen),
+            ("ops", make_ops(self.ready), cfg.ops_listen),
+        ):
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            await site.start()
+            self.runners.append(runner)
+            server = site._server
+            assert server is not None
+            self.ports[name] = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        if self.engine is None or self.traffic_log is None:
+            return False, {"reason": "starting"}
+        carriers = self.engine.carrier_health()
+        log_ok = self.traffic_log.healthy or self.traffic_log.depth < self.traffic_log.limit * 0.9
+        routes_ok = any(c["up"] for c in carriers.values())
+        ok = routes_ok and log_ok and not self.draining
+        return ok, {
+            "draining": self.draining,
+            "carriers": carriers,
+            "traffic_log": {"healthy": self.traffic_log.healthy, "buffered": self.traffic_log.depth},
+        }
+
+    async def reload(self) -> None:
+        """SIGHUP: accounts and keys again from the database; binds stay up."""
+        if self.pool is not None:
+            await self.accounts.load(self.pool)
+        log.info("reloaded", accounts=len(self.accounts.by_id))
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Drain: refuse new work, unbind customers, finish carrier windows, flush the log."""
+        self.draining = True
+        if self.engine is not None:
+            self.engine.accepting = False
+        if self.smpp is not None:
+            await self.smpp.stop(timeout=min(3.0, timeout))
+        for runner in self.runners:
+            await runner.cleanup()
+        self.runners.clear()
+        if self.engine is not None:
+            await self.engine.stop(timeout=min(5.0, timeout))
+        if self.traffic_log is not None:
+            await self.traffic_log.close(timeout=min(5.0, timeout))
+        if self.pool is not None:
+            await self.pool.close()
+
+
+async def _serve(cfg: Config, *, demo: bool, data_dir: Path) -> int:
+    from .sim import CarrierSimulator, SimConfig
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    embedded = None
+    sims: list[Any] = []
+    router: Router | None = None
+    try:
+        if demo:
+            if cfg.database_url is None:
+                from .store.embedded import EmbeddedPostgres
+
+                embedded = EmbeddedPostgres(data_dir / "demo")
+                cfg.database_url = await asyncio.to_thread(embedded.start)
+            if not cfg.carriers:
+                cfg = demo_config(cfg)
+                for c in cfg.carriers:
+                    sim = CarrierSimulator(SimConfig(port=c.port, name=c.name, system_id=c.system_id,
+                                                     password=c.password, dlr_delay=0.5))
+                    await sim.start()
+                    sims.append(sim)
+        router = Router(cfg)
+        await router.start(migrate_schema=demo)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(router.reload()))
+        _banner(router, demo, embedded is not None)
+        await stop.wait()
+        log.info("draining")
+        return 0
+    finally:
+        if router is not None:
+            await router.stop()
+        for sim in sims:
+            await sim.stop()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+        log.info("stopped")
+
+
+def _banner(router: Router, demo: bool, embedded: bool) -> None:
+    cfg = router.cfg
+    lines = [
+        "sms-router is running",
+        f"  SMPP      {cfg.smpp_listen[0]}:{router.ports['smpp']}",
+        f"  HTTP API  http://{cfg.http_listen[0]}:{router.ports['http']}/v1/messages",
+        f"  ops       http://{cfg.ops_listen[0]}:{router.ports['ops']}/metrics  /healthz  /readyz",
+    ]
+    if demo:
+        lines += [
+            "",
+            "  DEMO MODE - not for production: demo credentials, simulated carriers"
+            + (", embedded PostgreSQL" if embedded else ""),
+            "  SMPP bind:   system_id=demo  password=demo-pass",
+            "  HTTP:        Authorization: Bearer demo-key",
+            "  carriers:    " + ", ".join(f"{c.name} -> 127.0.0.1:{c.port} (simulator)"
+                                          for c in cfg.carriers),
+            "  try:  curl -s -H 'Authorization: Bearer demo-key' -H 'Content-Type: application/json' \\",
+            f"         -d '{{\"to\":\"+4512345678\",\"from\":\"Demo\",\"text\":\"Hello\"}}' "
+            f"http://{cfg.http_listen[0]}:{router.ports['http']}/v1/messages",
+        ]
+    print("\n".join(lines), file=sys.stdout, flush=True)
+
+
+def run(config_path: str | None, *, demo: bool) -> int:
+    cfg = load_config(config_path)
+    try:
+        import uvloop  # the faster loop, where available
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    data_dir = Path(os.environ.get("ROUTER_DATA_DIR", ".pgdata"))
+    return int(runner(_serve(cfg, demo=demo, data_dir=data_dir)))
+
+
+async def migrate_only(config_path: str | None) -> int:
+    cfg = load_config(config_path)
+    if cfg.database_url is None:
+        print("error: set ROUTER_DATABASE_URL or database.url", file=sys.stderr)
+        return 2
+    conn = await asyncpg.connect(cfg.database_url)
+    try:
+        applied = await migrate(conn)
+    finally:
+        await conn.close()
+    print(f"applied migrations: {applied or 'none (up to date)'}")
+    return 0
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,380 @@
+"""One carrier: a pool of SMPP ESME sessions fed from one bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from ..config import CarrierConfig
+from ..model import Delivery
+from ..observe import metrics
+from ..smpp.constants import TEMPORARY_STATUSES, BindType, CommandId, Status, Tag
+from ..smpp.errors import SmppError
+from ..smpp.pdu import (
+    BindReceiver,
+    BindTransceiver,
+    BindTransmitter,
+    DeliverSm,
+    Pdu,
+    SubmitSm,
+)
+from ..smpp.session import Role, SmppSession
+from ..smpp.transport import SmppProtocol
+from .correlate import Correlator
+from .ratelimit import TokenBucket
+from .receipt import CarrierReceipt, is_receipt, parse_receipt
+
+log = structlog.get_logger("router.carriers")
+
+_BIND_PDU = {
+    BindType.TRANSMITTER: BindTransmitter,
+    BindType.RECEIVER: BindReceiver,
+    BindType.TRANSCEIVER: BindTransceiver,
+}
+_THROTTLE = frozenset({Status.ESME_RTHROTTLED, Status.ESME_RMSGQFUL})
+
+
+@dataclass(slots=True)
+class Submission:
+    """One segment of one message on its way to a carrier."""
+
+    delivery: Delivery
+    part: int
+    attempts: int = 0
+
+
+class CarrierEvents(Protocol):
+    def on_submitted(self, sub: Submission, carrier: str, carrier_id: str) -> None: ...
+
+    def on_submit_failed(self, sub: Submission, carrier: str, status: int, reason: str) -> None: ...
+
+    def on_expired(self, sub: Submission, carrier: str) -> None: ...
+
+    def on_receipt(self, sub: Submission, carrier: str, receipt: CarrierReceipt) -> None: ...
+
+
+class CarrierSession(SmppProtocol):
+    """An ESME session to the carrier; receipts arrive here as deliver_sm."""
+
+    def __init__(self, carrier: Carrier) -> None:
+        cfg = carrier.cfg
+        super().__init__(
+            SmppSession(
+                Role.ESME,
+                window=cfg.window,
+                peer_window=1000,
+                response_timeout=cfg.response_timeout,
+                enquire_interval=cfg.enquire_interval,
+                inactivity_timeout=max(cfg.enquire_interval * 3, cfg.response_timeout * 2),
+            ),
+            clock=carrier.clock,
+        )
+        self.carrier = carrier
+
+    def on_request(self, pdu: Pdu) -> None:
+        if pdu.command_id == CommandId.DELIVER_SM:
+            assert isinstance(pdu, DeliverSm)
+            # Always acknowledge: a refused receipt is redelivered forever.
+            self.answer(pdu)
+            self.carrier._on_deliver(pdu)
+            return
+        if pdu.command_id == CommandId.DATA_SM:
+            self.answer(pdu)
+            return
+        raise SmppError("not supported from a carrier", Status.ESME_RINVCMDID)
+
+    def on_closed(self, exc: Exception | None) -> None:
+        self.carrier._session_closed(self)
+
+
+class Carrier:
+    def __init__(
+        self,
+        cfg: CarrierConfig,
+        events: CarrierEvents,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.events = events
+        self.clock = clock
+        self.wall = wall
+        self.rng = rng or random.Random()
+        self.queue: deque[Submission] = deque()
+        self._retry: list[tuple[float, int, Submission]] = []
+        self._retry_seq = itertools.count()
+        self.sessions: list[CarrierSession] = []
+        self.bucket = TokenBucket(cfg.tps, clock())
+        self.correlator: Correlator[Submission] = Correlator()
+        self._rr = 0
+        self._pump_handle: asyncio.TimerHandle | None = None
+        self._pump_soon = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.in_flight = 0
+        m = metrics
+        self._m_queue = m.CARRIER_QUEUE_DEPTH.labels(carrier=self.name)
+        m.CARRIER_QUEUE_CAPACITY.labels(carrier=self.name).set(cfg.queue_size)
+        self._m_up = m.CARRIER_UP.labels(carrier=self.name)
+        self._m_binds = m.CARRIER_BINDS.labels(carrier=self.name)
+        self._m_inflight = m.CARRIER_IN_FLIGHT.labels(carrier=self.name)
+        self._m_throttled = m.CARRIER_THROTTLED.labels(carrier=self.name)
+        self._m_reconnects = m.CARRIER_RECONNECTS.labels(carrier=self.name)
+        self._m_submit_latency = m.SUBMIT_LATENCY.labels(carrier=self.name)
+        self._m_retries = m.CARRIER_RETRIES.labels(carrier=self.name)
+        self._m_up.set(0)
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def up(self) -> bool:
+        return bool(self.sessions)
+
+    @property
+    def backlog(self) -> int:
+        return len(self.queue) + len(self._retry)
+
+    def has_room(self, n: int = 1) -> bool:
+        return self.backlog + n <= self.cfg.queue_size
+
+    def enqueue(self, subs: list[Submission]) -> bool:
+        """Queue all segments of a message, or none (False = queue full)."""
+        if not self.has_room(len(subs)):
+            return False
+        self.queue.extend(subs)
+        self._m_queue.set(self.backlog)
+        self._schedule_pump()
+        return True
+
+    def drain(self) -> list[Submission]:
+        """Take every queued submission (failover to another carrier)."""
+        subs = list(self.queue) + [s for _, _, s in sorted(self._retry)]
+        self.queue.clear()
+        self._retry.clear()
+        self._m_queue.set(0)
+        return subs
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._stopping = False
+        for i in range(self.cfg.sessions):
+            self._tasks.append(asyncio.create_task(self._maintain(i), name=f"carrier-{self.name}-{i}"))
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Unbind every session after in-flight submits are answered (or timeout)."""
+        self._stopping = True
+        deadline = self.clock() + timeout
+        while self.in_flight and self.clock() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*(s.unbind(timeout=1.0) for s in list(self.sessions)),
+                             return_exceptions=True)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+
+    async def _maintain(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.cfg.reconnect_min
+        first = True
+        while not self._stopping:
+            if not first:
+                self._m_reconnects.inc()
+            first = False
+            proto: CarrierSession | None = None
+            try:
+                _, proto = await asyncio.wait_for(
+                    loop.create_connection(lambda: CarrierSession(self), self.cfg.host, self.cfg.port),
+                    timeout=10,
+                )
+                bind = _BIND_PDU[self.cfg.bind](
+                    system_id=self.cfg.system_id,
+                    password=self.cfg.password,
+                    system_type=self.cfg.system_type,
+                )
+                resp = await asyncio.wait_for(proto.request(bind), timeout=10)
+                if resp.status != Status.ESME_ROK:
+                    log.warning("carrier_bind_refused", carrier=self.name, session=index,
+                                status=f"0x{resp.status:08X}")
+                    proto.close()
+                else:
+                    delay = self.cfg.reconnect_min
+                    self.sessions.append(proto)
+                    self._health_changed()
+                    log.info("carrier_bound", carrier=self.name, session=index)
+                    self._schedule_pump()
+                    assert proto.closed is not None
+                    await proto.closed
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                log.warning("carrier_connect_failed", carrier=self.name, session=index,
+                            error=type(exc).__name__)
+                if proto is not None:
+                    proto.close()
+            except asyncio.CancelledError:
+                if proto is not None:
+                    proto.close()
+                raise
+            if self._stopping:
+                break
+            # Full jitter keeps a fleet of routers from reconnecting in step.
+            await asyncio.sleep(delay * (0.5 + self.rng.random() / 2))
+            delay = min(delay * 2, self.cfg.reconnect_max)
+
+    def _session_closed(self, session: CarrierSession) -> None:
+        if session in self.sessions:
+            self.sessions.remove(session)
+            log.warning("carrier_session_lost", carrier=self.name)
+            self._health_changed()
+
+    def _health_changed(self) -> None:
+        self._m_up.set(1 if self.sessions else 0)
+        self._m_binds.set(len(self.sessions))
+
+    # ------------------------------------------------------------- sending
+
+    def _schedule_pump(self, delay: float = 0.0) -> None:
+        loop = asyncio.get_running_loop()
+        if delay <= 0:
+            if not self._pump_soon:
+                self._pump_soon = True
+                loop.call_soon(self._pump)
+            return
+        if self._pump_handle is None or self._pump_handle.when() > loop.time() + delay:
+            if self._pump_handle is not None:
+                self._pump_handle.cancel()
+            self._pump_handle = loop.call_later(delay, self._pump)
+
+    def _pick_session(self) -> CarrierSession | None:
+        n = len(self.sessions)
+        for i in range(n):
+            s = self.sessions[(self._rr + i) % n]
+            if s.session.can_send and s.is_open:
+                self._rr = (self._rr + i + 1) % n
+                return s
+        return None
+
+    def _pump(self) -> None:
+        self._pump_soon = False
+        if self._pump_handle is not None and self._pump_handle.when() <= asyncio.get_running_loop().time():
+            self._pump_handle = None
+        now = self.clock()
+        retry = self._retry
+        while retry and retry[0][0] <= now:
+            self.queue.appendleft(heapq.heappop(retry)[2])
+        wall = self.wall()
+        queue = self.queue
+        while queue:
+            sess = self._pick_session()
+            if sess is None:
+                break
+            wait = self.bucket.take(now)
+            if wait > 0:
+                self._schedule_pump(wait)
+                break
+            sub = queue.popleft()
+            if sub.delivery.message.expires_at <= wall:
+                self.events.on_expired(sub, self.name)
+                continue
+            if sub.delivery.status.final:
+                continue  # e.g. another part already failed permanently
+            pdu = self._submit_pdu(sub)
+            sub.attempts += 1
+            self.in_flight += 1
+            sent_at = now
+            sess.send_request(pdu, lambda resp, req, sub=sub, t=sent_at: self._on_resp(sub, resp, t))
+        if retry:
+            self._schedule_pump(max(0.001, retry[0][0] - now))
+        self._m_queue.set(self.backlog)
+        self._m_inflight.set(self.in_flight)
+
+    def _submit_pdu(self, sub: Submission) -> SubmitSm:
+        msg = sub.delivery.message
+        pdu = SubmitSm(
+            source_addr_ton=msg.source_ton,
+            source_addr_npi=msg.source_npi,
+            source_addr=msg.source,
+            dest_addr_ton=1,
+            dest_addr_npi=1,
+            destination_addr=msg.destination,
+            esm_class=msg.esm_class,
+            registered_delivery=1,
+            data_coding=msg.data_coding,
+            short_message=msg.segments[sub.part],
+            tlvs=dict(msg.tlvs),
+        )
+        return pdu
+
+    def _on_resp(self, sub: Submission, resp: Pdu | None, sent_at: float) -> None:
+        self.in_flight -= 1
+        now = self.clock()
+        if resp is None:
+            # Timeout or link loss: the carrier may or may not have it. Resend
+            # (at-least-once); a duplicate is better than a loss.
+            self._retry_later(sub, now, reason="no_response")
+        elif resp.status == Status.ESME_ROK and resp.command_id == CommandId.SUBMIT_SM_RESP:
+            self.bucket.speed_up()
+            self._m_submit_latency.observe(now - sent_at)
+            carrier_id = getattr(resp, "message_id", "")
+            self.events.on_submitted(sub, self.name, carrier_id)
+            if carrier_id:
+                early = self.correlator.remember(carrier_id, sub, now)
+                if early is not None:
+                    self._receipt(sub, early)
+        elif resp.status in _THROTTLE:
+            self._m_throttled.inc()
+            self.bucket.slow_down()
+            sub.attempts -= 1  # being throttled is not the message's fault
+            self._retry_later(sub, now, reason="throttled", delay=1.0)
+        elif resp.status in TEMPORARY_STATUSES:
+            self._retry_later(sub, now, reason=f"status_0x{resp.status:X}")
+        else:
+            self.events.on_submit_failed(sub, self.name, resp.status, "rejected by carrier")
+        self._schedule_pump()
+
+    def _retry_later(self, sub: Submission, now: float, reason: str, delay: float | None = None) -> None:
+        if sub.attempts >= self.cfg.max_attempts:
+            self.events.on_submit_failed(sub, self.name, Status.ESME_RSUBMITFAIL,
+                                         f"gave up after {sub.attempts} attempts ({reason})")
+            return
+        self._m_retries.inc()
+        if delay is None:
+            delay = min(60.0, 0.5 * 2 ** max(0, sub.attempts - 1))
+        delay *= 0.75 + self.rng.random() / 2
+        heapq.heappush(self._retry, (now + delay, next(self._retry_seq), sub))
+
+    # ------------------------------------------------------------ receipts
+
+    def _on_deliver(self, pdu: DeliverSm) -> None:
+        if not is_receipt(pdu) and Tag.RECEIPTED_MESSAGE_ID not in pdu.tlvs:
+            return  # mobile-originated traffic is out of scope; acknowledged
+        receipt = parse_receipt(pdu)
+        if receipt is None:
+            metrics.RECEIPTS_UNMATCHED.labels(carrier=self.name).inc()
+            return
+        sub = self.correlator.lookup(receipt.carrier_id)
+        if sub is None:
+            self.correlator.park(receipt, self.clock())
+            return
+        self._receipt(sub, receipt)
+
+    def _receipt(self, sub: Submission, receipt: CarrierReceipt) -> None:
+        from ..smpp.constants import MessageState
+
+        if receipt.state not in (MessageState.ENROUTE, MessageState.ACCEPTED):
+            self.correlator.forget(receipt.carrier_id)
+        self.events.on_receipt(sub, self.name, receipt)

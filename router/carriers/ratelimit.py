@@ -1,0 +1,47 @@
+"""A token bucket with an adaptive rate, time passed in (no clock reads)."""
+
+from __future__ import annotations
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up.
+
+    ``slow_down`` halves the current rate (down to ``floor``) when a carrier
+    says ESME_RTHROTTLED; ``speed_up`` creeps back toward the configured
+    rate on every success (additive increase, multiplicative decrease).
+    """
+
+    __slots__ = ("max_rate", "rate", "burst", "tokens", "stamp", "floor")
+
+    def __init__(self, rate: float, now: float, burst: float | None = None) -> None:
+        self.max_rate = rate
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate / 10)
+        self.tokens = self.burst
+        self.stamp = now
+        self.floor = max(1.0, rate / 64)
+
+    def _refill(self, now: float) -> None:
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            self.stamp = now
+
+    def take(self, now: float) -> float:
+        """Take one token: 0.0 if granted, else seconds until one is due."""
+        self._refill(now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+    def slow_down(self) -> None:
+        self.rate = max(self.floor, self.rate / 2)
+
+    def speed_up(self) -> None:
+        if self.rate < self.max_rate:
+            self.rate = min(self.max_rate, self.rate + self.max_rate / 100)
+
+    def set_rate(self, rate: float) -> None:
+        self.max_rate = rate
+        self.rate = min(self.rate, rate)

@@ -1,0 +1,269 @@
+"""The router's configuration: one typed object built from TOML + environment.
+
+Everything is checked before any socket opens; a bad value raises
+:class:`ConfigError` naming the key (``carriers[1].port``), never echoing a
+secret. Carrier passwords live only here and are never logged or exposed.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .smpp.constants import BindType
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _addr(value: Any, key: str) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"{key}: expected 'host:port', got {value!r}")
+    host, _, port = value.rpartition(":")
+    try:
+        p = int(port)
+    except ValueError:
+        raise ConfigError(f"{key}: port must be a number") from None
+    if not 0 <= p <= 65535:
+        raise ConfigError(f"{key}: port out of range")
+    return host.strip("[]"), p
+
+
+@dataclass(slots=True)
+class CarrierConfig:
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 2776
+    system_id: str = "router"
+    password: str = field(default="", repr=False)
+    system_type: str = ""
+    bind: BindType = BindType.TRANSCEIVER
+    sessions: int = 1
+    window: int = 64
+    tps: float = 1000.0
+    queue_size: int = 10_000
+    response_timeout: float = 30.0
+    enquire_interval: float = 30.0
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    max_attempts: int = 5
+
+
+@dataclass(slots=True)
+class RouteEntry:
+    carrier: str
+    priority: int = 1
+    weight: int = 1
+
+
+@dataclass(slots=True)
+class RoutesConfig:
+    default: list[RouteEntry] = field(default_factory=list)
+    countries: dict[str, list[RouteEntry]] = field(default_factory=dict)
+    prefixes: dict[str, list[RouteEntry]] = field(default_factory=dict)
+    blocked: list[str] = field(default_factory=list)  # ISO country codes or "+prefix"
+
+
+@dataclass(slots=True)
+class SmppIngressConfig:
+    window: int = 64
+    max_pdu: int = 64 * 1024
+    enquire_interval: float = 30.0
+    inactivity_timeout: float = 300.0
+    response_timeout: float = 30.0
+    receipt_retention: float = 3600.0  # keep receipts for an unbound account this long
+    receipt_buffer: int = 100_000
+
+
+@dataclass(slots=True)
+class HttpConfig:
+    max_batch: int = 10_000
+    max_body: int = 8 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Config:
+    smpp_listen: tuple[str, int] = ("127.0.0.1", 2775)
+    http_listen: tuple[str, int] = ("127.0.0.1", 8080)
+    ops_listen: tuple[str, int] = ("127.0.0.1", 8081)
+    database_url: str | None = field(default=None, repr=False)
+    traffic_log: bool = True
+    log_buffer: int = 200_000
+    log_flush_rows: int = 5_000
+    log_flush_interval: float = 0.2
+    log_format: str = "auto"  # auto | json | console
+    smpp: SmppIngressConfig = field(default_factory=SmppIngressConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    carriers: list[CarrierConfig] = field(default_factory=list)
+    routes: RoutesConfig = field(default_factory=RoutesConfig)
+    demo: bool = False
+
+
+_BINDS = {"transmitter": BindType.TRANSMITTER, "receiver": BindType.RECEIVER,
+          "transceiver": BindType.TRANSCEIVER}
+
+
+def _take(table: dict[str, Any], key: str, prefix: str, typ: type, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table.pop(key)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{prefix}{key}: expected {typ.__name__}")
+    return value
+
+
+def _route_list(value: Any, key: str, carriers: set[str]) -> list[RouteEntry]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected a non-empty list of carriers")
+    out: list[RouteEntry] = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            entry = RouteEntry(carrier=item, priority=i + 1)
+        elif isinstance(item, dict):
+            item = dict(item)
+            entry = RouteEntry(
+                carrier=_take(item, "carrier", f"{key}[{i}].", str, ""),
+                priority=_take(item, "priority", f"{key}[{i}].", int, i + 1),
+                weight=_take(item, "weight", f"{key}[{i}].", int, 1),
+            )
+            if item:
+                raise ConfigError(f"{key}[{i}]: unknown key {sorted(item)[0]!r}")
+            if entry.weight < 1:
+                raise ConfigError(f"{key}[{i}].weight: must be >= 1")
+        else:
+            raise ConfigError(f"{key}[{i}]: expected a carrier name or a table")
+        if entry.carrier not in carriers:
+            raise ConfigError(f"{key}[{i}].carrier: unknown carrier {entry.carrier!r}")
+        out.append(entry)
+    return out
+
+
+def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
+    """Build and check a Config from parsed TOML and the environment."""
+    env = dict(os.environ) if env is None else env
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    cfg = Config()
+
+    listen = data.pop("listen", {})
+    for key in ("smpp", "http", "ops"):
+        env_key = f"ROUTER_{key.upper()}_LISTEN"
+        value = env.get(env_key) or listen.pop(key, None)
+        if value is not None:
+            setattr(cfg, f"{key}_listen", _addr(value, f"listen.{key}"))
+    if listen:
+        raise ConfigError(f"listen.{sorted(listen)[0]}: unknown key")
+
+    db = data.pop("database", {})
+    cfg.database_url = env.get("ROUTER_DATABASE_URL") or db.pop("url", None) or None
+    db.pop("url", None)
+    cfg.traffic_log = _take(db, "traffic_log", "database.", bool, cfg.traffic_log)
+    cfg.log_buffer = _take(db, "log_buffer", "database.", int, cfg.log_buffer)
+    cfg.log_flush_rows = _take(db, "log_flush_rows", "database.", int, cfg.log_flush_rows)
+    cfg.log_flush_interval = _take(
+        db, "log_flush_interval", "database.", float, cfg.log_flush_interval
+    )
+    if db:
+        raise ConfigError(f"database.{sorted(db)[0]}: unknown key")
+
+    logging_t = data.pop("logging", {})
+    cfg.log_format = _take(logging_t, "format", "logging.", str, cfg.log_format)
+    if cfg.log_format not in ("auto", "json", "console"):
+        raise ConfigError("logging.format: expected auto, json or console")
+
+    smpp_t = data.pop("smpp", {})
+    for name in SmppIngressConfig.__slots__:  # type: ignore[attr-defined]
+        default = getattr(cfg.smpp, name)
+        setattr(cfg.smpp, name, _take(smpp_t, name, "smpp.", type(default), default))
+    if smpp_t:
+        raise ConfigError(f"smpp.{sorted(smpp_t)[0]}: unknown key")
+
+    http_t = data.pop("http", {})
+    for name in HttpConfig.__slots__:  # type: ignore[attr-defined]
+        default = getattr(cfg.http, name)
+        setattr(cfg.http, name, _take(http_t, name, "http.", type(default), default))
+    if http_t:
+        raise ConfigError(f"http.{sorted(http_t)[0]}: unknown key")
+
+    names: set[str] = set()
+    for i, raw in enumerate(data.pop("carriers", [])):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"carriers[{i}]: expected a table")
+        raw = dict(raw)
+        p = f"carriers[{i}]."
+        name = _take(raw, "name", p, str, "")
+        if not name:
+            raise ConfigError(f"{p}name: required")
+        if name in names:
+            raise ConfigError(f"{p}name: duplicate carrier {name!r}")
+        names.add(name)
+        c = CarrierConfig(name=name)
+        bind = _take(raw, "bind", p, str, "transceiver")
+        if bind not in _BINDS:
+            raise ConfigError(f"{p}bind: expected transmitter, receiver or transceiver")
+        c.bind = _BINDS[bind]
+        env_pw = env.get(f"ROUTER_CARRIER_{name.upper().replace('-', '_')}_PASSWORD")
+        for fname in ("host", "port", "system_id", "password", "system_type", "sessions",
+                      "window", "tps", "queue_size", "response_timeout", "enquire_interval",
+                      "reconnect_min", "reconnect_max", "max_attempts"):
+            default = getattr(c, fname)
+            setattr(c, fname, _take(raw, fname, p, type(default), default))
+        if env_pw:
+            c.password = env_pw
+        if raw:
+            raise ConfigError(f"{p}{sorted(raw)[0]}: unknown key")
+        for fname in ("sessions", "window", "queue_size", "max_attempts"):
+            if getattr(c, fname) < 1:
+                raise ConfigError(f"{p}{fname}: must be >= 1")
+        if c.tps <= 0:
+            raise ConfigError(f"{p}tps: must be > 0")
+        if not 0 < c.port < 65536:
+            raise ConfigError(f"{p}port: out of range")
+        cfg.carriers.append(c)
+
+    routes_t = data.pop("routes", {})
+    r = RoutesConfig()
+    if "default" in routes_t:
+        r.default = _route_list(routes_t.pop("default"), "routes.default", names)
+    for cc, v in dict(routes_t.pop("countries", {})).items():
+        if len(cc) != 2 or not cc.isalpha():
+            raise ConfigError(f"routes.countries.{cc}: expected an ISO 3166 alpha-2 code")
+        r.countries[cc.upper()] = _route_list(v, f"routes.countries.{cc}", names)
+    for prefix, v in dict(routes_t.pop("prefixes", {})).items():
+        digits = prefix.lstrip("+")
+        if not digits.isdigit():
+            raise ConfigError(f"routes.prefixes.{prefix}: expected digits")
+        r.prefixes[digits] = _route_list(v, f"routes.prefixes.{prefix}", names)
+    blocked = routes_t.pop("blocked", [])
+    if not isinstance(blocked, list) or not all(isinstance(b, str) for b in blocked):
+        raise ConfigError("routes.blocked: expected a list of country codes or +prefixes")
+    r.blocked = blocked
+    if routes_t:
+        raise ConfigError(f"routes.{sorted(routes_t)[0]}: unknown key")
+    cfg.routes = r
+
+    if data:
+        raise ConfigError(f"{sorted(data)[0]}: unknown key")
+    return cfg
+
+
+def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
+    env = dict(os.environ) if env is None else env
+    path = path or env.get("ROUTER_CONFIG")
+    if not path:
+        return parse_config({}, env)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return parse_config(data, env)

@@ -1,0 +1,102 @@
+"""The message as a value, and its status lifecycle.
+
+A :class:`Message` is built once at acceptance and never changed; what moves
+is its :class:`Delivery` (status, carrier, attempts), owned by the carrier
+layer and reported through the receipt path. ``__repr__`` of both never shows
+addresses or text, so a stray log line or traceback cannot leak them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class MessageClass(str, Enum):
+    STANDARD = "standard"
+    SECRET = "secret"
+
+
+class Status(str, Enum):
+    ACCEPTED = "accepted"
+    QUEUED = "queued"
+    SUBMITTED = "submitted"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+
+    @property
+    def final(self) -> bool:
+        return self in _FINAL
+
+
+_FINAL = frozenset({Status.DELIVERED, Status.FAILED, Status.EXPIRED, Status.REJECTED})
+
+
+class Origin(str, Enum):
+    SMPP = "smpp"
+    HTTP = "http"
+
+
+def new_message_id() -> str:
+    """Time-ordered, unique, 20 lowercase hex chars (fits SMPP's 64-octet id)."""
+    return f"{time.time_ns() // 1_000_000:011x}{os.urandom(5).hex()[:9]}"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Message:
+    id: str
+    account_id: int
+    account: str
+    origin: Origin
+    msg_class: MessageClass
+    source: str
+    source_ton: int
+    source_npi: int
+    destination: str  # E.164 digits without '+'
+    country: str  # ISO 3166 alpha-2, "" if unknown
+    data_coding: int
+    esm_class: int
+    segments: tuple[bytes, ...]  # each a complete short_message (UDH included)
+    text: str | None  # decoded text for the traffic log; None for binary
+    registered_delivery: int
+    accepted_at: float  # wall clock, seconds
+    expires_at: float  # wall clock, seconds
+    userref: str | None = None
+    callback_url: str | None = None
+    tlvs: tuple[tuple[int, bytes], ...] = field(default=())
+
+    @property
+    def parts(self) -> int:
+        return len(self.segments)
+
+    @property
+    def secret(self) -> bool:
+        return self.msg_class is MessageClass.SECRET
+
+    def __repr__(self) -> str:
+        return (
+            f"Message(id={self.id!r}, account={self.account!r}, class={self.msg_class.value}, "
+            f"country={self.country!r}, parts={self.parts})"
+        )
+
+
+@dataclass(slots=True, repr=False)
+class Delivery:
+    """What the router knows about one message's progress."""
+
+    message: Message
+    status: Status = Status.ACCEPTED
+    carrier: str | None = None
+    error: str | None = None
+    updated_at: float = 0.0
+    parts_done: int = 0
+    parts_failed: int = 0
+    attempts: int = 0
+    carrier_ids: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"Delivery(id={self.message.id!r}, status={self.status.value}, carrier={self.carrier!r})"

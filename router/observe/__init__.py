@@ -1,0 +1,1 @@
+"""Observability: metrics, logging, health. Never carries personal data."""

@@ -1,0 +1,133 @@
+"""Every Prometheus metric of the router, defined once, here.
+
+Labels are bounded sets: ingress, account, country, carrier, status, reason.
+Never a phone number, sender id, text or per-message id (privacy.md 6).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_DLR_LAT = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 86400)
+
+ACCEPTED = Counter(
+    "smsrouter_messages_accepted_total",
+    "Messages accepted for delivery.",
+    ["ingress", "account", "country"],
+)
+PARTS_ACCEPTED = Counter(
+    "smsrouter_message_parts_accepted_total",
+    "Message parts (segments) accepted for delivery.",
+    ["ingress", "account"],
+)
+REJECTED = Counter(
+    "smsrouter_messages_rejected_total",
+    "Messages refused at submission, by reason.",
+    ["ingress", "account", "reason"],
+)
+FINAL = Counter(
+    "smsrouter_messages_final_total",
+    "Messages that reached a final status, by carrier and status.",
+    ["carrier", "status"],
+)
+SUBMITTED = Counter(
+    "smsrouter_carrier_submits_total",
+    "Segments accepted by a carrier (positive submit_sm_resp).",
+    ["carrier"],
+)
+SUBMIT_ERRORS = Counter(
+    "smsrouter_carrier_submit_errors_total",
+    "Segments refused by a carrier for good.",
+    ["carrier", "status"],
+)
+CARRIER_RETRIES = Counter(
+    "smsrouter_carrier_retries_total", "Segments scheduled for another attempt.", ["carrier"]
+)
+CARRIER_THROTTLED = Counter(
+    "smsrouter_carrier_throttled_total",
+    "ESME_RTHROTTLED/ESME_RMSGQFUL answers received from a carrier.",
+    ["carrier"],
+)
+CARRIER_RECONNECTS = Counter(
+    "smsrouter_carrier_reconnects_total", "Carrier session reconnect attempts.", ["carrier"]
+)
+CARRIER_UP = Gauge("smsrouter_carrier_up", "1 if at least one session is bound.", ["carrier"])
+CARRIER_BINDS = Gauge("smsrouter_carrier_binds", "Bound sessions per carrier.", ["carrier"])
+CARRIER_QUEUE_DEPTH = Gauge(
+    "smsrouter_carrier_queue_depth", "Segments waiting for a carrier.", ["carrier"]
+)
+CARRIER_QUEUE_CAPACITY = Gauge(
+    "smsrouter_carrier_queue_capacity", "Bound of the carrier queue.", ["carrier"]
+)
+CARRIER_IN_FLIGHT = Gauge(
+    "smsrouter_carrier_in_flight", "submit_sm awaiting submit_sm_resp.", ["carrier"]
+)
+SUBMIT_LATENCY = Histogram(
+    "smsrouter_carrier_submit_seconds",
+    "submit_sm to submit_sm_resp, per carrier.",
+    ["carrier"],
+    buckets=_LAT,
+)
+ACCEPT_TO_SUBMIT = Histogram(
+    "smsrouter_accept_to_submit_seconds",
+    "Acceptance to the carrier's positive submit_sm_resp.",
+    buckets=_LAT,
+)
+DELIVERY_LATENCY = Histogram(
+    "smsrouter_delivery_seconds",
+    "Acceptance to the final receipt.",
+    ["carrier"],
+    buckets=_DLR_LAT,
+)
+RECEIPTS_IN = Counter(
+    "smsrouter_carrier_receipts_total", "Receipts received from carriers.", ["carrier", "status"]
+)
+RECEIPTS_UNMATCHED = Counter(
+    "smsrouter_carrier_receipts_unmatched_total",
+    "Receipts from carriers that matched no message.",
+    ["carrier"],
+)
+RECEIPTS_OUT = Counter(
+    "smsrouter_receipts_sent_total",
+    "Receipts delivered to customers, by channel and outcome.",
+    ["channel", "outcome"],
+)
+RECEIPTS_PENDING = Gauge(
+    "smsrouter_receipts_pending", "Receipts waiting for a customer bind or webhook."
+)
+BINDS = Gauge("smsrouter_smpp_binds", "Customer SMPP binds.", ["account", "bind_type"])
+BIND_FAILURES = Counter(
+    "smsrouter_smpp_bind_failures_total", "Refused customer binds, by reason.", ["reason"]
+)
+THROTTLE_SENT = Counter(
+    "smsrouter_throttle_responses_sent_total",
+    "Backpressure answers sent to submitters.",
+    ["ingress", "reason"],
+)
+PDU_ERRORS = Counter(
+    "smsrouter_smpp_pdu_errors_total",
+    "Customer PDUs refused by the protocol layer, by command_status.",
+    ["status"],
+)
+HTTP_REQUESTS = Counter(
+    "smsrouter_http_requests_total", "HTTP API requests.", ["route", "code"]
+)
+TRAFFIC_LOG_BUFFER = Gauge(
+    "smsrouter_traffic_log_buffer_rows", "Traffic-log rows waiting to be written."
+)
+TRAFFIC_LOG_DROPPED = Counter(
+    "smsrouter_traffic_log_dropped_rows_total",
+    "Traffic-log rows dropped because the buffer was full (must stay 0).",
+)
+TRAFFIC_LOG_WRITTEN = Counter(
+    "smsrouter_traffic_log_written_rows_total", "Traffic-log rows written.", ["table"]
+)
+TRAFFIC_LOG_FLUSH = Histogram(
+    "smsrouter_traffic_log_flush_seconds", "Duration of one traffic-log flush.", buckets=_LAT
+)
+TRAFFIC_LOG_ERRORS = Counter(
+    "smsrouter_traffic_log_errors_total", "Failed traffic-log flushes (retried)."
+)
+LOOP_LAG = Gauge("smsrouter_event_loop_lag_seconds", "Event-loop scheduling lag, last sample.")
+READY = Gauge("smsrouter_ready", "1 when /readyz answers 200.")

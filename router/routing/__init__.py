@@ -1,0 +1,136 @@
+"""Destination -> country -> ordered carriers. Pure functions over a table.
+
+The route table is built from configuration and swapped whole at runtime
+(``Router.table = new``); lookups never block and never log numbers.
+Country detection uses ``phonenumbers`` (metadata maintained upstream) and
+caches the answer by number prefix, because parsing costs ~20 us per call.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import phonenumbers
+from phonenumbers import region_code_for_country_code
+
+from ..config import RouteEntry, RoutesConfig
+
+
+class NoRoute(Exception):
+    """No carrier serves this destination (or it is blocked)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def normalise_e164(raw: str) -> str | None:
+    """Digits of an international number ('+45 12 34' -> '451234'), or None."""
+    s = raw.strip()
+    if s.startswith("+"):
+        s = s[1:]
+    elif s.startswith("00"):
+        s = s[2:]
+    if not s.isdigit() or not 7 <= len(s) <= 15 or s[0] == "0":
+        return None
+    return s
+
+
+class CountryLookup:
+    """E.164 digits -> ISO 3166 alpha-2, cached by the leading digits."""
+
+    def __init__(self, prefix_len: int = 6, max_cache: int = 200_000) -> None:
+        self.prefix_len = prefix_len
+        self.max_cache = max_cache
+        self._cache: dict[str, str] = {}
+
+    def country(self, digits: str) -> str:
+        key = digits[: self.prefix_len]
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        value = self._lookup(digits)
+        if len(self._cache) < self.max_cache:
+            self._cache[key] = value
+        return value
+
+    @staticmethod
+    def _lookup(digits: str) -> str:
+        try:
+            num = phonenumbers.parse("+" + digits, None)
+        except phonenumbers.NumberParseException:
+            return ""
+        region = phonenumbers.region_code_for_number(num)
+        if region and region != "ZZ":
+            return str(region)
+        # Shared country codes (e.g. +1, +7) resolve to the main region.
+        main = region_code_for_country_code(num.country_code)
+        return "" if main == "ZZ" else str(main)
+
+
+@dataclass(slots=True)
+class RouteDecision:
+    carriers: list[str]  # in the order to try
+    rule: str  # which rule matched, for `routes check` and debugging
+
+
+@dataclass(slots=True)
+class RouteTable:
+    default: list[RouteEntry] = field(default_factory=list)
+    countries: dict[str, list[RouteEntry]] = field(default_factory=dict)
+    prefixes: dict[str, list[RouteEntry]] = field(default_factory=dict)
+    blocked_countries: frozenset[str] = frozenset()
+    blocked_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: RoutesConfig) -> RouteTable:
+        return cls(
+            default=list(cfg.default),
+            countries=dict(cfg.countries),
+            prefixes=dict(cfg.prefixes),
+            blocked_countries=frozenset(b.upper() for b in cfg.blocked if not b.startswith("+")),
+            blocked_prefixes=tuple(b[1:] for b in cfg.blocked if b.startswith("+")),
+        )
+
+    def resolve(self, digits: str, country: str, rng: random.Random) -> RouteDecision:
+        for p in self.blocked_prefixes:
+            if digits.startswith(p):
+                raise NoRoute(f"blocked prefix +{p}")
+        if country in self.blocked_countries:
+            raise NoRoute(f"blocked country {country}")
+        # Longest prefix override wins.
+        for n in range(min(len(digits), 15), 0, -1):
+            entries = self.prefixes.get(digits[:n])
+            if entries:
+                return RouteDecision(order(entries, rng), f"prefix +{digits[:n]}")
+        entries = self.countries.get(country)
+        if entries:
+            return RouteDecision(order(entries, rng), f"country {country}")
+        if self.default:
+            return RouteDecision(order(self.default, rng), "default")
+        raise NoRoute(f"no route for country {country or 'unknown'}")
+
+
+def order(entries: list[RouteEntry], rng: random.Random) -> list[str]:
+    """Carriers by priority; within a priority, a weighted random order."""
+    by_prio: dict[int, list[RouteEntry]] = {}
+    for e in entries:
+        by_prio.setdefault(e.priority, []).append(e)
+    out: list[str] = []
+    for prio in sorted(by_prio):
+        group = list(by_prio[prio])
+        while group:
+            if len(group) == 1:
+                out.append(group.pop().carrier)
+                break
+            total = sum(e.weight for e in group)
+            pick = rng.random() * total
+            for i, e in enumerate(group):
+                pick -= e.weight
+                if pick < 0:
+                    out.append(group.pop(i).carrier)
+                    break
+            else:
+                out.append(group.pop().carrier)
+    return out

@@ -1,0 +1,192 @@
+"""The traffic log writer: batched COPY from a bounded in-memory buffer.
+
+One writer task. ``record_*`` only appends a tuple to a deque (no await, no
+I/O) so messaging never waits for PostgreSQL. If the database is slow or
+down, rows wait (up to ``limit``; beyond it new rows are dropped and
+counted in ``smsrouter_traffic_log_dropped_rows_total``) and are written
+when it returns. Secret-class messages never put source, destination or
+text into a row (privacy.md 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections import deque
+from typing import Any
+
+import asyncpg
+import structlog
+
+from ..model import Message
+from ..observe import metrics
+
+log = structlog.get_logger("router.trafficlog")
+
+MESSAGE_COLUMNS = (
+    "id", "account_id", "class", "ingress", "source", "destination", "country", "carrier",
+    "parts", "data_coding", "body", "userref", "accepted_at",
+)
+EVENT_COLUMNS = ("message_id", "account_id", "status", "carrier", "error", "at")
+_UTC = dt.timezone.utc
+
+
+def _ts(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, _UTC)
+
+
+async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, days: int = 3) -> None:
+    """Daily partitions from ``today`` for ``days`` days (idempotent)."""
+    for table in ("traffic_log", "delivery_events"):
+        for i in range(days):
+            day = today + dt.timedelta(days=i)
+            name = f"{table}_{day:%Y%m%d}"
+            try:
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table}"
+                    f" FOR VALUES FROM ('{day.isoformat()}') TO ('{(day + dt.timedelta(days=1)).isoformat()}')"
+                )
+            except asyncpg.PostgresError as exc:
+                # Rows for that day already sit in the default partition.
+                log.warning("partition_not_created", table=name, error=type(exc).__name__)
+
+
+class TrafficLog:
+    def __init__(
+        self,
+        pool: asyncpg.Pool | None,
+        *,
+        limit: int = 200_000,
+        flush_rows: int = 5_000,
+        flush_interval: float = 0.2,
+    ) -> None:
+        self.pool = pool
+        self.limit = limit
+        self.flush_rows = flush_rows
+        self.flush_interval = flush_interval
+        self.messages: deque[tuple[Any, ...]] = deque()
+        self.events: deque[tuple[Any, ...]] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.healthy = True
+        self.dropped = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self.messages) + len(self.events)
+
+    # ------------------------------------------------ hot path: append only
+
+    def record_message(self, msg: Message, carrier: str | None) -> None:
+        if self.pool is None:
+            return
+        if self.depth >= self.limit:
+            self._drop()
+            return
+        secret = msg.secret
+        self.messages.append(
+            (
+                msg.id, msg.account_id, msg.msg_class.value, msg.origin.value,
+                None if secret else msg.source,
+                None if secret else msg.destination,
+                msg.country, carrier, msg.parts, msg.data_coding,
+                None if secret else msg.text,
+                None if secret else msg.userref,
+                _ts(msg.accepted_at),
+            )
+        )
+        if len(self.messages) >= self.flush_rows:
+            self._wake.set()
+
+    def record_event(self, msg: Message, status: str, carrier: str | None, error: str | None,
+                     at: float) -> None:
+        if self.pool is None:
+            return
+        if self.depth >= self.limit:
+            self._drop()
+            return
+        self.events.append((msg.id, msg.account_id, status, carrier, error, _ts(at)))
+        if len(self.events) >= self.flush_rows:
+            self._wake.set()
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        metrics.TRAFFIC_LOG_DROPPED.inc()
+
+    # ------------------------------------------------------------- writer
+
+    def start(self) -> None:
+        if self.pool is not None and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="traffic-log-writer")
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Flush what is buffered (bounded by ``timeout``) and stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except TimeoutError:
+                log.error("traffic_log_close_timeout", rows_left=self.depth)
+            self._task = None
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        last_partition_day: dt.date | None = None
+        while True:
+            if not self._closing and self.depth < self.flush_rows:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            metrics.TRAFFIC_LOG_BUFFER.set(self.depth)
+            if not self.depth:
+                if self._closing:
+                    return
+                continue
+            try:
+                today = dt.datetime.now(_UTC).date()
+                if last_partition_day != today:
+                    assert self.pool is not None
+                    async with self.pool.acquire() as conn:
+                        await ensure_partitions(conn, today - dt.timedelta(days=1))
+                    last_partition_day = today
+                await self.flush_once()
+                backoff = 0.1
+                self.healthy = True
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                self.healthy = False
+                metrics.TRAFFIC_LOG_ERRORS.inc()
+                log.warning("traffic_log_flush_failed", error=type(exc).__name__,
+                            rows_waiting=self.depth)
+                if self._closing:
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def flush_once(self) -> None:
+        """Write up to ``flush_rows`` of each kind; rows go back on failure."""
+        assert self.pool is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        msgs = [self.messages.popleft() for _ in range(min(len(self.messages), self.flush_rows))]
+        evts = [self.events.popleft() for _ in range(min(len(self.events), self.flush_rows))]
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if msgs:
+                    await conn.copy_records_to_table(
+                        "traffic_log", records=msgs, columns=MESSAGE_COLUMNS
+                    )
+                if evts:
+                    await conn.copy_records_to_table(
+                        "delivery_events", records=evts, columns=EVENT_COLUMNS
+                    )
+        except BaseException:
+            self.messages.extendleft(reversed(msgs))
+            self.events.extendleft(reversed(evts))
+            raise
+        metrics.TRAFFIC_LOG_WRITTEN.labels(table="traffic_log").inc(len(msgs))
+        metrics.TRAFFIC_LOG_WRITTEN.labels(table="delivery_events").inc(len(evts))
+        metrics.TRAFFIC_LOG_FLUSH.observe(loop.time() - started)
