@@ -63,11 +63,10 @@ class _Reader:
         self.pos += 1
         return value
 
-    def octets(self, length: int, name: str) -> bytes:
+    def octets(self, length: int, name: str, status: int = Status.ESME_RINVMSGLEN) -> bytes:
         if self.pos + length > self.end:
             raise RemoteProtocolError(
-                f"field {name} declares {length} octets beyond the PDU end",
-                Status.ESME_RINVMSGLEN,
+                f"field {name} declares {length} octets beyond the PDU end", status
             )
         value = self.data[self.pos : self.pos + length]
         self.pos += length
@@ -353,7 +352,7 @@ class _ShortMessage(Pdu, _TlvAccess):
         priority_flag = r.u8("priority_flag")
         schedule = r.cstring(17, "schedule_delivery_time", Status.ESME_RINVSCHED)
         validity = r.cstring(17, "validity_period", Status.ESME_RINVEXPIRY)
-        fixed = r.octets(5, "registered_delivery..sm_length")
+        fixed = r.octets(5, "registered_delivery..sm_length", Status.ESME_RINVCMDLEN)
         short_message = r.octets(fixed[4], "short_message")
         return cls(
             sequence=sequence,
@@ -494,13 +493,16 @@ class DataSm(Pdu, _TlvAccess):
 # --------------------------------------------------------------------- query_sm
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True, repr=False)
 class QuerySm(Pdu):
     command_id: ClassVar[int] = CommandId.QUERY_SM
     message_id: str = ""
     source_addr_ton: int = 0
     source_addr_npi: int = 0
     source_addr: str = ""
+
+    def __repr__(self) -> str:  # never show the source address
+        return f"QuerySm(sequence={self.sequence}, message_id={self.message_id!r})"
 
     def encode_body(self) -> bytes:
         return b"".join(
@@ -615,7 +617,7 @@ def parse_header(frame: bytes) -> tuple[int, int, int, int]:
 
 def decode(frame: bytes) -> Pdu:
     """Decode one complete frame. Raises UnknownCommand or BodyError."""
-    length, command_id, status, sequence = _HEADER.unpack_from(frame, 0)
+    length, command_id, status, sequence = parse_header(frame)
     if length != len(frame):
         raise FramingError(f"command_length {length} does not match frame of {len(frame)} octets")
     cls = PDU_CLASSES.get(command_id)

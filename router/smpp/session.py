@@ -161,6 +161,7 @@ class SmppSession:
         self.peer_pending: set[int] = set()
         self.last_rx = now
         self._enquire_seq: int | None = None
+        self._bind_seq: int | None = None  # a peer's bind awaiting our answer
 
     # ------------------------------------------------------------ properties
 
@@ -231,7 +232,7 @@ class SmppSession:
                 # A malformed answer still settles the request it answers.
                 entry = self.outstanding.pop(exc.sequence, None)
                 if entry is None:
-                    return None
+                    return StrayResponse(GenericNack(sequence=exc.sequence, status=exc.status))
                 nack = GenericNack(sequence=exc.sequence, status=exc.status)
                 return Response(nack, entry[0], entry[1])
             return Reject(response_for_command(exc.command_id, exc.sequence, exc.status), str(exc))
@@ -243,11 +244,12 @@ class SmppSession:
         return self._on_request(pdu)
 
     def _on_response(self, pdu: Pdu) -> Event:
-        entry = self.outstanding.pop(pdu.sequence, None)
+        entry = self.outstanding.get(pdu.sequence)
         if entry is None:
             return StrayResponse(pdu)
         request, sent_at = entry
         if pdu.command_id == CommandId.GENERIC_NACK or pdu.command_id == request.command_id | RESPONSE_BIT:
+            del self.outstanding[pdu.sequence]
             if pdu.command_id in _BIND_RESP_IDS and pdu.status == Status.ESME_ROK:
                 self.bind_type = BindType(request.command_id)
                 self.state = _BOUND_STATE[self.bind_type]
@@ -256,8 +258,7 @@ class SmppSession:
             if request.sequence == self._enquire_seq:
                 self._enquire_seq = None
             return Response(pdu, request, sent_at)
-        # Right sequence, wrong kind of answer: put the request back.
-        self.outstanding[pdu.sequence] = entry
+        # Right sequence, wrong kind of answer: the request stays outstanding.
         return StrayResponse(pdu)
 
     def _on_request(self, pdu: Pdu) -> Event:
@@ -270,8 +271,9 @@ class SmppSession:
         if cid in _BIND_IDS:
             if self.role is not Role.SMSC:
                 return self._reject(cid, seq, Status.ESME_RINVCMDID, "bind sent to an ESME")
-            if self.state is not State.OPEN:
+            if self.state is not State.OPEN or self._bind_seq is not None:
                 return self._reject(cid, seq, Status.ESME_RALYBND, "bind on a bound session")
+            self._bind_seq = seq
             self.peer_pending.add(seq)
             return Request(pdu)
         if not self.bound:
@@ -307,6 +309,8 @@ class SmppSession:
         if cid & RESPONSE_BIT:
             data = pdu.encode()  # encode first: a failure must leave no trace
             self.peer_pending.discard(pdu.sequence)
+            if cid in _BIND_RESP_IDS:
+                self._bind_seq = None
             if cid in _BIND_RESP_IDS and pdu.status == Status.ESME_ROK:
                 self.bind_type = BindType(cid & ~RESPONSE_BIT)
                 self.state = _BOUND_STATE[self.bind_type]

@@ -57,8 +57,8 @@ class SmppProtocol(asyncio.Protocol):
     # ------------------------------------------------------------ lifecycle
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport; trust the API.
+        self.transport = transport  # type: ignore[assignment]
         self.peer = transport.get_extra_info("peername")
         loop = asyncio.get_running_loop()
         self.closed = loop.create_future()

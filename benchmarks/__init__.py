@@ -1,0 +1,1 @@
+"""Benchmarks: codec micro-benchmarks, load generators, scenarios and their runner."""
