@@ -24,6 +24,7 @@ from .ingress.http import make_api
 from .ingress.smpp import SmppFrontDoor
 from .observe.health import make_ops
 from .store.db import create_pool, migrate
+from .store.spool import MemorySpool, PgSpool, load_key
 from .store.trafficlog import TrafficLog
 
 log = structlog.get_logger("router.app")
@@ -58,6 +59,7 @@ class Router:
     accounts: AccountStore = field(default_factory=AccountStore)
     traffic_log: TrafficLog | None = None
     engine: Engine | None = None
+    spool: MemorySpool | PgSpool | None = None
     smpp: SmppFrontDoor | None = None
     runners: list[web.AppRunner] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
@@ -80,8 +82,23 @@ class Router:
             flush_interval=cfg.log_flush_interval,
         )
         self.traffic_log.start()
-        self.engine = Engine(cfg, self.traffic_log)
+        if cfg.delivery_guarantee == "at-least-once":
+            key = load_key(os.environ.get("ROUTER_SPOOL_KEY"))
+            if key is None:
+                log.warning("spool_key_missing",
+                            consequence="secret messages are held in memory only (at-most-once)")
+            self.spool = PgSpool(self.pool, key=key, max_rows=cfg.spool_max_rows,
+                                 flush_interval=cfg.spool_flush_interval)
+        else:
+            log.warning("delivery_guarantee_in_memory",
+                        consequence="accepted messages are lost if the process dies")
+            self.spool = MemorySpool()
+        self.engine = Engine(cfg, self.traffic_log, spool=self.spool)
+        replay = await self.spool.load()
+        self.spool.start()
         self.engine.start()
+        if replay:
+            log.info("spool_replayed", messages=self.engine.resume(replay))
         self.smpp = SmppFrontDoor(cfg, self.engine, self.accounts)
         self.ports["smpp"] = await self.smpp.start()
         for name, app, (host, port) in (
@@ -103,11 +120,14 @@ class Router:
         carriers = self.engine.carrier_health()
         log_ok = self.traffic_log.healthy or self.traffic_log.depth < self.traffic_log.limit * 0.9
         routes_ok = any(c["up"] for c in carriers.values())
-        ok = routes_ok and log_ok and not self.draining
+        spool_ok = not isinstance(self.spool, PgSpool) or self.spool.healthy
+        ok = routes_ok and log_ok and spool_ok and not self.draining
         return ok, {
             "draining": self.draining,
             "carriers": carriers,
             "traffic_log": {"healthy": self.traffic_log.healthy, "buffered": self.traffic_log.depth},
+            "spool": {"durable": bool(self.spool and self.spool.durable),
+                      "rows": self.spool.size if self.spool else 0, "healthy": spool_ok},
         }
 
     async def reload(self) -> None:
@@ -128,6 +148,8 @@ class Router:
         self.runners.clear()
         if self.engine is not None:
             await self.engine.stop(timeout=min(5.0, timeout))
+        if self.spool is not None:
+            await self.spool.close(timeout=min(5.0, timeout))
         if self.traffic_log is not None:
             await self.traffic_log.close(timeout=min(5.0, timeout))
         if self.pool is not None:

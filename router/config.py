@@ -96,6 +96,9 @@ class Config:
     log_flush_rows: int = 5_000
     log_flush_interval: float = 0.2
     log_format: str = "auto"  # auto | json | console
+    delivery_guarantee: str = "at-least-once"  # or "in-memory"
+    spool_max_rows: int = 1_000_000
+    spool_flush_interval: float = 0.005
     smpp: SmppIngressConfig = field(default_factory=SmppIngressConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     carriers: list[CarrierConfig] = field(default_factory=list)
@@ -172,6 +175,17 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
     )
     if db:
         raise ConfigError(f"database.{sorted(db)[0]}: unknown key")
+
+    delivery_t = data.pop("delivery", {})
+    cfg.delivery_guarantee = _take(delivery_t, "guarantee", "delivery.", str, cfg.delivery_guarantee)
+    if cfg.delivery_guarantee not in ("at-least-once", "in-memory"):
+        raise ConfigError("delivery.guarantee: expected 'at-least-once' or 'in-memory'")
+    cfg.spool_max_rows = _take(delivery_t, "spool_max_rows", "delivery.", int, cfg.spool_max_rows)
+    cfg.spool_flush_interval = _take(
+        delivery_t, "spool_flush_interval", "delivery.", float, cfg.spool_flush_interval
+    )
+    if delivery_t:
+        raise ConfigError(f"delivery.{sorted(delivery_t)[0]}: unknown key")
 
     logging_t = data.pop("logging", {})
     cfg.log_format = _take(logging_t, "format", "logging.", str, cfg.log_format)

@@ -8,6 +8,7 @@ leave through the ``ReceiptSink`` registered for the message's origin.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 import time
@@ -24,6 +25,7 @@ from .model import Delivery, Message, Origin, Status
 from .observe import metrics
 from .routing import CountryLookup, NoRoute, RouteTable
 from .smpp.constants import MessageState, Status as SmppStatus, status_name
+from .store.spool import MemorySpool, PgSpool
 from .store.trafficlog import TrafficLog
 
 log = structlog.get_logger("router.engine")
@@ -40,6 +42,9 @@ class Rejected(Exception):
         self.smpp_status = smpp_status
         self.http_status = http_status
         self.retry_after = retry_after
+
+
+SubmitCallback = Callable[["Delivery | Rejected"], None]
 
 
 class ReceiptSink(Protocol):
@@ -62,9 +67,11 @@ class Engine:
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         recent_limit: int = 200_000,
+        spool: MemorySpool | PgSpool | None = None,
     ) -> None:
         self.cfg = cfg
         self.traffic_log = traffic_log
+        self.spool = spool or MemorySpool()
         self.clock = clock
         self.wall = wall
         self.rng = rng or random.Random()
@@ -98,8 +105,8 @@ class Engine:
         except NoRoute as exc:
             raise Rejected("no_route", str(exc), SmppStatus.ESME_RINVDSTADR, 422) from None
 
-    def accept(self, msg: Message) -> Delivery:
-        """Take a message or raise Rejected. Returns at once; never awaits."""
+    def _admit(self, msg: Message) -> Carrier:
+        """Route and check room; raise Rejected when the router cannot keep it."""
         if not self.accepting:
             raise Rejected("draining", "router is shutting down; retry on another node",
                            SmppStatus.ESME_RTHROTTLED, 503, retry_after=5)
@@ -118,14 +125,79 @@ class Engine:
         if chosen is None:
             raise Rejected("queue_full", "all carriers for this destination are full",
                            SmppStatus.ESME_RMSGQFUL, 429, retry_after=1)
-        delivery = Delivery(msg, status=Status.QUEUED, carrier=chosen.name,
-                            updated_at=msg.accepted_at)
-        chosen.enqueue([Submission(delivery, i) for i in range(msg.parts)])
+        if isinstance(self.spool, PgSpool) and not self.spool.has_room(1):
+            raise Rejected("spool_full", "the durable spool is full",
+                           SmppStatus.ESME_RMSGQFUL, 429, retry_after=1)
+        return chosen
+
+    def submit(self, msg: Message, done: SubmitCallback) -> None:
+        """Take a message: ``done`` gets the Delivery once the message is
+        durable (at-least-once) or at once (in-memory), or a Rejected."""
+        try:
+            carrier = self._admit(msg)
+        except Rejected as exc:
+            done(exc)
+            return
+
+        def durable(ok: bool) -> None:
+            if not ok:
+                done(Rejected("not_durable", "the message could not be stored; retry",
+                              SmppStatus.ESME_RSYSERR, 503, retry_after=1))
+                return
+            delivery = self._enqueue(msg, carrier)
+            self.traffic_log.record_message(msg, carrier.name)
+            metrics.ACCEPTED.labels(msg.origin.value, msg.account, msg.country or "ZZ").inc()
+            metrics.PARTS_ACCEPTED.labels(msg.origin.value, msg.account).inc(msg.parts)
+            done(delivery)
+
+        self.spool.add(msg, durable)
+
+    def accept(self, msg: Message) -> Delivery:
+        """Synchronous take, for the in-memory guarantee only (tests, tools)."""
+        result: list[Delivery | Rejected] = []
+        self.submit(msg, result.append)
+        if not result:
+            raise RuntimeError("accept() needs an in-memory spool; use submit/accept_async")
+        if isinstance(result[0], Rejected):
+            raise result[0]
+        return result[0]
+
+    async def accept_async(self, msg: Message) -> Delivery:
+        """Take a message; returns once it is durable. Raises Rejected."""
+        fut: asyncio.Future[Delivery | Rejected] = asyncio.get_running_loop().create_future()
+
+        def done(r: Delivery | Rejected) -> None:
+            if not fut.done():
+                fut.set_result(r)
+
+        self.submit(msg, done)
+        r = await fut
+        if isinstance(r, Rejected):
+            raise r
+        return r
+
+    def _enqueue(self, msg: Message, carrier: Carrier, status: Status = Status.QUEUED) -> Delivery:
+        delivery = Delivery(msg, status=status, carrier=carrier.name, updated_at=msg.accepted_at,
+                            spooled=self.spool.durable)
+        carrier.enqueue([Submission(delivery, i) for i in range(msg.parts)], force=True)
         self.active[msg.id] = delivery
-        self.traffic_log.record_message(msg, chosen.name)
-        metrics.ACCEPTED.labels(msg.origin.value, msg.account, msg.country or "ZZ").inc()
-        metrics.PARTS_ACCEPTED.labels(msg.origin.value, msg.account).inc(msg.parts)
         return delivery
+
+    def resume(self, messages: list[Message]) -> int:
+        """Queue messages replayed from the spool after a restart."""
+        n = 0
+        for msg in messages:
+            if msg.id in self.active:
+                continue
+            try:
+                names = self.route(msg.destination, msg.country)
+            except Rejected:
+                names = list(self.carriers)[:1]
+            carrier = next((self.carriers[c] for c in names if self.carriers[c].up),
+                           self.carriers[names[0]])
+            self._enqueue(msg, carrier)
+            n += 1
+        return n
 
     def lookup(self, message_id: str) -> Delivery | None:
         return self.active.get(message_id) or self.recent.get(message_id)
@@ -138,6 +210,10 @@ class Engine:
         if carrier_id:
             d.carrier_ids.append(carrier_id)
         metrics.SUBMITTED.labels(carrier).inc()
+        d.parts_taken += 1
+        if d.parts_taken == d.message.parts and d.spooled:
+            d.spooled = False
+            self.spool.taken(d.message.id)
         if d.status is Status.QUEUED:
             d.status = Status.SUBMITTED
             now = self.wall()
@@ -183,6 +259,9 @@ class Engine:
         d.updated_at = now
         d.carrier = carrier
         msg = d.message
+        if d.spooled:
+            d.spooled = False
+            self.spool.taken(msg.id)
         metrics.FINAL.labels(carrier, status.value).inc()
         metrics.DELIVERY_LATENCY.labels(carrier).observe(max(0.0, now - msg.accepted_at))
         self.traffic_log.record_event(msg, status.value, carrier, error, now)

@@ -95,6 +95,8 @@ class Delivery:
     updated_at: float = 0.0
     parts_done: int = 0
     parts_failed: int = 0
+    parts_taken: int = 0  # segments a carrier acknowledged (spool row goes then)
+    spooled: bool = True
     attempts: int = 0
     carrier_ids: list[str] = field(default_factory=list)
 

@@ -73,7 +73,7 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     assert pool is not None
     await pool.execute(
-        "TRUNCATE accounts, api_keys, traffic_log, delivery_events, opt_out RESTART IDENTITY CASCADE"
+        "TRUNCATE accounts, api_keys, traffic_log, delivery_events, opt_out, spool RESTART IDENTITY CASCADE"
     )
     try:
         yield pool
@@ -150,3 +150,11 @@ async def stack_factory(db: asyncpg.Pool, database_url: str) -> AsyncIterator[An
         await stack.router.stop(timeout=3)
         for sim in stack.sims.values():
             await sim.stop()
+
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    """Run the tests on uvloop, the loop the daemon uses in production."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}

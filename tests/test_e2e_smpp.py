@@ -175,3 +175,9 @@ async def test_carrier_rejection_becomes_failed_receipt(stack_factory: Any) -> N
         assert client.sent[0].status == 0  # accepted first, failed later
     finally:
         await asyncio.to_thread(client.close)
+
+
+async def test_suite_runs_on_uvloop_like_the_daemon() -> None:
+    # uvloop differs from asyncio in details (timer handles have no when());
+    # the suite must exercise the loop production uses.
+    assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")

@@ -120,6 +120,7 @@ class Carrier:
         self.correlator: Correlator[Submission] = Correlator()
         self._rr = 0
         self._pump_handle: asyncio.TimerHandle | None = None
+        self._pump_at = 0.0
         self._pump_soon = False
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -149,9 +150,12 @@ class Carrier:
     def has_room(self, n: int = 1) -> bool:
         return self.backlog + n <= self.cfg.queue_size
 
-    def enqueue(self, subs: list[Submission]) -> bool:
-        """Queue all segments of a message, or none (False = queue full)."""
-        if not self.has_room(len(subs)):
+    def enqueue(self, subs: list[Submission], force: bool = False) -> bool:
+        """Queue all segments of a message, or none (False = queue full).
+
+        ``force`` is for messages already promised to a submitter (made
+        durable after the room check, or replayed from the spool)."""
+        if not force and not self.has_room(len(subs)):
             return False
         self.queue.extend(subs)
         self._m_queue.set(self.backlog)
@@ -254,10 +258,17 @@ class Carrier:
                 self._pump_soon = True
                 loop.call_soon(self._pump)
             return
-        if self._pump_handle is None or self._pump_handle.when() > loop.time() + delay:
+        # uvloop's timer handles have no when(): keep the due time ourselves.
+        due = loop.time() + delay
+        if self._pump_handle is None or self._pump_at > due:
             if self._pump_handle is not None:
                 self._pump_handle.cancel()
-            self._pump_handle = loop.call_later(delay, self._pump)
+            self._pump_at = due
+            self._pump_handle = loop.call_later(delay, self._timed_pump)
+
+    def _timed_pump(self) -> None:
+        self._pump_handle = None
+        self._pump()
 
     def _pick_session(self) -> CarrierSession | None:
         n = len(self.sessions)
@@ -270,8 +281,6 @@ class Carrier:
 
     def _pump(self) -> None:
         self._pump_soon = False
-        if self._pump_handle is not None and self._pump_handle.when() <= asyncio.get_running_loop().time():
-            self._pump_handle = None
         now = self.clock()
         retry = self._retry
         while retry and retry[0][0] <= now:

@@ -245,7 +245,6 @@ class SmppFrontDoor:
         assert account is not None
         try:
             msg = self._build(account, pdu)
-            delivery = self.engine.accept(msg)
         except InvalidField as exc:
             status = Smpp.ESME_RINVDSTADR if exc.field == "to" else Smpp.ESME_RINVSRCADR
             metrics.REJECTED.labels("smpp", account.name, f"invalid_{exc.field}").inc()
@@ -255,13 +254,18 @@ class SmppFrontDoor:
             metrics.REJECTED.labels("smpp", account.name, status_name(exc.status).lower()).inc()
             bind.answer(pdu, exc.status)
             return
-        except Rejected as exc:
-            metrics.REJECTED.labels("smpp", account.name, exc.reason).inc()
-            if exc.smpp_status in (Smpp.ESME_RTHROTTLED, Smpp.ESME_RMSGQFUL):
-                metrics.THROTTLE_SENT.labels("smpp", exc.reason).inc()
-            bind.answer(pdu, exc.smpp_status)
-            return
-        bind.answer(pdu, Smpp.ESME_ROK, message_id=delivery.message.id)
+
+        def done(result: Delivery | Rejected) -> None:
+            # The answer goes out only now: after the message is durable.
+            if isinstance(result, Rejected):
+                metrics.REJECTED.labels("smpp", account.name, result.reason).inc()
+                if result.smpp_status in (Smpp.ESME_RTHROTTLED, Smpp.ESME_RMSGQFUL):
+                    metrics.THROTTLE_SENT.labels("smpp", result.reason).inc()
+                bind.answer(pdu, result.smpp_status)
+            else:
+                bind.answer(pdu, Smpp.ESME_ROK, message_id=result.message.id)
+
+        self.engine.submit(msg, done)
 
     def _build(self, account: Account, pdu: SubmitSm | DataSm) -> Message:
         now = self.wall()

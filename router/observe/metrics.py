@@ -131,3 +131,4 @@ TRAFFIC_LOG_ERRORS = Counter(
 )
 LOOP_LAG = Gauge("smsrouter_event_loop_lag_seconds", "Event-loop scheduling lag, last sample.")
 READY = Gauge("smsrouter_ready", "1 when /readyz answers 200.")
+SPOOL_ROWS = Gauge("smsrouter_spool_rows", "Accepted messages not yet taken by a carrier (durable spool).")

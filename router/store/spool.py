@@ -1,0 +1,264 @@
+"""The spool: what makes "accepted" mean "will be delivered" (at-least-once).
+
+``add`` buffers a message; one writer task COPYs buffered rows in a single
+transaction (group commit) and only then calls each message's callback, so
+the submitter's positive answer comes after the message is durable.
+``taken`` batches the DELETE of rows a carrier has accepted. After a crash,
+``load`` returns every message still in the spool to be sent again;
+duplicates are possible only where a carrier took a message and the router
+died before recording it.
+
+Secret messages are encrypted (AES-256-GCM, key from ROUTER_SPOOL_KEY,
+never stored beside the data); without a key they are not spooled at all and
+live in memory only (at-most-once for them), which start-up warns about.
+``MemorySpool`` is the documented "in-memory" mode: faster, loses on crash.
+Never logs message content or addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import structlog
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..model import Message, MessageClass, Origin
+from ..observe import metrics
+
+log = structlog.get_logger("router.spool")
+
+DurableCallback = Callable[[bool], None]
+_UTC = dt.timezone.utc
+
+
+def load_key(raw: str | None) -> bytes | None:
+    """ROUTER_SPOOL_KEY: 32 bytes as 64 hex chars or urlsafe base64."""
+    if not raw:
+        return None
+    raw = raw.strip()
+    try:
+        key = bytes.fromhex(raw)
+    except ValueError:
+        key = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+    if len(key) != 32:
+        raise ValueError("ROUTER_SPOOL_KEY must be 32 bytes (64 hex characters)")
+    return key
+
+
+def encode_message(msg: Message) -> bytes:
+    return json.dumps(
+        {
+            "id": msg.id, "account_id": msg.account_id, "account": msg.account,
+            "origin": msg.origin.value, "class": msg.msg_class.value,
+            "source": msg.source, "source_ton": msg.source_ton, "source_npi": msg.source_npi,
+            "destination": msg.destination, "country": msg.country,
+            "data_coding": msg.data_coding, "esm_class": msg.esm_class,
+            "segments": [base64.b64encode(s).decode() for s in msg.segments],
+            "text": msg.text, "registered_delivery": msg.registered_delivery,
+            "accepted_at": msg.accepted_at, "expires_at": msg.expires_at,
+            "userref": msg.userref, "callback_url": msg.callback_url,
+            "tlvs": [[t, base64.b64encode(v).decode()] for t, v in msg.tlvs],
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_message(raw: bytes) -> Message:
+    d = json.loads(raw)
+    return Message(
+        id=d["id"], account_id=d["account_id"], account=d["account"],
+        origin=Origin(d["origin"]), msg_class=MessageClass(d["class"]),
+        source=d["source"], source_ton=d["source_ton"], source_npi=d["source_npi"],
+        destination=d["destination"], country=d["country"], data_coding=d["data_coding"],
+        esm_class=d["esm_class"],
+        segments=tuple(base64.b64decode(s) for s in d["segments"]),
+        text=d["text"], registered_delivery=d["registered_delivery"],
+        accepted_at=d["accepted_at"], expires_at=d["expires_at"], userref=d["userref"],
+        callback_url=d["callback_url"],
+        tlvs=tuple((t, base64.b64decode(v)) for t, v in d["tlvs"]),
+    )
+
+
+class MemorySpool:
+    """delivery_guarantee = "in-memory": nothing survives a crash."""
+
+    durable = False
+
+    def add(self, msg: Message, done: DurableCallback) -> None:
+        done(True)
+
+    def taken(self, message_id: str) -> None:
+        pass
+
+    @property
+    def size(self) -> int:
+        return 0
+
+    def start(self) -> None:
+        pass
+
+    async def close(self, timeout: float = 5.0) -> None:
+        pass
+
+    async def load(self) -> list[Message]:
+        return []
+
+
+class PgSpool:
+    durable = True
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        key: bytes | None,
+        max_rows: int = 1_000_000,
+        flush_interval: float = 0.005,
+        batch: int = 5_000,
+        write_deadline: float = 5.0,
+    ) -> None:
+        self.pool = pool
+        self.aead = AESGCM(key) if key else None
+        self.max_rows = max_rows
+        self.flush_interval = flush_interval
+        self.batch = batch
+        self.write_deadline = write_deadline
+        self._adds: list[tuple[tuple[Any, ...], DurableCallback]] = []
+        self._deletes: list[str] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.rows = 0  # approximate rows in the table (for the bound and the metric)
+        self.healthy = True
+
+    @property
+    def size(self) -> int:
+        return self.rows + len(self._adds)
+
+    def has_room(self, n: int = 1) -> bool:
+        return self.size + n <= self.max_rows
+
+    # ------------------------------------------------------------- hot path
+
+    def add(self, msg: Message, done: DurableCallback) -> None:
+        if msg.secret:
+            if self.aead is None:
+                done(True)  # memory only; see module docstring
+                return
+            nonce = os.urandom(12)
+            payload = nonce + self.aead.encrypt(nonce, encode_message(msg), msg.id.encode())
+            encrypted = True
+        else:
+            payload = encode_message(msg)
+            encrypted = False
+        row = (msg.id, msg.account_id, msg.msg_class.value,
+               dt.datetime.fromtimestamp(msg.accepted_at, _UTC),
+               dt.datetime.fromtimestamp(msg.expires_at, _UTC), encrypted, payload)
+        self._adds.append((row, done))
+        if len(self._adds) >= self.batch:
+            self._wake.set()
+
+    def taken(self, message_id: str) -> None:
+        self._deletes.append(message_id)
+
+    # --------------------------------------------------------------- writer
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="spool-writer")
+
+    async def close(self, timeout: float = 5.0) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except TimeoutError:
+                log.error("spool_close_timeout", waiting=len(self._adds))
+            self._task = None
+        # Anything still unwritten was never acknowledged: tell the submitters.
+        adds, self._adds = self._adds, []
+        for _, cb in adds:
+            cb(False)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        first_failure: float | None = None
+        while True:
+            if not self._closing and len(self._adds) < self.batch:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            if not self._adds and not self._deletes:
+                if self._closing:
+                    return
+                continue
+            adds = self._adds[: self.batch]
+            deletes = self._deletes[: self.batch * 4]
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    if adds:
+                        await conn.copy_records_to_table(
+                            "spool", records=[r for r, _ in adds],
+                            columns=("id", "account_id", "class", "created_at", "expires_at",
+                                     "encrypted", "payload"),
+                        )
+                    if deletes:
+                        await conn.execute("DELETE FROM spool WHERE id = ANY($1::text[])", deletes)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                self.healthy = False
+                now = loop.time()
+                first_failure = first_failure or now
+                log.warning("spool_write_failed", error=type(exc).__name__, waiting=len(self._adds))
+                if now - first_failure > self.write_deadline or self._closing:
+                    # Could not make them durable in time: refuse them now
+                    # rather than leave submitters waiting.
+                    failed, self._adds = self._adds, []
+                    for _, cb in failed:
+                        cb(False)
+                    first_failure = None
+                if self._closing:
+                    return
+                await asyncio.sleep(0.1)
+                continue
+            first_failure = None
+            self.healthy = True
+            del self._adds[: len(adds)]
+            del self._deletes[: len(deletes)]
+            self.rows += len(adds) - len(deletes)
+            self.rows = max(self.rows, 0)
+            metrics.SPOOL_ROWS.set(self.rows)
+            for _, cb in adds:
+                cb(True)
+
+    async def load(self) -> list[Message]:
+        """Every message left in the spool (after a crash), oldest first."""
+        rows = await self.pool.fetch(
+            "SELECT id, encrypted, payload FROM spool ORDER BY created_at"
+        )
+        out: list[Message] = []
+        unreadable: list[str] = []
+        for r in rows:
+            raw = bytes(r["payload"])
+            try:
+                if r["encrypted"]:
+                    if self.aead is None:
+                        raise ValueError("no key")
+                    raw = self.aead.decrypt(raw[:12], raw[12:], r["id"].encode())
+                out.append(decode_message(raw))
+            except Exception:  # wrong key or damaged row: keep it, report by id only
+                unreadable.append(r["id"])
+        if unreadable:
+            log.error("spool_rows_unreadable", count=len(unreadable))
+        self.rows = len(rows)
+        metrics.SPOOL_ROWS.set(self.rows)
+        return out

@@ -1,0 +1,150 @@
+"""At-least-once: kill -9 the router under load, restart it, and check that
+every message that got a positive submit_sm_resp reaches the carrier.
+
+The router runs as a real subprocess (so kill -9 is real); the carrier
+simulators run in the test's loop so they outlive the crash. Messages are
+matched by a unique text per message; duplicates are counted and reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from router.accounts import create_account
+from router.sim import CarrierSimulator, SimConfig
+from router.smpp.constants import Status
+from tests.esme import connect
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, ports: dict[str, int], sim_port: int, tps: float) -> None:
+    path.write_text(f"""
+[listen]
+smpp = "127.0.0.1:{ports['smpp']}"
+http = "127.0.0.1:{ports['http']}"
+ops = "127.0.0.1:{ports['ops']}"
+
+[delivery]
+guarantee = "at-least-once"
+
+[[carriers]]
+name = "sim"
+port = {sim_port}
+tps = {tps}
+window = 32
+reconnect_min = 0.1
+reconnect_max = 0.5
+
+[routes]
+default = ["sim"]
+""")
+
+
+async def start_router(cfg: Path, db_url: str, ops_port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, ROUTER_DATABASE_URL=db_url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router.cli", "--config", str(cfg), "run"],
+        env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"router exited early: {log.read_text()[-2000:]}")
+            try:
+                async with http.get(f"http://127.0.0.1:{ops_port}/readyz") as r:
+                    if r.status == 200:
+                        return proc
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    proc.kill()
+    raise AssertionError("router did not become ready")
+
+
+async def test_kill_9_under_load_loses_no_acknowledged_message(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    await create_account(db, "acme", system_id="acme", password="acme-pw1")
+    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.2, latency=0.01))
+    sim_port = await sim.start()
+    ports = {k: free_port() for k in ("smpp", "http", "ops")}
+    cfg = tmp_path / "router.toml"
+    # The carrier is slower than the submitter, so a backlog is queued in
+    # the router (and in its spool) when it dies.
+    write_config(cfg, ports, sim_port, tps=300)
+    log = tmp_path / "router.log"
+    proc = await start_router(cfg, database_url, ports["ops"], log)
+    acked: dict[str, str] = {}  # text -> our id
+    total = 1500
+    try:
+        esme, resp = await connect(ports["smpp"])
+        assert resp.status == 0
+
+        async def one(i: int) -> None:
+            text = f"crash-test-{i:05d}"
+            try:
+                r = await esme.submit("+4512345678", text)
+            except (ConnectionError, TimeoutError):
+                return
+            if r.status == Status.ESME_ROK:
+                acked[text] = r.message_id  # type: ignore[attr-defined]
+
+        tasks = [asyncio.create_task(one(i)) for i in range(total)]
+        # Kill once a good share is acknowledged but the carrier lags behind.
+        deadline = time.monotonic() + 30
+        while len(acked) < 600 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        received_before = sim.received_count()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        esme.close()
+        assert len(acked) >= 600, "load did not reach the kill point"
+        assert received_before < len(acked), "nothing was in flight at the kill"
+
+        proc = await start_router(cfg, database_url, ports["ops"], log)
+        want = set(acked)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            got = {m.payload.decode() for m in sim.received}
+            if want <= got:
+                break
+            await asyncio.sleep(0.2)
+        seen = Counter(m.payload.decode() for m in sim.received)
+        missing = want - set(seen)
+        duplicates = sum(n - 1 for t, n in seen.items() if t in want and n > 1)
+        print(f"\nacknowledged={len(acked)} delivered_before_kill={received_before} "
+              f"missing={len(missing)} duplicates={duplicates}")
+        assert not missing, f"{len(missing)} acknowledged messages never reached the carrier"
+        # The spool is empty once the carrier has taken everything.
+        deadline = time.monotonic() + 10
+        while await db.fetchval("SELECT count(*) FROM spool") and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert await db.fetchval("SELECT count(*) FROM spool") == 0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        await sim.stop()
