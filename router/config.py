@@ -97,6 +97,7 @@ class Config:
     log_flush_interval: float = 0.2
     log_format: str = "auto"  # auto | json | console
     delivery_guarantee: str = "at-least-once"  # or "in-memory"
+    failover_after: float = 5.0  # seconds a carrier may be down before its queue moves
     spool_max_rows: int = 1_000_000
     spool_flush_interval: float = 0.005
     smpp: SmppIngressConfig = field(default_factory=SmppIngressConfig)
@@ -184,6 +185,8 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
     cfg.spool_flush_interval = _take(
         delivery_t, "spool_flush_interval", "delivery.", float, cfg.spool_flush_interval
     )
+    cfg.failover_after = _take(delivery_t, "failover_after", "delivery.", float,
+                               cfg.failover_after)
     if delivery_t:
         raise ConfigError(f"delivery.{sorted(delivery_t)[0]}: unknown key")
 

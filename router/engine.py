@@ -85,15 +85,19 @@ class Engine:
         self.recent_limit = recent_limit
         self.sinks: dict[Origin, ReceiptSink] = {}
         self.accepting = True
+        self._tick: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         for c in self.carriers.values():
             c.start()
+        self._tick = asyncio.get_running_loop().call_later(1.0, self._health_tick)
 
     async def stop(self, timeout: float = 5.0) -> None:
         self.accepting = False
+        if self._tick is not None:
+            self._tick.cancel()
         for c in self.carriers.values():
             await c.stop(timeout)
 
@@ -138,8 +142,11 @@ class Engine:
         except Rejected as exc:
             done(exc)
             return
+        # Hold the room until the spool answers, so a burst cannot overfill.
+        carrier.reserved += msg.parts
 
         def durable(ok: bool) -> None:
+            carrier.reserved -= msg.parts
             if not ok:
                 done(Rejected("not_durable", "the message could not be stored; retry",
                               SmppStatus.ESME_RSYSERR, 503, retry_after=1))
@@ -276,6 +283,50 @@ class Engine:
             self.recent.popitem(last=False)
 
     # ---------------------------------------------------------- health
+
+    def _health_tick(self) -> None:
+        try:
+            self.failover()
+        finally:
+            self._tick = asyncio.get_running_loop().call_later(1.0, self._health_tick)
+
+    def failover(self) -> int:
+        """Move queued messages off carriers down for longer than failover_after
+        to the next carrier of their route that is up and has room."""
+        now = self.clock()
+        moved = 0
+        for carrier in self.carriers.values():
+            if carrier.down_since is None or not carrier.backlog:
+                continue
+            if now - carrier.down_since < self.cfg.failover_after:
+                continue
+            subs = carrier.drain()
+            by_message: dict[str, list[Submission]] = {}
+            for sub in subs:
+                by_message.setdefault(sub.delivery.message.id, []).append(sub)
+            for group in by_message.values():
+                msg = group[0].delivery.message
+                try:
+                    names = self.route(msg.destination, msg.country)
+                except Rejected:
+                    names = []
+                target = next(
+                    (self.carriers[n] for n in names
+                     if n != carrier.name and self.carriers[n].up
+                     and self.carriers[n].has_room(len(group))),
+                    None,
+                )
+                if target is None:
+                    carrier.enqueue(group, force=True)  # nowhere better: wait here
+                    continue
+                for sub in group:
+                    sub.delivery.carrier = target.name
+                target.enqueue(group, force=True)
+                moved += 1
+            if moved:
+                log.warning("carrier_failover", carrier=carrier.name, messages=moved)
+                metrics.FAILOVERS.labels(carrier.name).inc(moved)
+        return moved
 
     def carrier_health(self) -> dict[str, dict[str, object]]:
         return {

@@ -125,6 +125,8 @@ class Carrier:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.in_flight = 0
+        self.reserved = 0  # segments admitted, waiting for the spool to make them durable
+        self.down_since: float | None = clock()  # None while at least one session is bound
         m = metrics
         self._m_queue = m.CARRIER_QUEUE_DEPTH.labels(carrier=self.name)
         m.CARRIER_QUEUE_CAPACITY.labels(carrier=self.name).set(cfg.queue_size)
@@ -148,7 +150,7 @@ class Carrier:
         return len(self.queue) + len(self._retry)
 
     def has_room(self, n: int = 1) -> bool:
-        return self.backlog + n <= self.cfg.queue_size
+        return self.backlog + self.reserved + n <= self.cfg.queue_size
 
     def enqueue(self, subs: list[Submission], force: bool = False) -> bool:
         """Queue all segments of a message, or none (False = queue full).
@@ -246,6 +248,10 @@ class Carrier:
             self._health_changed()
 
     def _health_changed(self) -> None:
+        if self.sessions:
+            self.down_since = None
+        elif self.down_since is None:
+            self.down_since = self.clock()
         self._m_up.set(1 if self.sessions else 0)
         self._m_binds.set(len(self.sessions))
 

@@ -43,5 +43,9 @@ class TokenBucket:
             self.rate = min(self.max_rate, self.rate + self.max_rate / 100)
 
     def set_rate(self, rate: float) -> None:
+        """A new configured rate (e.g. on reload); the burst follows it."""
         self.max_rate = rate
-        self.rate = min(self.rate, rate)
+        self.rate = rate
+        self.burst = max(1.0, rate / 10)
+        self.tokens = min(self.tokens, self.burst)
+        self.floor = max(1.0, rate / 64)

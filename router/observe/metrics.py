@@ -132,3 +132,8 @@ TRAFFIC_LOG_ERRORS = Counter(
 LOOP_LAG = Gauge("smsrouter_event_loop_lag_seconds", "Event-loop scheduling lag, last sample.")
 READY = Gauge("smsrouter_ready", "1 when /readyz answers 200.")
 SPOOL_ROWS = Gauge("smsrouter_spool_rows", "Accepted messages not yet taken by a carrier (durable spool).")
+FAILOVERS = Counter(
+    "smsrouter_carrier_failover_messages_total",
+    "Queued messages moved off a carrier that stayed down.",
+    ["carrier"],
+)
