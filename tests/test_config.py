@@ -1,0 +1,55 @@
+"""Configuration: the shipped example parses, env overrides, errors name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from router.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_example_config_parses_with_every_option() -> None:
+    cfg = load_config(ROOT / "config" / "example.toml", env={})
+    assert [c.name for c in cfg.carriers] == ["eu-carrier", "world-carrier"]
+    assert cfg.routes.prefixes["4520"][0].carrier == "world-carrier"
+    assert cfg.delivery_guarantee == "at-least-once"
+
+
+def test_env_overrides_and_secret_not_in_repr() -> None:
+    cfg = parse_config(
+        {"carriers": [{"name": "eu-carrier", "password": "in-file"}]},
+        {"ROUTER_DATABASE_URL": "postgresql://x@h/db", "ROUTER_SMPP_LISTEN": "0.0.0.0:2775",
+         "ROUTER_CARRIER_EU_CARRIER_PASSWORD": "from-env"},
+    )
+    assert cfg.database_url == "postgresql://x@h/db"
+    assert cfg.smpp_listen == ("0.0.0.0", 2775)
+    assert cfg.carriers[0].password == "from-env"
+    assert "from-env" not in repr(cfg) and "postgresql://" not in repr(cfg)
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"listen": {"smpp": "nohostport"}}, "listen.smpp"),
+    ({"listen": {"smtp": "1.2.3.4:1"}}, "listen.smtp"),
+    ({"smpp": {"window": "64"}}, "smpp.window"),
+    ({"carriers": [{"name": "a", "bind": "sideways"}]}, r"carriers\[0\].bind"),
+    ({"carriers": [{"name": "a"}, {"name": "a"}]}, r"carriers\[1\].name"),
+    ({"delivery": {"guarantee": "maybe"}}, "delivery.guarantee"),
+    ({"colour": "blue"}, "colour"),
+])
+def test_errors_name_the_bad_key(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        parse_config(data, {})
+
+
+def test_daemon_refuses_bad_config_and_names_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[smpp]\nwindow = "lots"\n')
+    r = subprocess.run([sys.executable, "-m", "router.cli", "--config", str(bad), "run"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "smpp.window" in r.stderr
