@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 
 from .accounts import AccountStore, ensure_demo_account
-from .config import CarrierConfig, Config, RouteEntry, RoutesConfig, load_config
+from .config import CarrierConfig, Config, ConfigError, RouteEntry, RoutesConfig, load_config
 from .engine import Engine
 from .ingress.http import make_api
 from .ingress.smpp import SmppFrontDoor
@@ -130,11 +130,26 @@ class Router:
                       "rows": self.spool.size if self.spool else 0, "healthy": spool_ok},
         }
 
-    async def reload(self) -> None:
-        """SIGHUP: accounts and keys again from the database; binds stay up."""
+    async def reload(self, config_path: str | None = None) -> bool:
+        """SIGHUP: routes and carriers from the config file, accounts and keys
+        from the database; customer binds stay up. A config that does not
+        check out is refused whole and the running one stays."""
+        if config_path:
+            try:
+                new = load_config(config_path)
+            except ConfigError as exc:
+                log.error("reload_refused", error=str(exc))
+                return False
+            new.database_url = self.cfg.database_url
+            new.demo = self.cfg.demo
+            if self.engine is not None:
+                changes = self.engine.reconfigure(new)
+                log.info("carriers_reloaded", **changes)
+            self.cfg = new
         if self.pool is not None:
             await self.accounts.load(self.pool)
         log.info("reloaded", accounts=len(self.accounts.by_id))
+        return True
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Drain: refuse new work, unbind customers, finish carrier windows, flush the log."""
@@ -156,7 +171,7 @@ class Router:
             await self.pool.close()
 
 
-async def _serve(cfg: Config, *, demo: bool, data_dir: Path) -> int:
+async def _serve(cfg: Config, *, demo: bool, data_dir: Path, config_path: str | None = None) -> int:
     from .sim import CarrierSimulator, SimConfig
 
     stop = asyncio.Event()
@@ -182,7 +197,10 @@ async def _serve(cfg: Config, *, demo: bool, data_dir: Path) -> int:
                     sims.append(sim)
         router = Router(cfg)
         await router.start(migrate_schema=demo)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(router.reload()))
+        reload_path = config_path if not (demo and not config_path) else None
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(router.reload(reload_path))
+        )
         _banner(router, demo, embedded is not None)
         await stop.wait()
         log.info("draining")
@@ -222,6 +240,7 @@ def _banner(router: Router, demo: bool, embedded: bool) -> None:
 
 
 def run(config_path: str | None, *, demo: bool) -> int:
+    config_path = config_path or os.environ.get("ROUTER_CONFIG")
     cfg = load_config(config_path)
     try:
         import uvloop  # the faster loop, where available
@@ -230,7 +249,7 @@ def run(config_path: str | None, *, demo: bool) -> int:
     except ImportError:
         runner = asyncio.run
     data_dir = Path(os.environ.get("ROUTER_DATA_DIR", ".pgdata"))
-    return int(runner(_serve(cfg, demo=demo, data_dir=data_dir)))
+    return int(runner(_serve(cfg, demo=demo, data_dir=data_dir, config_path=config_path)))
 
 
 async def migrate_only(config_path: str | None) -> int:

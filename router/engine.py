@@ -282,6 +282,50 @@ class Engine:
         if len(self.recent) > self.recent_limit:
             self.recent.popitem(last=False)
 
+    # ---------------------------------------------------------- reload
+
+    def reconfigure(self, cfg: Config) -> dict[str, list[str]]:
+        """Apply a new config's routes and carriers without touching customer
+        binds: new carriers start, removed ones hand their queue to the
+        routes' remaining carriers and stop, changed limits apply at once.
+        Connection settings of an existing carrier (host, port, credentials)
+        take effect at its next reconnect."""
+        changes: dict[str, list[str]] = {"added": [], "removed": [], "updated": []}
+        new = {c.name: c for c in cfg.carriers}
+        for name, ccfg in new.items():
+            carrier = self.carriers.get(name)
+            if carrier is None:
+                carrier = Carrier(ccfg, self, clock=self.clock, wall=self.wall, rng=self.rng)
+                self.carriers[name] = carrier
+                carrier.start()
+                changes["added"].append(name)
+            elif ccfg != carrier.cfg:
+                if ccfg.tps != carrier.cfg.tps:
+                    carrier.bucket.set_rate(ccfg.tps)
+                carrier.cfg = ccfg
+                metrics.CARRIER_QUEUE_CAPACITY.labels(carrier=name).set(ccfg.queue_size)
+                changes["updated"].append(name)
+        self.cfg = cfg
+        self.table = RouteTable.from_config(cfg.routes)
+        for name in [n for n in self.carriers if n not in new]:
+            gone = self.carriers.pop(name)
+            changes["removed"].append(name)
+            subs = gone.drain()
+            for sub in subs:
+                msg = sub.delivery.message
+                try:
+                    names = self.route(msg.destination, msg.country)
+                except Rejected:
+                    names = list(self.carriers)[:1]
+                target = self.carriers[names[0]] if names else None
+                if target is None:
+                    self.on_submit_failed(sub, name, SmppStatus.ESME_RSUBMITFAIL, "carrier removed")
+                else:
+                    sub.delivery.carrier = target.name
+                    target.enqueue([sub], force=True)
+            asyncio.get_running_loop().create_task(gone.stop(timeout=5.0))
+        return changes
+
     # ---------------------------------------------------------- health
 
     def _health_tick(self) -> None:

@@ -11,72 +11,23 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import asyncpg
 
 from router.accounts import create_account
 from router.sim import CarrierSimulator, SimConfig
 from router.smpp.constants import Status
 from tests.esme import connect
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.routerproc import carrier_toml, free_ports, listen_toml, start_router, stop_router
 
 
 def write_config(path: Path, ports: dict[str, int], sim_port: int, tps: float) -> None:
-    path.write_text(f"""
-[listen]
-smpp = "127.0.0.1:{ports['smpp']}"
-http = "127.0.0.1:{ports['http']}"
-ops = "127.0.0.1:{ports['ops']}"
-
-[delivery]
-guarantee = "at-least-once"
-
-[[carriers]]
-name = "sim"
-port = {sim_port}
-tps = {tps}
-window = 32
-reconnect_min = 0.1
-reconnect_max = 0.5
-
-[routes]
-default = ["sim"]
-""")
-
-
-async def start_router(cfg: Path, db_url: str, ops_port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, ROUTER_DATABASE_URL=db_url)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "router.cli", "--config", str(cfg), "run"],
-        env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"router exited early: {log.read_text()[-2000:]}")
-            try:
-                async with http.get(f"http://127.0.0.1:{ops_port}/readyz") as r:
-                    if r.status == 200:
-                        return proc
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    proc.kill()
-    raise AssertionError("router did not become ready")
+    path.write_text(listen_toml(ports) + '[delivery]\nguarantee = "at-least-once"\n'
+                    + carrier_toml("sim", sim_port, tps=float(tps), window=32)
+                    + '[routes]\ndefault = ["sim"]\n')
 
 
 async def test_kill_9_under_load_loses_no_acknowledged_message(
@@ -85,7 +36,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_message(
     await create_account(db, "acme", system_id="acme", password="acme-pw1")
     sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.2, latency=0.01))
     sim_port = await sim.start()
-    ports = {k: free_port() for k in ("smpp", "http", "ops")}
+    ports = free_ports()
     cfg = tmp_path / "router.toml"
     # The carrier is slower than the submitter, so a backlog is queued in
     # the router (and in its spool) when it dies.
@@ -140,11 +91,5 @@ async def test_kill_9_under_load_loses_no_acknowledged_message(
             await asyncio.sleep(0.1)
         assert await db.fetchval("SELECT count(*) FROM spool") == 0
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_router(proc)
         await sim.stop()
