@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
+import asyncpg
 import structlog
 
 from .carriers import Carrier, Submission
-from .carriers.receipt import CarrierReceipt
+from .carriers.receipt import CarrierReceipt, alternate_forms, normalise_carrier_id
 from .config import Config
-from .model import Delivery, Message, Origin, Status
+from .model import Delivery, Message, MessageClass, Origin, Status
 from .observe import metrics
 from .routing import CountryLookup, NoRoute, RouteTable
 from .smpp.constants import MessageState, Status as SmppStatus, status_name
@@ -86,6 +88,7 @@ class Engine:
         self.sinks: dict[Origin, ReceiptSink] = {}
         self.accepting = True
         self._tick: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -217,6 +220,8 @@ class Engine:
         if carrier_id:
             d.carrier_ids.append(carrier_id)
         metrics.SUBMITTED.labels(carrier).inc()
+        if carrier_id:
+            self.spool.remember_route(carrier, carrier_id, d.message, sub.part)
         d.parts_taken += 1
         if d.parts_taken == d.message.parts and d.spooled:
             d.spooled = False
@@ -243,6 +248,7 @@ class Engine:
         state = receipt.state
         if state in (MessageState.ENROUTE, MessageState.ACCEPTED):
             return
+        self.spool.forget_route(carrier, receipt.carrier_id)
         if state is MessageState.DELIVERED:
             d.parts_done += 1
         else:
@@ -256,6 +262,52 @@ class Engine:
             self._finish(d, Status.EXPIRED, d.error, carrier)
         else:
             self._finish(d, Status.FAILED, d.error, carrier)
+
+    def on_unknown_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
+        if isinstance(self.spool, PgSpool):
+            task = asyncio.get_running_loop().create_task(self._recover_receipt(carrier, receipt))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _recover_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
+        """A receipt for a message sent before a restart: rebuild what its
+        origin needs from receipt_routes and finish it like any other."""
+        assert isinstance(self.spool, PgSpool)
+        forms = [normalise_carrier_id(receipt.carrier_id), *alternate_forms(receipt.carrier_id)]
+        try:
+            row = await self.spool.find_route(carrier, forms)
+            if row is None:
+                return  # still parked: its submit_sm_resp may yet come
+            d = self.active.get(row["message_id"])
+            if d is None:
+                remaining = await self.spool.remaining_parts(row["message_id"])
+                d = self._rebuild_delivery(row, carrier, remaining)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("receipt_recovery_failed", carrier=carrier, error=type(exc).__name__)
+            return
+        if carrier in self.carriers:
+            self.carriers[carrier].correlator.unpark(receipt.carrier_id)
+        self.on_receipt(Submission(d, row["part"]), carrier, receipt)
+
+    def _rebuild_delivery(self, row: Any, carrier: str, remaining: int) -> Delivery:
+        info = json.loads(row["info"]) if row["info"] else {}
+        accepted = row["accepted_at"].timestamp()
+        msg = Message(
+            id=row["message_id"], account_id=row["account_id"], account=row["account"],
+            origin=Origin(row["origin"]), msg_class=MessageClass(row["class"]),
+            source=info.get("source", ""), source_ton=info.get("source_ton", 0),
+            source_npi=info.get("source_npi", 0), destination=info.get("destination", ""),
+            country=row["country"], data_coding=0, esm_class=0,
+            segments=(b"",) * row["parts"], text=None,
+            registered_delivery=row["registered_delivery"], accepted_at=accepted,
+            expires_at=accepted + 7 * 86400, userref=info.get("userref"),
+            callback_url=info.get("callback_url"),
+        )
+        d = Delivery(msg, status=Status.SUBMITTED, carrier=carrier, updated_at=accepted,
+                     parts_done=row["parts"] - remaining, parts_taken=row["parts"],
+                     spooled=False)
+        self.active[msg.id] = d
+        return d
 
     def _finish(self, d: Delivery, status: Status, error: str | None, carrier: str) -> None:
         if d.status.final:

@@ -93,3 +93,51 @@ async def test_kill_9_under_load_loses_no_acknowledged_message(
     finally:
         stop_router(proc)
         await sim.stop()
+
+
+async def test_receipt_after_restart_still_reaches_the_submitter(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    await create_account(db, "acme", system_id="acme", password="acme-pw1")
+    # Receipts come 2 s after the submit: the router dies in between.
+    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=2.0, id_format="decimal"))
+    sim_port = await sim.start()
+    ports = free_ports()
+    cfg = tmp_path / "router.toml"
+    write_config(cfg, ports, sim_port, tps=100)
+    log = tmp_path / "router.log"
+    proc = await start_router(cfg, database_url, ports["ops"], log)
+    try:
+        esme, _ = await connect(ports["smpp"])
+        ids = []
+        for i in range(5):
+            r = await esme.submit("+4512345678", f"late-receipt-{i}")
+            assert r.status == 0
+            ids.append(r.message_id)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while sim.received_count() < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 5
+        while (await db.fetchval("SELECT count(*) FROM receipt_routes") < 5
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        esme.close()
+
+        proc = await start_router(cfg, database_url, ports["ops"], log)
+        esme, _ = await connect(ports["smpp"])
+        deadline = time.monotonic() + 20
+        while len(esme.receipts) < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert set(esme.receipts) == set(ids)
+        for pdu in esme.receipts.values():
+            assert b"stat:DELIVRD" in pdu.short_message
+        esme.close()
+        deadline = time.monotonic() + 5
+        while await db.fetchval("SELECT count(*) FROM receipt_routes") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await db.fetchval("SELECT count(*) FROM receipt_routes") == 0
+    finally:
+        stop_router(proc)
+        await sim.stop()

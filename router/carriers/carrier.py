@@ -61,6 +61,8 @@ class CarrierEvents(Protocol):
 
     def on_receipt(self, sub: Submission, carrier: str, receipt: CarrierReceipt) -> None: ...
 
+    def on_unknown_receipt(self, carrier: str, receipt: CarrierReceipt) -> None: ...
+
 
 class CarrierSession(SmppProtocol):
     """An ESME session to the carrier; receipts arrive here as deliver_sm."""
@@ -383,7 +385,10 @@ class Carrier:
             return
         sub = self.correlator.lookup(receipt.carrier_id)
         if sub is None:
+            # Either its submit_sm_resp is still on the way (parked, matched
+            # when it comes) or it belongs to a message from before a restart.
             self.correlator.park(receipt, self.clock())
+            self.events.on_unknown_receipt(self.name, receipt)
             return
         self._receipt(sub, receipt)
 

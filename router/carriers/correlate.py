@@ -57,6 +57,9 @@ class Correlator(Generic[T]):
                 if self._ids.pop(alt, None) is not None:
                     break
 
+    def unpark(self, carrier_id: str) -> None:
+        self._early.pop(normalise_carrier_id(carrier_id), None)
+
     def park(self, receipt: CarrierReceipt, now: float) -> None:
         """Keep a receipt whose id is not known yet."""
         self._expire_early(now)

@@ -29,12 +29,15 @@ import asyncpg
 import structlog
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ..carriers.receipt import normalise_carrier_id
 from ..model import Message, MessageClass, Origin
 from ..observe import metrics
 
 log = structlog.get_logger("router.spool")
 
 DurableCallback = Callable[[bool], None]
+ROUTE_COLUMNS = ("carrier", "carrier_id", "message_id", "part", "parts", "account_id", "account",
+                 "origin", "class", "country", "registered_delivery", "accepted_at", "info")
 _UTC = dt.timezone.utc
 
 
@@ -97,6 +100,12 @@ class MemorySpool:
     def taken(self, message_id: str) -> None:
         pass
 
+    def remember_route(self, carrier: str, carrier_id: str, msg: Message, part: int) -> None:
+        pass
+
+    def forget_route(self, carrier: str, carrier_id: str) -> None:
+        pass
+
     @property
     def size(self) -> int:
         return 0
@@ -132,6 +141,8 @@ class PgSpool:
         self.write_deadline = write_deadline
         self._adds: list[tuple[tuple[Any, ...], DurableCallback]] = []
         self._deletes: list[str] = []
+        self._routes: list[tuple[Any, ...]] = []
+        self._route_deletes: list[tuple[str, str]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -168,6 +179,32 @@ class PgSpool:
     def taken(self, message_id: str) -> None:
         self._deletes.append(message_id)
 
+    def remember_route(self, carrier: str, carrier_id: str, msg: Message, part: int) -> None:
+        """Persist carrier id -> message for receipts that come after a restart."""
+        info = None if msg.secret else json.dumps({
+            "source": msg.source, "source_ton": msg.source_ton, "source_npi": msg.source_npi,
+            "destination": msg.destination, "userref": msg.userref,
+            "callback_url": msg.callback_url,
+        })
+        self._routes.append((
+            carrier, normalise_carrier_id(carrier_id), msg.id, part, msg.parts, msg.account_id,
+            msg.account, msg.origin.value, msg.msg_class.value, msg.country,
+            msg.registered_delivery, dt.datetime.fromtimestamp(msg.accepted_at, _UTC), info,
+        ))
+
+    def forget_route(self, carrier: str, carrier_id: str) -> None:
+        self._route_deletes.append((carrier, normalise_carrier_id(carrier_id)))
+
+    async def find_route(self, carrier: str, carrier_ids: list[str]) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(
+            "SELECT * FROM receipt_routes WHERE carrier = $1 AND carrier_id = ANY($2::text[])"
+            " LIMIT 1", carrier, carrier_ids,
+        )
+
+    async def remaining_parts(self, message_id: str) -> int:
+        return int(await self.pool.fetchval(
+            "SELECT count(*) FROM receipt_routes WHERE message_id = $1", message_id))
+
     # --------------------------------------------------------------- writer
 
     def start(self) -> None:
@@ -198,12 +235,14 @@ class PgSpool:
                 except TimeoutError:
                     pass
             self._wake.clear()
-            if not self._adds and not self._deletes:
+            if not (self._adds or self._deletes or self._routes or self._route_deletes):
                 if self._closing:
                     return
                 continue
             adds = self._adds[: self.batch]
             deletes = self._deletes[: self.batch * 4]
+            routes = self._routes[: self.batch * 4]
+            route_deletes = self._route_deletes[: self.batch * 4]
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
                     if adds:
@@ -214,6 +253,22 @@ class PgSpool:
                         )
                     if deletes:
                         await conn.execute("DELETE FROM spool WHERE id = ANY($1::text[])", deletes)
+                    if routes:
+                        # A carrier may reuse an id after a long time: the newest wins.
+                        await conn.execute(
+                            "DELETE FROM receipt_routes WHERE (carrier, carrier_id) IN"
+                            " (SELECT * FROM unnest($1::text[], $2::text[]))",
+                            [r[0] for r in routes], [r[1] for r in routes],
+                        )
+                        await conn.copy_records_to_table(
+                            "receipt_routes", records=routes, columns=ROUTE_COLUMNS
+                        )
+                    if route_deletes:
+                        await conn.execute(
+                            "DELETE FROM receipt_routes WHERE (carrier, carrier_id) IN"
+                            " (SELECT * FROM unnest($1::text[], $2::text[]))",
+                            [c for c, _ in route_deletes], [i for _, i in route_deletes],
+                        )
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 self.healthy = False
                 now = loop.time()
@@ -234,6 +289,8 @@ class PgSpool:
             self.healthy = True
             del self._adds[: len(adds)]
             del self._deletes[: len(deletes)]
+            del self._routes[: len(routes)]
+            del self._route_deletes[: len(route_deletes)]
             self.rows += len(adds) - len(deletes)
             self.rows = max(self.rows, 0)
             metrics.SPOOL_ROWS.set(self.rows)
