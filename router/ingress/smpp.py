@@ -143,6 +143,11 @@ class CustomerBind(SmppProtocol):
         if event.answer.status == Smpp.ESME_RTHROTTLED:
             metrics.THROTTLE_SENT.labels("smpp", "window").inc()
 
+    def on_internal_error(self, pdu: Pdu, exc: Exception) -> None:
+        # Type only: an exception message may quote a field of the PDU.
+        log.error("internal_error", command=pdu.name, error=type(exc).__name__)
+        metrics.REJECTED.labels("smpp", self.account.name if self.account else "", "internal").inc()
+
     def on_idle(self) -> None:
         log.info("bind_idle_closed", account=self.account.name if self.account else None)
         self.close()

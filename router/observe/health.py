@@ -44,6 +44,9 @@ async def _lag_probe(app: web.Application) -> Any:
             await asyncio.sleep(0.5)
             lag[0] = max(0.0, time.monotonic() - start - 0.5)
             metrics.LOOP_LAG.set(lag[0])
+            metrics.LOOP_LAG_HIST.observe(lag[0])
+            # Keep smsrouter_ready current even when nobody polls /readyz.
+            metrics.READY.set(1 if app[READY_CHECK]()[0] else 0)
 
     task = asyncio.create_task(probe())
     yield

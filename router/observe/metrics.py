@@ -137,3 +137,8 @@ FAILOVERS = Counter(
     "Queued messages moved off a carrier that stayed down.",
     ["carrier"],
 )
+LOOP_LAG_HIST = Histogram(
+    "smsrouter_event_loop_lag_seconds_hist",
+    "Event-loop scheduling lag, sampled every 0.5 s.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)

@@ -116,6 +116,9 @@ class SmppProtocol(asyncio.Protocol):
                     self.on_request(event.pdu)
                 except SmppError as exc:
                     self.answer(event.pdu, exc.status)
+                except Exception as exc:  # a bug must cost one PDU, not the session
+                    self.on_internal_error(event.pdu, exc)
+                    self.answer(event.pdu, Status.ESME_RSYSERR)
         elif isinstance(event, Response):
             waiter = self._waiters.pop(event.request.sequence, None)
             if isinstance(waiter, asyncio.Future):
@@ -261,6 +264,9 @@ class SmppProtocol(asyncio.Protocol):
         pass
 
     def on_unbind(self) -> None:
+        pass
+
+    def on_internal_error(self, pdu: Pdu, exc: Exception) -> None:
         pass
 
     def on_idle(self) -> None:
