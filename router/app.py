@@ -94,6 +94,7 @@ class Router:
                         consequence="accepted messages are lost if the process dies")
             self.spool = MemorySpool()
         self.engine = Engine(cfg, self.traffic_log, spool=self.spool)
+        self.engine.set_account_rates({a.id: a.tps for a in self.accounts.by_id.values()})
         replay = await self.spool.load()
         self.spool.start()
         self.engine.start()
@@ -148,6 +149,8 @@ class Router:
             self.cfg = new
         if self.pool is not None:
             await self.accounts.load(self.pool)
+        if self.engine is not None:
+            self.engine.set_account_rates({a.id: a.tps for a in self.accounts.by_id.values()})
         log.info("reloaded", accounts=len(self.accounts.by_id))
         return True
 

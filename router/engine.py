@@ -21,6 +21,7 @@ import asyncpg
 import structlog
 
 from .carriers import Carrier, Submission
+from .carriers.ratelimit import TokenBucket
 from .carriers.receipt import CarrierReceipt, alternate_forms, normalise_carrier_id
 from .config import Config
 from .model import Delivery, Message, MessageClass, Origin, Status
@@ -89,6 +90,7 @@ class Engine:
         self.accepting = True
         self._tick: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.account_limits: dict[int, TokenBucket] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -117,6 +119,10 @@ class Engine:
         if not self.accepting:
             raise Rejected("draining", "router is shutting down; retry on another node",
                            SmppStatus.ESME_RTHROTTLED, 503, retry_after=5)
+        limit = self.account_limits.get(msg.account_id)
+        if limit is not None and limit.take(self.clock()) > 0:
+            raise Rejected("account_rate", "the account's messages-per-second limit is reached",
+                           SmppStatus.ESME_RTHROTTLED, 429, retry_after=1)
         names = self.route(msg.destination, msg.country)
         chosen: Carrier | None = None
         fallback: Carrier | None = None
@@ -335,6 +341,18 @@ class Engine:
             self.recent.popitem(last=False)
 
     # ---------------------------------------------------------- reload
+
+    def set_account_rates(self, rates: dict[int, float | None]) -> None:
+        """Per-account messages/s limits (None = unlimited); kept across reloads."""
+        now = self.clock()
+        for account_id, tps in rates.items():
+            bucket = self.account_limits.get(account_id)
+            if tps is None or tps <= 0:
+                self.account_limits.pop(account_id, None)
+            elif bucket is None:
+                self.account_limits[account_id] = TokenBucket(tps, now)
+            elif bucket.max_rate != tps:
+                bucket.set_rate(tps)
 
     def reconfigure(self, cfg: Config) -> dict[str, list[str]]:
         """Apply a new config's routes and carriers without touching customer

@@ -172,3 +172,18 @@ async def test_throttled_carrier_gets_everything_without_head_of_line_blocking(
         await _wait(lambda: len(esme.receipts) == n, timeout=30)
     finally:
         esme.close()
+
+
+async def test_account_rate_limit_answers_throttled(stack_factory: Any, db: Any) -> None:
+    stack = await stack_factory()
+    # The limit is set after start: a reload (SIGHUP in production) applies it.
+    await db.execute("UPDATE accounts SET tps = 5 WHERE name = 'acme'")
+    await stack.router.reload()
+    esme, _ = await connect(stack.smpp_port)
+    try:
+        acks = await asyncio.gather(*(esme.submit("+14155552671", f"r{i}") for i in range(20)))
+        statuses = Counter(a.status for a in acks)
+        assert 0 < statuses[0] < 20
+        assert statuses[0x58] == 20 - statuses[0]  # ESME_RTHROTTLED for the excess
+    finally:
+        esme.close()
