@@ -66,6 +66,7 @@ class RoutesConfig:
     countries: dict[str, list[RouteEntry]] = field(default_factory=dict)
     prefixes: dict[str, list[RouteEntry]] = field(default_factory=dict)
     blocked: list[str] = field(default_factory=list)  # ISO country codes or "+prefix"
+    accounts: dict[str, RoutesConfig] = field(default_factory=dict)  # per-account overrides
 
 
 @dataclass(slots=True)
@@ -148,6 +149,28 @@ def _route_list(value: Any, key: str, carriers: set[str]) -> list[RouteEntry]:
             raise ConfigError(f"{key}[{i}].carrier: unknown carrier {entry.carrier!r}")
         out.append(entry)
     return out
+
+
+def _routes(routes_t: dict[str, Any], p: str, names: set[str]) -> RoutesConfig:
+    r = RoutesConfig()
+    if "default" in routes_t:
+        r.default = _route_list(routes_t.pop("default"), f"{p}.default", names)
+    for cc, v in dict(routes_t.pop("countries", {})).items():
+        if len(cc) != 2 or not cc.isalpha():
+            raise ConfigError(f"{p}.countries.{cc}: expected an ISO 3166 alpha-2 code")
+        r.countries[cc.upper()] = _route_list(v, f"{p}.countries.{cc}", names)
+    for prefix, v in dict(routes_t.pop("prefixes", {})).items():
+        digits = prefix.lstrip("+")
+        if not digits.isdigit():
+            raise ConfigError(f"{p}.prefixes.{prefix}: expected digits")
+        r.prefixes[digits] = _route_list(v, f"{p}.prefixes.{prefix}", names)
+    blocked = routes_t.pop("blocked", [])
+    if not isinstance(blocked, list) or not all(isinstance(b, str) for b in blocked):
+        raise ConfigError(f"{p}.blocked: expected a list of country codes or +prefixes")
+    r.blocked = blocked
+    if routes_t:
+        raise ConfigError(f"{p}.{sorted(routes_t)[0]}: unknown key")
+    return r
 
 
 def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
@@ -245,26 +268,15 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
             raise ConfigError(f"{p}port: out of range")
         cfg.carriers.append(c)
 
-    routes_t = data.pop("routes", {})
-    r = RoutesConfig()
-    if "default" in routes_t:
-        r.default = _route_list(routes_t.pop("default"), "routes.default", names)
-    for cc, v in dict(routes_t.pop("countries", {})).items():
-        if len(cc) != 2 or not cc.isalpha():
-            raise ConfigError(f"routes.countries.{cc}: expected an ISO 3166 alpha-2 code")
-        r.countries[cc.upper()] = _route_list(v, f"routes.countries.{cc}", names)
-    for prefix, v in dict(routes_t.pop("prefixes", {})).items():
-        digits = prefix.lstrip("+")
-        if not digits.isdigit():
-            raise ConfigError(f"routes.prefixes.{prefix}: expected digits")
-        r.prefixes[digits] = _route_list(v, f"routes.prefixes.{prefix}", names)
-    blocked = routes_t.pop("blocked", [])
-    if not isinstance(blocked, list) or not all(isinstance(b, str) for b in blocked):
-        raise ConfigError("routes.blocked: expected a list of country codes or +prefixes")
-    r.blocked = blocked
-    if routes_t:
-        raise ConfigError(f"routes.{sorted(routes_t)[0]}: unknown key")
-    cfg.routes = r
+    routes_t = dict(data.pop("routes", {}))
+    accounts_t = routes_t.pop("accounts", {})
+    cfg.routes = _routes(routes_t, "routes", names)
+    if not isinstance(accounts_t, dict):
+        raise ConfigError("routes.accounts: expected a table of account names")
+    for account, sub in accounts_t.items():
+        if not isinstance(sub, dict):
+            raise ConfigError(f"routes.accounts.{account}: expected a table")
+        cfg.routes.accounts[account] = _routes(dict(sub), f"routes.accounts.{account}", names)
 
     if data:
         raise ConfigError(f"{sorted(data)[0]}: unknown key")

@@ -108,9 +108,9 @@ class Engine:
 
     # ------------------------------------------------------------- accept
 
-    def route(self, destination: str, country: str) -> list[str]:
+    def route(self, destination: str, country: str, account: str | None = None) -> list[str]:
         try:
-            return self.table.resolve(destination, country, self.rng).carriers
+            return self.table.resolve(destination, country, self.rng, account).carriers
         except NoRoute as exc:
             raise Rejected("no_route", str(exc), SmppStatus.ESME_RINVDSTADR, 422) from None
 
@@ -123,7 +123,7 @@ class Engine:
         if limit is not None and limit.take(self.clock()) > 0:
             raise Rejected("account_rate", "the account's messages-per-second limit is reached",
                            SmppStatus.ESME_RTHROTTLED, 429, retry_after=1)
-        names = self.route(msg.destination, msg.country)
+        names = self.route(msg.destination, msg.country, msg.account)
         chosen: Carrier | None = None
         fallback: Carrier | None = None
         for name in names:
@@ -206,7 +206,7 @@ class Engine:
             if msg.id in self.active:
                 continue
             try:
-                names = self.route(msg.destination, msg.country)
+                names = self.route(msg.destination, msg.country, msg.account)
             except Rejected:
                 names = list(self.carriers)[:1]
             carrier = next((self.carriers[c] for c in names if self.carriers[c].up),
@@ -384,7 +384,7 @@ class Engine:
             for sub in subs:
                 msg = sub.delivery.message
                 try:
-                    names = self.route(msg.destination, msg.country)
+                    names = self.route(msg.destination, msg.country, msg.account)
                 except Rejected:
                     names = list(self.carriers)[:1]
                 target = self.carriers[names[0]] if names else None
@@ -421,7 +421,7 @@ class Engine:
             for group in by_message.values():
                 msg = group[0].delivery.message
                 try:
-                    names = self.route(msg.destination, msg.country)
+                    names = self.route(msg.destination, msg.country, msg.account)
                 except Rejected:
                     names = []
                 target = next(

@@ -187,3 +187,27 @@ async def test_account_rate_limit_answers_throttled(stack_factory: Any, db: Any)
         assert statuses[0x58] == 20 - statuses[0]  # ESME_RTHROTTLED for the excess
     finally:
         esme.close()
+
+
+def test_account_overrides_come_first_and_fall_back_to_global() -> None:
+    cfg = parse_config({
+        "carriers": [{"name": "a"}, {"name": "b"}, {"name": "c"}],
+        "routes": {
+            "default": ["a"], "countries": {"DK": ["a"]},
+            "accounts": {"bank": {"countries": {"DK": ["b"]}, "blocked": ["+4599"]},
+                         "shop": {"default": ["c"]}},
+        },
+    }, {})
+    t = RouteTable.from_config(cfg.routes)
+    rng = random.Random(0)
+    assert t.resolve("4512345678", "DK", rng, "bank").carriers == ["b"]
+    assert t.resolve("4512345678", "DK", rng, "bank").rule == "account bank: country DK"
+    assert t.resolve("14155552671", "US", rng, "bank").carriers == ["a"]  # global default
+    assert t.resolve("4512345678", "DK", rng, "shop").carriers == ["c"]  # its own default
+    assert t.resolve("4512345678", "DK", rng, "other").carriers == ["a"]
+    with pytest.raises(NoRoute):
+        t.resolve("4599123456", "DK", rng, "bank")
+    assert t.resolve("4599123456", "DK", rng, "shop").carriers == ["c"]
+    with pytest.raises(ConfigError, match=r"routes.accounts.bank.countries.DK\[0\].carrier"):
+        parse_config({"carriers": [{"name": "a"}],
+                      "routes": {"accounts": {"bank": {"countries": {"DK": ["zz"]}}}}}, {})

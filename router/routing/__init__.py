@@ -82,6 +82,7 @@ class RouteTable:
     prefixes: dict[str, list[RouteEntry]] = field(default_factory=dict)
     blocked_countries: frozenset[str] = frozenset()
     blocked_prefixes: tuple[str, ...] = ()
+    accounts: dict[str, RouteTable] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: RoutesConfig) -> RouteTable:
@@ -91,9 +92,26 @@ class RouteTable:
             prefixes=dict(cfg.prefixes),
             blocked_countries=frozenset(b.upper() for b in cfg.blocked if not b.startswith("+")),
             blocked_prefixes=tuple(b[1:] for b in cfg.blocked if b.startswith("+")),
+            accounts={name: cls.from_config(sub) for name, sub in cfg.accounts.items()},
         )
 
-    def resolve(self, digits: str, country: str, rng: random.Random) -> RouteDecision:
+    def resolve(self, digits: str, country: str, rng: random.Random,
+                account: str | None = None) -> RouteDecision:
+        """Carriers for a number. An account's own table is asked first (its
+        blocks apply too); where it has no rule, the global table decides."""
+        own = self.accounts.get(account) if account else None
+        if own is not None:
+            try:
+                decision = own._resolve(digits, country, rng)
+            except NoRoute as exc:
+                if exc.reason.startswith("blocked"):
+                    raise
+            else:
+                decision.rule = f"account {account}: {decision.rule}"
+                return decision
+        return self._resolve(digits, country, rng)
+
+    def _resolve(self, digits: str, country: str, rng: random.Random) -> RouteDecision:
         for p in self.blocked_prefixes:
             if digits.startswith(p):
                 raise NoRoute(f"blocked prefix +{p}")
