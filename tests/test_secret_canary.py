@@ -1,0 +1,121 @@
+"""The secret canary (privacy.md 2): secret messages with unique markers go
+through the router the hard way (throttling and retries, a carrier that
+rejects, receipts, a restart with messages still in the spool), and then
+nothing that outlives delivery may contain a marker or a destination:
+every table of the database (every row as text), the PostgreSQL data
+directory files (WAL included), the router's log output, and /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+from router.accounts import create_account
+from router.sim import CarrierSimulator, SimConfig
+from tests.esme import connect
+from tests.routerproc import carrier_toml, free_ports, listen_toml, start_router, stop_router
+
+SECRET_TLV = {0x1400: b"\x01"}
+
+
+async def all_table_text(db: asyncpg.Pool) -> str:
+    tables = await db.fetch(
+        "SELECT schemaname, relname FROM pg_stat_user_tables ORDER BY 1, 2")
+    chunks = []
+    for t in tables:
+        rows = await db.fetch(f'SELECT x::text AS t FROM "{t["schemaname"]}"."{t["relname"]}" x')
+        chunks.extend(r["t"] for r in rows)
+    return "\n".join(chunks)
+
+
+def grep_dir(path: Path, needles: list[bytes]) -> list[str]:
+    r = subprocess.run(["grep", "-rlaF", *sum((["-e", n.decode()] for n in needles), []), str(path)],
+                       capture_output=True, timeout=120)
+    return r.stdout.decode().split()
+
+
+async def test_secret_messages_leave_no_trace(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    await create_account(db, "acme", system_id="acme", password="acme-pw1")
+    run = secrets.token_hex(4)
+    markers = [f"CANARY{run}{i:02d}" for i in range(12)]
+    # 8 random digits per number: long enough never to match by chance
+    # (timestamps in the table text have 6-digit fractions).
+    numbers = [f"45{secrets.randbelow(10**8):08d}" for _ in range(12)]
+    # A throttling carrier for most, a rejecting one for DE numbers.
+    flaky = CarrierSimulator(SimConfig(port=0, name="flaky", throttle_ratio=0.3, seed=3,
+                                       dlr_delay=0.3))
+    rejecting = CarrierSimulator(SimConfig(port=0, name="rejecting", reject_ratio=1.0))
+    pf, pr = await flaky.start(), await rejecting.start()
+    ports = free_ports()
+    cfg = tmp_path / "router.toml"
+    cfg.write_text(listen_toml(ports) + carrier_toml("flaky", pf, tps=20.0)
+                   + carrier_toml("rejecting", pr)
+                   + '[routes]\ndefault = ["flaky"]\n[routes.countries]\nDE = ["rejecting"]\n')
+    log = tmp_path / "router.log"
+    os.environ["ROUTER_SPOOL_KEY"] = secrets.token_hex(32)
+    proc = await start_router(cfg, database_url, ports["ops"], log)
+    try:
+        esme, _ = await connect(ports["smpp"])
+        acked = []
+        for i, (marker, number) in enumerate(zip(markers, numbers, strict=True)):
+            dest = f"+4930{number[2:]}" if i % 4 == 0 else f"+{number}"
+            r = await esme.submit(dest, f"{marker} one-time code", source_addr=f"S{run}",
+                                  tlvs=dict(SECRET_TLV))
+            assert r.status == 0
+            acked.append(r.message_id)  # type: ignore[attr-defined]
+        # Restart while the slow carrier still has some of them queued.
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        esme.close()
+        proc = await start_router(cfg, database_url, ports["ops"], log)
+        esme, _ = await connect(ports["smpp"])
+        # The rejecting carrier refuses the DE ones (it keeps no record of
+        # them); every other one must reach the throttling carrier.
+        want = {m for i, m in enumerate(markers) if i % 4}
+        got = lambda: {m.payload.decode().split()[0] for m in flaky.received}  # noqa: E731
+        deadline = time.monotonic() + 60
+        while not (want <= got() and rejecting.stats.rejected >= 3) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert want <= got(), "not every secret message reached its carrier"
+        assert rejecting.stats.rejected >= 3
+        # Receipts (delivered and failed) still flow for secret messages.
+        deadline = time.monotonic() + 20
+        while len(esme.receipts) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert esme.receipts
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{ports['ops']}/metrics") as r:
+                metrics_body = await r.text()
+        esme.close()
+    finally:
+        assert stop_router(proc) == 0
+        os.environ.pop("ROUTER_SPOOL_KEY", None)
+        await flaky.stop()
+        await rejecting.stop()
+
+    needles = markers + numbers + [n[2:] for n in numbers] + [f"S{run}"]
+    tables = await all_table_text(db)
+    assert acked[0] in tables  # the search does see the rows (id is allowed)
+    found = [n for n in needles if n in tables]
+    assert not found, f"secret data in the database: {found}"
+    logs = log.read_text()
+    assert "sms-router is running" in logs
+    assert not [n for n in needles if n in logs], "secret data in the application log"
+    assert not [n for n in needles if n in metrics_body], "secret data in /metrics"
+    await db.execute("CHECKPOINT")
+    data_dir = Path(await db.fetchval("SHOW data_directory"))
+    assert data_dir.is_dir(), "the test database's data directory is not on this machine"
+    hits = grep_dir(data_dir, [m.encode() for m in markers] + [n[2:].encode() for n in numbers])
+    assert not hits, f"secret data in PostgreSQL files: {hits}"
