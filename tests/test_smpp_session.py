@@ -137,7 +137,9 @@ def _feed_chunks(chunks: list[bytes]) -> list[object]:
     events: list[object] = []
     for i, chunk in enumerate(chunks):
         events += s.receive_data(chunk, float(i))
-    assert s.state is State.BOUND_TRX
+    # The stream ends with an unbind: from it on, the session is unbinding
+    # (requests in flight are still answered, new ones refused).
+    assert s.state is State.UNBINDING
     return events
 
 

@@ -89,6 +89,7 @@ class AccountStore:
         self.by_system_id: dict[str, Account] = {}
         self.keys_by_prefix: dict[str, list[ApiKey]] = {}
         self._verified: dict[bytes, int] = {}
+        self._verifying: dict[bytes, asyncio.Future[bool]] = {}
 
     async def load(self, pool: asyncpg.Pool) -> None:
         rows = await pool.fetch("SELECT * FROM accounts")
@@ -133,7 +134,14 @@ class AccountStore:
         fp = self._fingerprint(stored_hash, secret)
         if fp in self._verified:
             return True
-        ok = await asyncio.to_thread(_safe_verify, stored_hash, secret)
+        # Binds with the same credentials arriving together (a customer's
+        # pool reconnecting after a restart) share one argon2 run.
+        running = self._verifying.get(fp)
+        if running is None:
+            running = asyncio.ensure_future(asyncio.to_thread(_safe_verify, stored_hash, secret))
+            self._verifying[fp] = running
+            running.add_done_callback(lambda _f: self._verifying.pop(fp, None))
+        ok = await asyncio.shield(running)
         if ok:
             if len(self._verified) > 100_000:
                 self._verified.clear()

@@ -39,7 +39,7 @@ from ..smpp.errors import SmppError
 from ..smpp.pdu import DataSm, DeliverSm, Pdu, QuerySm, SubmitSm, _Bind
 from ..smpp.session import Reject, Role, SmppSession
 from ..smpp.transport import SmppProtocol
-from ..text.segment import Encoded, decode_payload, split
+from ..text.segment import Encoded, decode_payload, parse_udh, split
 from .validate import InvalidField, check_destination, check_sender, parse_smpp_time
 
 log = structlog.get_logger("router.ingress.smpp")
@@ -310,16 +310,28 @@ class SmppFrontDoor:
             msg_class = MessageClass.SECRET if cls_raw == 1 else MessageClass.STANDARD
         dc = pdu.data_coding
         esm = pdu.esm_class & ESM_UDHI
-        if esm or len(payload) <= 140 or Tag.MESSAGE_PAYLOAD not in pdu.tlvs:
-            if len(payload) > 254:
-                raise SmppError("message too long for one segment", Smpp.ESME_RINVMSGLEN)
+        coding = _CODING_UNITS.get(dc, "binary")
+        if esm:
+            # The customer split it: one segment, which must be a valid UDH
+            # plus a body that fits one SMS.
+            try:
+                _, body = parse_udh(payload)
+            except ValueError:
+                raise SmppError("malformed UDH", Smpp.ESME_RINVESMCLASS) from None
+            udh_len = len(payload) - len(body)
+            if coding == "gsm7":
+                fits = (udh_len * 8 + 6) // 7 + len(body) <= 160
+            else:
+                fits = len(payload) <= 140
+            if not fits:
+                raise SmppError("segment longer than one SMS", Smpp.ESME_RINVMSGLEN)
             segments: tuple[bytes, ...] = (payload,)
-            body = payload
-            if esm:
-                body = payload[1 + payload[0]:] if payload[0] < len(payload) else b""
         else:
-            coding = _CODING_UNITS.get(dc, "binary")
-            units = len(payload) if coding != "ucs2" else len(payload) // 2
+            # Whatever does not fit one SMS (short_message up to 254 octets or
+            # message_payload) is split here into UDH segments.
+            if coding == "ucs2" and len(payload) % 2:
+                raise SmppError("UCS2 text has an odd number of octets", Smpp.ESME_RINVMSGLEN)
+            units = len(payload) // 2 if coding == "ucs2" else len(payload)
             enc = Encoded(coding=coding, data_coding=dc, payload=payload, units=units)
             try:
                 segments = tuple(split(enc, ref=self.engine.rng.randrange(256)))

@@ -264,9 +264,15 @@ class SmppSession:
     def _on_request(self, pdu: Pdu) -> Event:
         cid = pdu.command_id
         seq = pdu.sequence
-        if cid == CommandId.ENQUIRE_LINK or cid == CommandId.UNBIND:
-            # Always answerable; unbind is honoured in any bound state.
+        if cid == CommandId.ENQUIRE_LINK:
             self.peer_pending.add(seq)
+            return Request(pdu)
+        if cid == CommandId.UNBIND:
+            # Honoured in any state; from now on new requests are refused
+            # (RINVBNDSTS) while the ones in flight are answered.
+            self.peer_pending.add(seq)
+            if self.bound:
+                self.state = State.UNBINDING
             return Request(pdu)
         if cid in _BIND_IDS:
             if self.role is not Role.SMSC:

@@ -53,6 +53,8 @@ class SmppProtocol(asyncio.Protocol):
         self._writing_paused = False
         self.closed: asyncio.Future[None] | None = None
         self._window_waiters: list[asyncio.Future[None]] = []
+        self._unbind_seq: int | None = None
+        self._unbind_deadline = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -108,9 +110,13 @@ class SmppProtocol(asyncio.Protocol):
             if cid == CommandId.ENQUIRE_LINK:
                 self.send(EnquireLinkResp(sequence=event.pdu.sequence))
             elif cid == CommandId.UNBIND:
-                self.send(UnbindResp(sequence=event.pdu.sequence))
+                # Answer what is still in flight first (a submit already taken
+                # must get its submit_sm_resp, or the client resends it); new
+                # requests get ESME_RINVBNDSTS from the session meanwhile.
+                self._unbind_seq = event.pdu.sequence
+                self._unbind_deadline = self.clock() + self.session.response_timeout
                 self.on_unbind()
-                self.close()
+                self._maybe_finish_unbind()
             else:
                 try:
                     self.on_request(event.pdu)
@@ -131,9 +137,12 @@ class SmppProtocol(asyncio.Protocol):
             self._wake_window_waiters()
         elif isinstance(event, Reject):
             self.on_reject(event)
-            self.send(event.answer)
             if event.close:
+                # The session is already closed: write the generic_nack as is.
+                self._write(event.answer.encode())
                 self.close()
+            else:
+                self.send(event.answer)
         elif isinstance(event, Timeout):
             waiter = self._waiters.pop(event.request.sequence, None)
             if isinstance(waiter, asyncio.Future):
@@ -153,6 +162,9 @@ class SmppProtocol(asyncio.Protocol):
 
     def _on_tick(self) -> None:
         if self.transport is None or self.transport.is_closing():
+            return
+        if self._unbind_seq is not None and self.clock() >= self._unbind_deadline:
+            self._maybe_finish_unbind(force=True)
             return
         try:
             for event in self.session.poll(self.clock()):
@@ -183,6 +195,18 @@ class SmppProtocol(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         self._write(self.session.send(pdu, self.clock()))
+        if self._unbind_seq is not None and pdu.is_response:
+            self._maybe_finish_unbind()
+
+    def _maybe_finish_unbind(self, force: bool = False) -> None:
+        seq = self._unbind_seq
+        if seq is None:
+            return
+        if force or self.session.peer_pending <= {seq}:
+            self._unbind_seq = None
+            if self.transport is not None and not self.transport.is_closing():
+                self._write(self.session.send(UnbindResp(sequence=seq), self.clock()))
+            self.close()
 
     def answer(self, request: Pdu, status: int = Status.ESME_ROK, **fields: Any) -> None:
         from .pdu import response_for
