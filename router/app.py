@@ -19,9 +19,11 @@ from aiohttp import web
 
 from .accounts import AccountStore, ensure_demo_account
 from .config import CarrierConfig, Config, ConfigError, RouteEntry, RoutesConfig, load_config
+from .dlr.webhooks import WebhookSender
 from .engine import Engine
 from .ingress.http import make_api
 from .ingress.smpp import SmppFrontDoor
+from .model import Origin
 from .observe.health import make_ops
 from .store.db import create_pool, migrate
 from .store.spool import MemorySpool, PgSpool, load_key
@@ -60,6 +62,7 @@ class Router:
     traffic_log: TrafficLog | None = None
     engine: Engine | None = None
     spool: MemorySpool | PgSpool | None = None
+    webhooks: WebhookSender | None = None
     smpp: SmppFrontDoor | None = None
     runners: list[web.AppRunner] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
@@ -95,6 +98,10 @@ class Router:
             self.spool = MemorySpool()
         self.engine = Engine(cfg, self.traffic_log, spool=self.spool)
         self.engine.set_account_rates({a.id: a.tps for a in self.accounts.by_id.values()})
+        # Demo mode is all on loopback, so its webhooks may target it too.
+        self.webhooks = WebhookSender(self.accounts, allow_private_targets=cfg.demo)
+        self.engine.sinks[Origin.HTTP] = self.webhooks
+        self.webhooks.start()
         replay = await self.spool.load()
         self.spool.start()
         self.engine.start()
@@ -103,7 +110,7 @@ class Router:
         self.smpp = SmppFrontDoor(cfg, self.engine, self.accounts)
         self.ports["smpp"] = await self.smpp.start()
         for name, app, (host, port) in (
-            ("http", make_api(cfg, self.engine, self.accounts), cfg.http_listen),
+            ("http", make_api(cfg, self.engine, self.accounts, pool=self.pool), cfg.http_listen),
             ("ops", make_ops(self.ready), cfg.ops_listen),
         ):
             runner = web.AppRunner(app, access_log=None)
@@ -166,6 +173,8 @@ class Router:
         self.runners.clear()
         if self.engine is not None:
             await self.engine.stop(timeout=min(5.0, timeout))
+        if self.webhooks is not None:
+            await self.webhooks.stop(grace=min(3.0, timeout))
         if self.spool is not None:
             await self.spool.close(timeout=min(5.0, timeout))
         if self.traffic_log is not None:

@@ -56,8 +56,8 @@ class ReceiptSink(Protocol):
 
 def _redact(msg: Message) -> Message:
     """What may stay in memory of a secret message once its fate is final."""
-    return dataclasses.replace(msg, source="", destination="", segments=(), text=None,
-                               userref=None, tlvs=())
+    return dataclasses.replace(msg, source="", destination="", text=None, userref=None,
+                               segments=(b"",) * len(msg.segments), tlvs=())
 
 
 class Engine:
