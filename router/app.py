@@ -21,11 +21,15 @@ from .accounts import AccountStore, ensure_demo_account
 from .config import CarrierConfig, Config, ConfigError, RouteEntry, RoutesConfig, load_config
 from .dlr.webhooks import WebhookSender
 from .engine import Engine
+from .ingress.admin import add_admin_routes
 from .ingress.http import make_api
 from .ingress.smpp import SmppFrontDoor
 from .model import Origin
 from .observe.health import make_ops
+from .store.audit import load_audit_key
 from .store.db import create_pool, migrate
+from .store.optout import ACCOUNTS_CHANNEL, OptOutList
+from .store.retention import RetentionTask
 from .store.spool import MemorySpool, PgSpool, load_key
 from .store.trafficlog import TrafficLog
 
@@ -64,6 +68,8 @@ class Router:
     spool: MemorySpool | PgSpool | None = None
     webhooks: WebhookSender | None = None
     smpp: SmppFrontDoor | None = None
+    optout: OptOutList | None = None
+    retention: RetentionTask | None = None
     runners: list[web.AppRunner] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
     draining: bool = False
@@ -79,6 +85,12 @@ class Router:
         if cfg.demo:
             await ensure_demo_account(self.pool)
         await self.accounts.load(self.pool)
+        audit_key = load_audit_key(demo=cfg.demo)
+        self.optout = OptOutList(audit_key)
+        await self.optout.load(self.pool)
+        self.optout.start(self.pool, also={ACCOUNTS_CHANNEL: self._reload_accounts})
+        self.retention = RetentionTask(self.pool)
+        self.retention.start()
         self.traffic_log = TrafficLog(
             self.pool if cfg.traffic_log else None,
             limit=cfg.log_buffer, flush_rows=cfg.log_flush_rows,
@@ -96,7 +108,7 @@ class Router:
             log.warning("delivery_guarantee_in_memory",
                         consequence="accepted messages are lost if the process dies")
             self.spool = MemorySpool()
-        self.engine = Engine(cfg, self.traffic_log, spool=self.spool)
+        self.engine = Engine(cfg, self.traffic_log, spool=self.spool, optout=self.optout)
         self.engine.set_account_rates({a.id: a.tps for a in self.accounts.by_id.values()})
         # Demo mode is all on loopback, so its webhooks may target it too.
         self.webhooks = WebhookSender(self.accounts, allow_private_targets=cfg.demo)
@@ -109,8 +121,10 @@ class Router:
             log.info("spool_replayed", messages=self.engine.resume(replay))
         self.smpp = SmppFrontDoor(cfg, self.engine, self.accounts)
         self.ports["smpp"] = await self.smpp.start()
+        api = make_api(cfg, self.engine, self.accounts, pool=self.pool)
+        add_admin_routes(api, lambda: self.pool, self.accounts, self.optout, audit_key)
         for name, app, (host, port) in (
-            ("http", make_api(cfg, self.engine, self.accounts, pool=self.pool), cfg.http_listen),
+            ("http", api, cfg.http_listen),
             ("ops", make_ops(self.ready), cfg.ops_listen),
         ):
             runner = web.AppRunner(app, access_log=None)
@@ -137,6 +151,10 @@ class Router:
             "spool": {"durable": bool(self.spool and self.spool.durable),
                       "rows": self.spool.size if self.spool else 0, "healthy": spool_ok},
         }
+
+    async def _reload_accounts(self) -> None:
+        if self.pool is not None:
+            await self.accounts.load(self.pool)
 
     async def reload(self, config_path: str | None = None) -> bool:
         """SIGHUP: routes and carriers from the config file, accounts and keys
@@ -179,6 +197,10 @@ class Router:
             await self.spool.close(timeout=min(5.0, timeout))
         if self.traffic_log is not None:
             await self.traffic_log.close(timeout=min(5.0, timeout))
+        if self.retention is not None:
+            await self.retention.stop()
+        if self.optout is not None:
+            await self.optout.stop()
         if self.pool is not None:
             await self.pool.close()
 

@@ -28,6 +28,7 @@ from .model import Delivery, Message, MessageClass, Origin, Status
 from .observe import metrics
 from .routing import CountryLookup, NoRoute, RouteTable
 from .smpp.constants import MessageState, Status as SmppStatus, status_name
+from .store.optout import OptOutList
 from .store.spool import MemorySpool, PgSpool
 from .store.trafficlog import TrafficLog
 
@@ -71,10 +72,12 @@ class Engine:
         rng: random.Random | None = None,
         recent_limit: int = 200_000,
         spool: MemorySpool | PgSpool | None = None,
+        optout: OptOutList | None = None,
     ) -> None:
         self.cfg = cfg
         self.traffic_log = traffic_log
         self.spool = spool or MemorySpool()
+        self.optout = optout
         self.clock = clock
         self.wall = wall
         self.rng = rng or random.Random()
@@ -119,6 +122,9 @@ class Engine:
         if not self.accepting:
             raise Rejected("draining", "router is shutting down; retry on another node",
                            SmppStatus.ESME_RTHROTTLED, 503, retry_after=5)
+        if self.optout is not None and self.optout.contains(msg.account_id, msg.destination):
+            raise Rejected("opted_out", "the recipient opted out of this account's messages",
+                           SmppStatus.ESME_ROPTEDOUT, 422)
         limit = self.account_limits.get(msg.account_id)
         if limit is not None and limit.take(self.clock()) > 0:
             raise Rejected("account_rate", "the account's messages-per-second limit is reached",

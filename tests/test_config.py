@@ -53,3 +53,16 @@ def test_daemon_refuses_bad_config_and_names_the_key(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "smpp.window" in r.stderr
+
+
+def test_routes_check_cli_explains_the_choice() -> None:
+    def check(*args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "router.cli", "--config",
+                            str(ROOT / "config" / "example.toml"), "routes", "check", *args],
+                           capture_output=True, text=True, timeout=30)
+        return r.stdout
+
+    assert "rule prefix +4520; carriers in order: world-carrier" in check("+4520123456")
+    assert "country DE" in check("+4930123456")
+    assert "account bank: country DK" in check("+4512345678", "--account", "bank")
+    assert "no route (blocked country KP)" in check("+850212345678")

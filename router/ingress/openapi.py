@@ -68,6 +68,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "internal-error": (500, "Internal error"),
     "draining": (503, "Router is shutting down; retry later or elsewhere"),
     "idempotency-unavailable": (503, "Idempotency store unavailable; retry later"),
+    "database-unavailable": (503, "Database unavailable; retry later"),
     "not-durable": (503, "The message could not be stored; retry"),
 }
 
