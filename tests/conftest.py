@@ -119,8 +119,8 @@ async def stack_factory(db: asyncpg.Pool, database_url: str) -> AsyncIterator[An
                                           reconnect_max=0.5, response_timeout=5.0))
         cfg = Config(
             smpp_listen=("127.0.0.1", 0), http_listen=("127.0.0.1", 0), ops_listen=("127.0.0.1", 0),
-            database_url=database_url, carriers=carriers, demo=demo,
-            log_flush_interval=0.05, **cfg_kw,
+            carriers=carriers, demo=demo, **{"database_url": database_url,
+                                              "log_flush_interval": 0.05, **cfg_kw},
         )
         names = list(sims)
         cfg.routes = routes or RoutesConfig(
