@@ -1,0 +1,42 @@
+"""``python -m benchmarks run [SCENARIO ...] [--quick] [--duration S] [--rate R]``.
+
+See benchmarks/README.md; ``python -m benchmarks run --help`` lists the options.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: python -m benchmarks run [SCENARIO ...] [--quick] [--duration S] [--rate R]
+       python -m benchmarks list
+
+commands:
+  run    start simulators, router and load generator as subprocesses, measure, stop
+  list   the scenarios
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "run":
+        from .runner import main as run_main
+
+        return run_main(rest)
+    if command == "list":
+        from .runner import FULL, QUICK, SCENARIOS
+
+        for sc in SCENARIOS.values():
+            print(f"{sc.name:<12} {sc.summary}")
+        print(f"\nfull: {FULL.warmup:g} s warm-up + {FULL.duration:g} s measured per scenario;"
+              f" --quick: {QUICK.duration:g} s, no warm-up")
+        return 0
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
