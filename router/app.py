@@ -217,6 +217,7 @@ async def _serve(cfg: Config, *, demo: bool, data_dir: Path, config_path: str | 
     router: Router | None = None
     try:
         if demo:
+            cfg.demo = True  # the demo account, even with carriers from a config file
             if cfg.database_url is None:
                 from .store.embedded import EmbeddedPostgres
 

@@ -168,8 +168,8 @@ class Engine:
                 return
             delivery = self._enqueue(msg, carrier)
             self.traffic_log.record_message(msg, carrier.name)
-            metrics.ACCEPTED.labels(msg.origin.value, msg.account, msg.country or "ZZ").inc()
-            metrics.PARTS_ACCEPTED.labels(msg.origin.value, msg.account).inc(msg.parts)
+            metrics.child(metrics.ACCEPTED, msg.origin.value, msg.account, msg.country or "ZZ").inc()
+            metrics.child(metrics.PARTS_ACCEPTED, msg.origin.value, msg.account).inc(msg.parts)
             done(delivery)
 
         self.spool.add(msg, durable)
@@ -231,7 +231,7 @@ class Engine:
         d.carrier = carrier
         if carrier_id:
             d.carrier_ids.append(carrier_id)
-        metrics.SUBMITTED.labels(carrier).inc()
+        metrics.child(metrics.SUBMITTED, carrier).inc()
         if carrier_id:
             self.spool.remember_route(carrier, carrier_id, d.message, sub.part)
         d.parts_taken += 1
@@ -253,7 +253,7 @@ class Engine:
         self._finish(sub.delivery, Status.EXPIRED, "validity_period_passed", carrier)
 
     def on_receipt(self, sub: Submission, carrier: str, receipt: CarrierReceipt) -> None:
-        metrics.RECEIPTS_IN.labels(carrier, receipt.state.name.lower()).inc()
+        metrics.child(metrics.RECEIPTS_IN, carrier, receipt.state.name.lower()).inc()
         d = sub.delivery
         if d.status.final:
             return  # late or duplicate receipt: a final state is never overwritten
@@ -333,8 +333,8 @@ class Engine:
         if d.spooled:
             d.spooled = False
             self.spool.taken(msg.id)
-        metrics.FINAL.labels(carrier, status.value).inc()
-        metrics.DELIVERY_LATENCY.labels(carrier).observe(max(0.0, now - msg.accepted_at))
+        metrics.child(metrics.FINAL, carrier, status.value).inc()
+        metrics.child(metrics.DELIVERY_LATENCY, carrier).observe(max(0.0, now - msg.accepted_at))
         self.traffic_log.record_event(msg, status.value, carrier, error, now)
         sink = self.sinks.get(msg.origin)
         if sink is not None:

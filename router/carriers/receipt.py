@@ -34,6 +34,9 @@ class CarrierReceipt:
     error: str  # carrier's err code as text ("000" when none)
 
 
+_STATES = frozenset(int(s) for s in MessageState)
+
+
 def is_receipt(pdu: DeliverSm) -> bool:
     return (pdu.esm_class & 0x3C) in (ESM_TYPE_RECEIPT, 0x08, 0x10, 0x20)
 
@@ -42,6 +45,14 @@ def parse_receipt(pdu: DeliverSm) -> CarrierReceipt | None:
     """The receipt carried by a deliver_sm, TLVs preferred over text; None if none."""
     fields: dict[str, str] = {}
     text = pdu.payload
+    tlv_id = pdu.tlv_str(Tag.RECEIPTED_MESSAGE_ID)
+    tlv_state = pdu.tlv_int(Tag.MESSAGE_STATE)
+    if tlv_id and tlv_state in _STATES and text:
+        # The common case: the TLVs say it all; only err comes from the text.
+        at = text.find(b"err:")
+        if at >= 0:
+            err = text[at + 4 : at + 20].split(b" ", 1)[0].decode("latin-1")
+            return CarrierReceipt(tlv_id, MessageState(tlv_state), err or "000")
     if text:
         for m in _FIELD.finditer(text):
             key = m.group(1).decode("latin-1").lower()

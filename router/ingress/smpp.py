@@ -417,9 +417,9 @@ class SmppFrontDoor:
                 if b.is_open and b.session.can_send:
                     self._rr[account_id] = (start + i + 1) % n
                     pr.tries += 1
-                    pdu = DeliverSm(**{f: getattr(pr.pdu, f) for f in _DELIVER_FIELDS})
-                    pdu.tlvs = dict(pr.pdu.tlvs)
-                    b.send_request(pdu, lambda resp, req, pr=pr: self._receipt_done(account_id, pr, resp))
+                    pr.pdu.sequence = 0  # a resend gets the new bind's next sequence
+                    b.send_request(pr.pdu,
+                                   lambda resp, req, pr=pr: self._receipt_done(account_id, pr, resp))
                     return
         q = self.pending.setdefault(account_id, deque())
         if len(q) >= self.cfg.smpp.receipt_buffer:
@@ -430,7 +430,7 @@ class SmppFrontDoor:
 
     def _receipt_done(self, account_id: int, pr: PendingReceipt, resp: Pdu | None) -> None:
         if resp is not None and resp.status == Smpp.ESME_ROK:
-            metrics.RECEIPTS_OUT.labels("smpp", "ok").inc()
+            metrics.child(metrics.RECEIPTS_OUT, "smpp", "ok").inc()
             self._flush_pending(account_id)
             return
         if resp is not None and pr.tries >= 3:
@@ -467,8 +467,3 @@ class SmppFrontDoor:
                 metrics.RECEIPTS_OUT.labels("smpp", "expired").inc()
         self._sweeper = asyncio.get_running_loop().call_later(5, self._sweep)
 
-
-_DELIVER_FIELDS = (
-    "source_addr_ton", "source_addr_npi", "source_addr", "dest_addr_ton", "dest_addr_npi",
-    "destination_addr", "esm_class", "short_message",
-)
