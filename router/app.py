@@ -36,17 +36,31 @@ from .store.trafficlog import TrafficLog
 log = structlog.get_logger("router.app")
 
 DEMO_SIM_PORTS = (2776, 2777)
-EUROPE = ("AT BE BG CH CY CZ DE DK EE ES FI FR GB GR HR HU IE IS IT LI LT LU LV MT NL NO "
-          "PL PT RO SE SI SK").split()
+EUROPE = (
+    "AT BE BG CH CY CZ DE DK EE ES FI FR GB GR HR HU IE IS IT LI LT LU LV MT NL NO "
+    "PL PT RO SE SI SK"
+).split()
 
 
 def demo_config(base: Config, sim_ports: tuple[int, int] = DEMO_SIM_PORTS) -> Config:
     """Two simulated carriers: one for Europe, one for the rest of the world."""
     base.carriers = [
-        CarrierConfig(name="sim-eu", port=sim_ports[0], system_id="router", password="sim",
-                      tps=5000.0, window=256),
-        CarrierConfig(name="sim-world", port=sim_ports[1], system_id="router", password="sim",
-                      tps=5000.0, window=256),
+        CarrierConfig(
+            name="sim-eu",
+            port=sim_ports[0],
+            system_id="router",
+            password="sim",
+            tps=5000.0,
+            window=256,
+        ),
+        CarrierConfig(
+            name="sim-world",
+            port=sim_ports[1],
+            system_id="router",
+            password="sim",
+            tps=5000.0,
+            window=256,
+        ),
     ]
     base.routes = RoutesConfig(
         default=[RouteEntry("sim-world")],
@@ -93,20 +107,29 @@ class Router:
         self.retention.start()
         self.traffic_log = TrafficLog(
             self.pool if cfg.traffic_log else None,
-            limit=cfg.log_buffer, flush_rows=cfg.log_flush_rows,
+            limit=cfg.log_buffer,
+            flush_rows=cfg.log_flush_rows,
             flush_interval=cfg.log_flush_interval,
         )
         self.traffic_log.start()
         if cfg.delivery_guarantee == "at-least-once":
             key = load_key(os.environ.get("ROUTER_SPOOL_KEY"))
             if key is None:
-                log.warning("spool_key_missing",
-                            consequence="secret messages are held in memory only (at-most-once)")
-            self.spool = PgSpool(self.pool, key=key, max_rows=cfg.spool_max_rows,
-                                 flush_interval=cfg.spool_flush_interval)
+                log.warning(
+                    "spool_key_missing",
+                    consequence="secret messages are held in memory only (at-most-once)",
+                )
+            self.spool = PgSpool(
+                self.pool,
+                key=key,
+                max_rows=cfg.spool_max_rows,
+                flush_interval=cfg.spool_flush_interval,
+            )
         else:
-            log.warning("delivery_guarantee_in_memory",
-                        consequence="accepted messages are lost if the process dies")
+            log.warning(
+                "delivery_guarantee_in_memory",
+                consequence="accepted messages are lost if the process dies",
+            )
             self.spool = MemorySpool()
         self.engine = Engine(cfg, self.traffic_log, spool=self.spool, optout=self.optout)
         self.engine.set_account_rates({a.id: a.tps for a in self.accounts.by_id.values()})
@@ -147,9 +170,15 @@ class Router:
         return ok, {
             "draining": self.draining,
             "carriers": carriers,
-            "traffic_log": {"healthy": self.traffic_log.healthy, "buffered": self.traffic_log.depth},
-            "spool": {"durable": bool(self.spool and self.spool.durable),
-                      "rows": self.spool.size if self.spool else 0, "healthy": spool_ok},
+            "traffic_log": {
+                "healthy": self.traffic_log.healthy,
+                "buffered": self.traffic_log.depth,
+            },
+            "spool": {
+                "durable": bool(self.spool and self.spool.durable),
+                "rows": self.spool.size if self.spool else 0,
+                "healthy": spool_ok,
+            },
         }
 
     async def _reload_accounts(self) -> None:
@@ -226,8 +255,15 @@ async def _serve(cfg: Config, *, demo: bool, data_dir: Path, config_path: str | 
             if not cfg.carriers:
                 cfg = demo_config(cfg)
                 for c in cfg.carriers:
-                    sim = CarrierSimulator(SimConfig(port=c.port, name=c.name, system_id=c.system_id,
-                                                     password=c.password, dlr_delay=0.5))
+                    sim = CarrierSimulator(
+                        SimConfig(
+                            port=c.port,
+                            name=c.name,
+                            system_id=c.system_id,
+                            password=c.password,
+                            dlr_delay=0.5,
+                        )
+                    )
                     await sim.start()
                     sims.append(sim)
         router = Router(cfg)
@@ -265,10 +301,11 @@ def _banner(router: Router, demo: bool, embedded: bool) -> None:
             + (", embedded PostgreSQL" if embedded else ""),
             "  SMPP bind:   system_id=demo  password=demo-pass",
             "  HTTP:        Authorization: Bearer demo-key",
-            "  carriers:    " + ", ".join(f"{c.name} -> 127.0.0.1:{c.port} (simulator)"
-                                          for c in cfg.carriers),
-            "  try:  curl -s -H 'Authorization: Bearer demo-key' -H 'Content-Type: application/json' \\",
-            f"         -d '{{\"to\":\"+4512345678\",\"from\":\"Demo\",\"text\":\"Hello\"}}' "
+            "  carriers:    "
+            + ", ".join(f"{c.name} -> 127.0.0.1:{c.port} (simulator)" for c in cfg.carriers),
+            "  try:  curl -s -H 'Authorization: Bearer demo-key' "
+            "-H 'Content-Type: application/json' \\",
+            f'         -d \'{{"to":"+4512345678","from":"Demo","text":"Hello"}}\' '
             f"http://{cfg.http_listen[0]}:{router.ports['http']}/v1/messages",
         ]
     print("\n".join(lines), file=sys.stdout, flush=True)

@@ -31,9 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML config file (or env ROUTER_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run the daemon")
-    p_run.add_argument("--demo", action="store_true",
-                       help="embedded PostgreSQL if ROUTER_DATABASE_URL is unset, simulated "
-                            "carriers, a demo account (not for production)")
+    p_run.add_argument(
+        "--demo",
+        action="store_true",
+        help="embedded PostgreSQL if ROUTER_DATABASE_URL is unset, simulated "
+        "carriers, a demo account (not for production)",
+    )
     sub.add_parser("sim", help="run carrier SMSC simulators", add_help=False)
     sub.add_parser("migrate", help="apply database migrations")
     p_routes = sub.add_parser("routes", help="inspect routing")
@@ -90,17 +93,23 @@ def _routes_check(config_path: str | None, number: str, account: str | None = No
     except NoRoute as exc:
         print(f"country {country or 'unknown'}: no route ({exc.reason})")
         return 1
-    print(f"country {country or 'unknown'}: rule {decision.rule}; carriers in order: "
-          + ", ".join(decision.carriers))
+    print(
+        f"country {country or 'unknown'}: rule {decision.rule}; carriers in order: "
+        + ", ".join(decision.carriers)
+    )
     return 0
 
 
 # ------------------------------------------------------------------ admin
 
+
 def _add_password_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--password-stdin", action="store_true",
-                   help="read the SMPP password from the first line of stdin (preferred)")
+    g.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the SMPP password from the first line of stdin (preferred)",
+    )
     g.add_argument("--password", help="the SMPP password (visible in ps and shell history)")
 
 
@@ -111,8 +120,13 @@ def _add_admin_parsers(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--system-id", help="SMPP system_id (default: no SMPP access)")
     _add_password_args(p)
-    p.add_argument("--class", dest="default_class", choices=CLASSES, default="standard",
-                   help="default message class")
+    p.add_argument(
+        "--class",
+        dest="default_class",
+        choices=CLASSES,
+        default="standard",
+        help="default message class",
+    )
     p.add_argument("--max-binds", type=int, default=10)
     p = acc.add_parser("list", help="list accounts and key ids (never secrets)")
     p.add_argument("--json", action="store_true", help="JSON output")
@@ -121,8 +135,12 @@ def _add_admin_parsers(sub: Any) -> None:
     _add_password_args(p)
     p = acc.add_parser("add-key", help="make an HTTP API key; it is printed once")
     p.add_argument("name")
-    p.add_argument("--perm", action="append", choices=PERMISSIONS,
-                   help="a permission (repeatable; default: send)")
+    p.add_argument(
+        "--perm",
+        action="append",
+        choices=PERMISSIONS,
+        help="a permission (repeatable; default: send)",
+    )
     p = acc.add_parser("revoke-key", help="revoke an API key at once")
     p.add_argument("key_id", type=int)
     p = acc.add_parser("set-class-default", help="default message class of an account")
@@ -140,12 +158,17 @@ def _add_admin_parsers(sub: Any) -> None:
 
     p_dsr = sub.add_parser("dsr", help="data-subject requests for one account and number")
     dsr = p_dsr.add_subparsers(dest="dsr_command", required=True)
-    for name, text in (("export", "print the number's traffic-log rows"),
-                       ("erase", "anonymise the number's traffic-log rows now")):
+    for name, text in (
+        ("export", "print the number's traffic-log rows"),
+        ("erase", "anonymise the number's traffic-log rows now"),
+    ):
         p = dsr.add_parser(name, help=text)
         p.add_argument("--account", required=True, help="account name")
-        p.add_argument("--msisdn", required=True,
-                       help="the number; '-' reads it from stdin (keeps it out of ps)")
+        p.add_argument(
+            "--msisdn",
+            required=True,
+            help="the number; '-' reads it from stdin (keeps it out of ps)",
+        )
         if name == "export":
             p.add_argument("--format", choices=("json", "csv"), default="json")
             p.add_argument("--output", help="write to this file (mode 0600) instead of stdout")
@@ -203,8 +226,10 @@ def _admin(args: argparse.Namespace) -> int:
 
 def _password(args: argparse.Namespace, required: bool) -> str | None:
     if args.password is not None:
-        print("warning: --password is visible in ps and shell history; "
-              "prefer --password-stdin", file=sys.stderr)
+        print(
+            "warning: --password is visible in ps and shell history; prefer --password-stdin",
+            file=sys.stderr,
+        )
         pw: str | None = args.password
     elif args.password_stdin:
         pw = sys.stdin.readline().rstrip("\r\n")
@@ -222,8 +247,9 @@ def _password(args: argparse.Namespace, required: bool) -> str | None:
     if not pw:
         raise CliError("empty password", 2)
     if len(pw.encode()) > 8:
-        print("note: SMPP 3.4 allows 8 octets; some clients refuse longer passwords",
-              file=sys.stderr)
+        print(
+            "note: SMPP 3.4 allows 8 octets; some clients refuse longer passwords", file=sys.stderr
+        )
     return pw
 
 
@@ -248,16 +274,30 @@ async def _accounts_add(pool: Any, args: argparse.Namespace) -> int:
     if password is not None and not args.system_id:
         raise CliError("a password needs --system-id (it is the SMPP login)", 2)
     async with pool.acquire() as conn, conn.transaction():
-        account_id = await create_account(conn, args.name, system_id=args.system_id,
-                                          password=password, default_class=args.default_class,
-                                          max_binds=args.max_binds)
-        await audit(conn, cli_actor(), "account.create", account_id, name=args.name,
-                    system_id=args.system_id, default_class=args.default_class,
-                    max_binds=args.max_binds, smpp_password=password is not None)
+        account_id = await create_account(
+            conn,
+            args.name,
+            system_id=args.system_id,
+            password=password,
+            default_class=args.default_class,
+            max_binds=args.max_binds,
+        )
+        await audit(
+            conn,
+            cli_actor(),
+            "account.create",
+            account_id,
+            name=args.name,
+            system_id=args.system_id,
+            default_class=args.default_class,
+            max_binds=args.max_binds,
+            smpp_password=password is not None,
+        )
     print(f"account {args.name!r} created (id {account_id})")
     if args.system_id and password is None:
-        print("no SMPP password yet: binds are refused until `accounts set-password`",
-              file=sys.stderr)
+        print(
+            "no SMPP password yet: binds are refused until `accounts set-password`", file=sys.stderr
+        )
     _reload_hint()
     return 0
 
@@ -271,19 +311,24 @@ async def _accounts_list(pool: Any, args: argparse.Namespace) -> int:
         " FROM accounts a LEFT JOIN api_keys k ON k.account_id = a.id AND k.revoked_at IS NULL"
         " GROUP BY a.id ORDER BY a.name"
     )
-    out = [{**{k: r[k] for k in r.keys() if k != "keys"}, "keys": json.loads(r["keys"])}
-           for r in rows]
+    out = [
+        {**{k: r[k] for k in r.keys() if k != "keys"}, "keys": json.loads(r["keys"])} for r in rows
+    ]
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{'ID':>4}  {'NAME':<20} {'SYSTEM_ID':<16} {'CLASS':<8} {'BINDS':>5} "
-          f"{'RETAIN':>6} {'PURGE':>5}  KEYS (id:permissions)")
+    print(
+        f"{'ID':>4}  {'NAME':<20} {'SYSTEM_ID':<16} {'CLASS':<8} {'BINDS':>5} "
+        f"{'RETAIN':>6} {'PURGE':>5}  KEYS (id:permissions)"
+    )
     for a in out:
         keys = " ".join(f"{k['id']}:{','.join(k['permissions'])}" for k in a["keys"]) or "-"
         flag = "" if a["enabled"] else " (disabled)"
-        print(f"{a['id']:>4}  {a['name']:<20} {a['system_id'] or '-':<16} "
-              f"{a['default_class']:<8} {a['max_binds']:>5} {a['retention_days']:>6} "
-              f"{a['purge_days']:>5}  {keys}{flag}")
+        print(
+            f"{a['id']:>4}  {a['name']:<20} {a['system_id'] or '-':<16} "
+            f"{a['default_class']:<8} {a['max_binds']:>5} {a['retention_days']:>6} "
+            f"{a['purge_days']:>5}  {keys}{flag}"
+        )
     return 0
 
 
@@ -296,8 +341,9 @@ async def _accounts_set_password(pool: Any, args: argparse.Namespace) -> int:
     assert password is not None
     pw_hash = await asyncio.to_thread(hash_secret, password)
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("UPDATE accounts SET password_hash = $2 WHERE id = $1",
-                           account_id, pw_hash)
+        await conn.execute(
+            "UPDATE accounts SET password_hash = $2 WHERE id = $1", account_id, pw_hash
+        )
         await audit(conn, cli_actor(), "account.password_set", account_id)
     print(f"SMPP password of {args.name!r} set")
     _reload_hint()
@@ -312,10 +358,13 @@ async def _accounts_add_key(pool: Any, args: argparse.Namespace) -> int:
     perms = tuple(dict.fromkeys(args.perm or ["send"]))
     async with pool.acquire() as conn, conn.transaction():
         key_id, key = await add_api_key(conn, account_id, permissions=perms)
-        await audit(conn, cli_actor(), "api_key.create", account_id, key_id=key_id,
-                    permissions=list(perms))
-    print(f"API key {key_id} for {args.name!r} ({', '.join(perms)}); it is shown only now:",
-          file=sys.stderr)
+        await audit(
+            conn, cli_actor(), "api_key.create", account_id, key_id=key_id, permissions=list(perms)
+        )
+    print(
+        f"API key {key_id} for {args.name!r} ({', '.join(perms)}); it is shown only now:",
+        file=sys.stderr,
+    )
     print(key)
     _reload_hint()
     return 0
@@ -327,7 +376,9 @@ async def _accounts_revoke_key(pool: Any, args: argparse.Namespace) -> int:
     async with pool.acquire() as conn, conn.transaction():
         account_id = await conn.fetchval(
             "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL"
-            " RETURNING account_id", args.key_id)
+            " RETURNING account_id",
+            args.key_id,
+        )
         if account_id is None:
             raise CliError(f"no active API key with id {args.key_id}")
         await audit(conn, cli_actor(), "api_key.revoke", account_id, key_id=args.key_id)
@@ -341,10 +392,16 @@ async def _accounts_set_class(pool: Any, args: argparse.Namespace) -> int:
 
     account_id = await _account_id(pool, args.name)
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("UPDATE accounts SET default_class = $2 WHERE id = $1",
-                           account_id, args.message_class)
-        await audit(conn, cli_actor(), "account.default_class_set", account_id,
-                    default_class=args.message_class)
+        await conn.execute(
+            "UPDATE accounts SET default_class = $2 WHERE id = $1", account_id, args.message_class
+        )
+        await audit(
+            conn,
+            cli_actor(),
+            "account.default_class_set",
+            account_id,
+            default_class=args.message_class,
+        )
     print(f"default class of {args.name!r} is now {args.message_class}")
     _reload_hint()
     return 0
@@ -360,13 +417,24 @@ async def _accounts_set_retention(pool: Any, args: argparse.Namespace) -> int:
         row = await conn.fetchrow(
             "UPDATE accounts SET retention_days = $2, purge_days = coalesce($3, purge_days)"
             " WHERE id = $1 RETURNING retention_days, purge_days",
-            account_id, args.days, args.purge_days)
-        await audit(conn, cli_actor(), "account.retention_set", account_id,
-                    retention_days=row["retention_days"], purge_days=row["purge_days"])
+            account_id,
+            args.days,
+            args.purge_days,
+        )
+        await audit(
+            conn,
+            cli_actor(),
+            "account.retention_set",
+            account_id,
+            retention_days=row["retention_days"],
+            purge_days=row["purge_days"],
+        )
     if row["purge_days"] < row["retention_days"]:
         print("note: rows are deleted before they would be anonymised", file=sys.stderr)
-    print(f"{args.name!r}: anonymise after {row['retention_days']} days, "
-          f"delete after {row['purge_days']} days")
+    print(
+        f"{args.name!r}: anonymise after {row['retention_days']} days, "
+        f"delete after {row['purge_days']} days"
+    )
     return 0
 
 
@@ -397,8 +465,10 @@ async def _retention_run(pool: Any, args: argparse.Namespace) -> int:
     print(f"deleted messages:    {report.purged_messages}")
     print(f"deleted events:      {report.purged_events}")
     print(f"deleted audit rows:  {report.audit_deleted}")
-    print(f"dropped partitions:  {len(report.dropped_partitions)}"
-          + (f" ({', '.join(report.dropped_partitions)})" if report.dropped_partitions else ""))
+    print(
+        f"dropped partitions:  {len(report.dropped_partitions)}"
+        + (f" ({', '.join(report.dropped_partitions)})" if report.dropped_partitions else "")
+    )
     return 0
 
 
@@ -417,8 +487,9 @@ async def _dsr(pool: Any, args: argparse.Namespace) -> int:
             n = await dsr.erase(pool, account_id, msisdn, actor=cli_actor(), audit_key=key)
             print(f"anonymised {n} message(s)")
             return 0
-        result = await dsr.export(pool, account_id, msisdn, actor=cli_actor(), audit_key=key,
-                                  fmt=args.format)
+        result = await dsr.export(
+            pool, account_id, msisdn, actor=cli_actor(), audit_key=key, fmt=args.format
+        )
     except dsr.InvalidRequest as exc:
         raise CliError(str(exc), 2) from None
     text = result if isinstance(result, str) else json.dumps(result, indent=2) + "\n"

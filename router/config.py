@@ -108,8 +108,11 @@ class Config:
     demo: bool = False
 
 
-_BINDS = {"transmitter": BindType.TRANSMITTER, "receiver": BindType.RECEIVER,
-          "transceiver": BindType.TRANSCEIVER}
+_BINDS = {
+    "transmitter": BindType.TRANSMITTER,
+    "receiver": BindType.RECEIVER,
+    "transceiver": BindType.TRANSCEIVER,
+}
 
 
 def _take(table: dict[str, Any], key: str, prefix: str, typ: type, default: Any) -> Any:
@@ -201,15 +204,16 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
         raise ConfigError(f"database.{sorted(db)[0]}: unknown key")
 
     delivery_t = data.pop("delivery", {})
-    cfg.delivery_guarantee = _take(delivery_t, "guarantee", "delivery.", str, cfg.delivery_guarantee)
+    cfg.delivery_guarantee = _take(
+        delivery_t, "guarantee", "delivery.", str, cfg.delivery_guarantee
+    )
     if cfg.delivery_guarantee not in ("at-least-once", "in-memory"):
         raise ConfigError("delivery.guarantee: expected 'at-least-once' or 'in-memory'")
     cfg.spool_max_rows = _take(delivery_t, "spool_max_rows", "delivery.", int, cfg.spool_max_rows)
     cfg.spool_flush_interval = _take(
         delivery_t, "spool_flush_interval", "delivery.", float, cfg.spool_flush_interval
     )
-    cfg.failover_after = _take(delivery_t, "failover_after", "delivery.", float,
-                               cfg.failover_after)
+    cfg.failover_after = _take(delivery_t, "failover_after", "delivery.", float, cfg.failover_after)
     if delivery_t:
         raise ConfigError(f"delivery.{sorted(delivery_t)[0]}: unknown key")
 
@@ -219,14 +223,14 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
         raise ConfigError("logging.format: expected auto, json or console")
 
     smpp_t = data.pop("smpp", {})
-    for name in SmppIngressConfig.__slots__:  # type: ignore[attr-defined]
+    for name in SmppIngressConfig.__slots__:
         default = getattr(cfg.smpp, name)
         setattr(cfg.smpp, name, _take(smpp_t, name, "smpp.", type(default), default))
     if smpp_t:
         raise ConfigError(f"smpp.{sorted(smpp_t)[0]}: unknown key")
 
     http_t = data.pop("http", {})
-    for name in HttpConfig.__slots__:  # type: ignore[attr-defined]
+    for name in HttpConfig.__slots__:
         default = getattr(cfg.http, name)
         setattr(cfg.http, name, _take(http_t, name, "http.", type(default), default))
     if http_t:
@@ -250,9 +254,22 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
             raise ConfigError(f"{p}bind: expected transmitter, receiver or transceiver")
         c.bind = _BINDS[bind]
         env_pw = env.get(f"ROUTER_CARRIER_{name.upper().replace('-', '_')}_PASSWORD")
-        for fname in ("host", "port", "system_id", "password", "system_type", "sessions",
-                      "window", "tps", "queue_size", "response_timeout", "enquire_interval",
-                      "reconnect_min", "reconnect_max", "max_attempts"):
+        for fname in (
+            "host",
+            "port",
+            "system_id",
+            "password",
+            "system_type",
+            "sessions",
+            "window",
+            "tps",
+            "queue_size",
+            "response_timeout",
+            "enquire_interval",
+            "reconnect_min",
+            "reconnect_max",
+            "max_attempts",
+        ):
             default = getattr(c, fname)
             setattr(c, fname, _take(raw, fname, p, type(default), default))
         if env_pw:

@@ -27,7 +27,8 @@ from .config import Config
 from .model import Delivery, Message, MessageClass, Origin, Status
 from .observe import metrics
 from .routing import CountryLookup, NoRoute, RouteTable
-from .smpp.constants import MessageState, Status as SmppStatus, status_name
+from .smpp.constants import MessageState, status_name
+from .smpp.constants import Status as SmppStatus
 from .store.optout import OptOutList
 from .store.spool import MemorySpool, PgSpool
 from .store.trafficlog import TrafficLog
@@ -38,8 +39,14 @@ log = structlog.get_logger("router.engine")
 class Rejected(Exception):
     """A message the router will not take, with the answer for each front door."""
 
-    def __init__(self, reason: str, detail: str, smpp_status: int, http_status: int,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        detail: str,
+        smpp_status: int,
+        http_status: int,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(detail)
         self.reason = reason  # stable, also the metric label and problem type
         self.detail = detail  # human text; never contains personal data
@@ -57,8 +64,15 @@ class ReceiptSink(Protocol):
 
 def _redact(msg: Message) -> Message:
     """What may stay in memory of a secret message once its fate is final."""
-    return dataclasses.replace(msg, source="", destination="", text=None, userref=None,
-                               segments=(b"",) * len(msg.segments), tlvs=())
+    return dataclasses.replace(
+        msg,
+        source="",
+        destination="",
+        text=None,
+        userref=None,
+        segments=(b"",) * len(msg.segments),
+        tlvs=(),
+    )
 
 
 class Engine:
@@ -120,15 +134,29 @@ class Engine:
     def _admit(self, msg: Message) -> Carrier:
         """Route and check room; raise Rejected when the router cannot keep it."""
         if not self.accepting:
-            raise Rejected("draining", "router is shutting down; retry on another node",
-                           SmppStatus.ESME_RTHROTTLED, 503, retry_after=5)
+            raise Rejected(
+                "draining",
+                "router is shutting down; retry on another node",
+                SmppStatus.ESME_RTHROTTLED,
+                503,
+                retry_after=5,
+            )
         if self.optout is not None and self.optout.contains(msg.account_id, msg.destination):
-            raise Rejected("opted_out", "the recipient opted out of this account's messages",
-                           SmppStatus.ESME_ROPTEDOUT, 422)
+            raise Rejected(
+                "opted_out",
+                "the recipient opted out of this account's messages",
+                SmppStatus.ESME_ROPTEDOUT,
+                422,
+            )
         limit = self.account_limits.get(msg.account_id)
         if limit is not None and limit.take(self.clock()) > 0:
-            raise Rejected("account_rate", "the account's messages-per-second limit is reached",
-                           SmppStatus.ESME_RTHROTTLED, 429, retry_after=1)
+            raise Rejected(
+                "account_rate",
+                "the account's messages-per-second limit is reached",
+                SmppStatus.ESME_RTHROTTLED,
+                429,
+                retry_after=1,
+            )
         names = self.route(msg.destination, msg.country, msg.account)
         chosen: Carrier | None = None
         fallback: Carrier | None = None
@@ -142,11 +170,21 @@ class Engine:
             fallback = fallback or carrier
         chosen = chosen or fallback
         if chosen is None:
-            raise Rejected("queue_full", "all carriers for this destination are full",
-                           SmppStatus.ESME_RMSGQFUL, 429, retry_after=1)
+            raise Rejected(
+                "queue_full",
+                "all carriers for this destination are full",
+                SmppStatus.ESME_RMSGQFUL,
+                429,
+                retry_after=1,
+            )
         if isinstance(self.spool, PgSpool) and not self.spool.has_room(1):
-            raise Rejected("spool_full", "the durable spool is full",
-                           SmppStatus.ESME_RMSGQFUL, 429, retry_after=1)
+            raise Rejected(
+                "spool_full",
+                "the durable spool is full",
+                SmppStatus.ESME_RMSGQFUL,
+                429,
+                retry_after=1,
+            )
         return chosen
 
     def submit(self, msg: Message, done: SubmitCallback) -> None:
@@ -163,12 +201,21 @@ class Engine:
         def durable(ok: bool) -> None:
             carrier.reserved -= msg.parts
             if not ok:
-                done(Rejected("not_durable", "the message could not be stored; retry",
-                              SmppStatus.ESME_RSYSERR, 503, retry_after=1))
+                done(
+                    Rejected(
+                        "not_durable",
+                        "the message could not be stored; retry",
+                        SmppStatus.ESME_RSYSERR,
+                        503,
+                        retry_after=1,
+                    )
+                )
                 return
             delivery = self._enqueue(msg, carrier)
             self.traffic_log.record_message(msg, carrier.name)
-            metrics.child(metrics.ACCEPTED, msg.origin.value, msg.account, msg.country or "ZZ").inc()
+            metrics.child(
+                metrics.ACCEPTED, msg.origin.value, msg.account, msg.country or "ZZ"
+            ).inc()
             metrics.child(metrics.PARTS_ACCEPTED, msg.origin.value, msg.account).inc(msg.parts)
             done(delivery)
 
@@ -199,8 +246,13 @@ class Engine:
         return r
 
     def _enqueue(self, msg: Message, carrier: Carrier, status: Status = Status.QUEUED) -> Delivery:
-        delivery = Delivery(msg, status=status, carrier=carrier.name, updated_at=msg.accepted_at,
-                            spooled=self.spool.durable)
+        delivery = Delivery(
+            msg,
+            status=status,
+            carrier=carrier.name,
+            updated_at=msg.accepted_at,
+            spooled=self.spool.durable,
+        )
         carrier.enqueue([Submission(delivery, i) for i in range(msg.parts)], force=True)
         self.active[msg.id] = delivery
         return delivery
@@ -215,8 +267,9 @@ class Engine:
                 names = self.route(msg.destination, msg.country, msg.account)
             except Rejected:
                 names = list(self.carriers)[:1]
-            carrier = next((self.carriers[c] for c in names if self.carriers[c].up),
-                           self.carriers[names[0]])
+            carrier = next(
+                (self.carriers[c] for c in names if self.carriers[c].up), self.carriers[names[0]]
+            )
             self._enqueue(msg, carrier)
             n += 1
         return n
@@ -305,19 +358,35 @@ class Engine:
         info = json.loads(row["info"]) if row["info"] else {}
         accepted = row["accepted_at"].timestamp()
         msg = Message(
-            id=row["message_id"], account_id=row["account_id"], account=row["account"],
-            origin=Origin(row["origin"]), msg_class=MessageClass(row["class"]),
-            source=info.get("source", ""), source_ton=info.get("source_ton", 0),
-            source_npi=info.get("source_npi", 0), destination=info.get("destination", ""),
-            country=row["country"], data_coding=0, esm_class=0,
-            segments=(b"",) * row["parts"], text=None,
-            registered_delivery=row["registered_delivery"], accepted_at=accepted,
-            expires_at=accepted + 7 * 86400, userref=info.get("userref"),
+            id=row["message_id"],
+            account_id=row["account_id"],
+            account=row["account"],
+            origin=Origin(row["origin"]),
+            msg_class=MessageClass(row["class"]),
+            source=info.get("source", ""),
+            source_ton=info.get("source_ton", 0),
+            source_npi=info.get("source_npi", 0),
+            destination=info.get("destination", ""),
+            country=row["country"],
+            data_coding=0,
+            esm_class=0,
+            segments=(b"",) * row["parts"],
+            text=None,
+            registered_delivery=row["registered_delivery"],
+            accepted_at=accepted,
+            expires_at=accepted + 7 * 86400,
+            userref=info.get("userref"),
             callback_url=info.get("callback_url"),
         )
-        d = Delivery(msg, status=Status.SUBMITTED, carrier=carrier, updated_at=accepted,
-                     parts_done=row["parts"] - remaining, parts_taken=row["parts"],
-                     spooled=False)
+        d = Delivery(
+            msg,
+            status=Status.SUBMITTED,
+            carrier=carrier,
+            updated_at=accepted,
+            parts_done=row["parts"] - remaining,
+            parts_taken=row["parts"],
+            spooled=False,
+        )
         self.active[msg.id] = d
         return d
 
@@ -431,9 +500,13 @@ class Engine:
                 except Rejected:
                     names = []
                 target = next(
-                    (self.carriers[n] for n in names
-                     if n != carrier.name and self.carriers[n].up
-                     and self.carriers[n].has_room(len(group))),
+                    (
+                        self.carriers[n]
+                        for n in names
+                        if n != carrier.name
+                        and self.carriers[n].up
+                        and self.carriers[n].has_room(len(group))
+                    ),
                     None,
                 )
                 if target is None:
@@ -450,7 +523,12 @@ class Engine:
 
     def carrier_health(self) -> dict[str, dict[str, object]]:
         return {
-            name: {"up": c.up, "binds": len(c.sessions), "queue": c.backlog,
-                   "capacity": c.cfg.queue_size, "in_flight": c.in_flight}
+            name: {
+                "up": c.up,
+                "binds": len(c.sessions),
+                "queue": c.backlog,
+                "capacity": c.cfg.queue_size,
+                "in_flight": c.in_flight,
+            }
             for name, c in self.carriers.items()
         }

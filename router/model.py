@@ -101,4 +101,7 @@ class Delivery:
     carrier_ids: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
-        return f"Delivery(id={self.message.id!r}, status={self.status.value}, carrier={self.carrier!r})"
+        return (
+            f"Delivery(id={self.message.id!r}, status={self.status.value}, "
+            f"carrier={self.carrier!r})"
+        )

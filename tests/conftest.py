@@ -73,7 +73,8 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     assert pool is not None
     await pool.execute(
-        "TRUNCATE accounts, api_keys, traffic_log, delivery_events, opt_out, spool, receipt_routes RESTART IDENTITY CASCADE"
+        "TRUNCATE accounts, api_keys, traffic_log, delivery_events, opt_out, spool,"
+        " receipt_routes RESTART IDENTITY CASCADE"
     )
     try:
         yield pool
@@ -104,10 +105,16 @@ async def stack_factory(db: asyncpg.Pool, database_url: str) -> AsyncIterator[An
     """Start simulators + a router; everything stops at the end of the test."""
     started: list[Stack] = []
 
-    async def make(sims: dict[str, SimConfig] | None = None, routes: RoutesConfig | None = None,
-                   demo: bool = True, **cfg_kw: Any) -> Stack:
-        sims = sims or {"sim-eu": SimConfig(port=0, dlr_delay=0.05),
-                        "sim-world": SimConfig(port=0, dlr_delay=0.05)}
+    async def make(
+        sims: dict[str, SimConfig] | None = None,
+        routes: RoutesConfig | None = None,
+        demo: bool = True,
+        **cfg_kw: Any,
+    ) -> Stack:
+        sims = sims or {
+            "sim-eu": SimConfig(port=0, dlr_delay=0.05),
+            "sim-world": SimConfig(port=0, dlr_delay=0.05),
+        }
         running: dict[str, CarrierSimulator] = {}
         carriers = []
         for name, sc in sims.items():
@@ -115,12 +122,18 @@ async def stack_factory(db: asyncpg.Pool, database_url: str) -> AsyncIterator[An
             sim = CarrierSimulator(sc)
             port = await sim.start()
             running[name] = sim
-            carriers.append(CarrierConfig(name=name, port=port, reconnect_min=0.1,
-                                          reconnect_max=0.5, response_timeout=5.0))
+            carriers.append(
+                CarrierConfig(
+                    name=name, port=port, reconnect_min=0.1, reconnect_max=0.5, response_timeout=5.0
+                )
+            )
         cfg = Config(
-            smpp_listen=("127.0.0.1", 0), http_listen=("127.0.0.1", 0), ops_listen=("127.0.0.1", 0),
-            carriers=carriers, demo=demo, **{"database_url": database_url,
-                                              "log_flush_interval": 0.05, **cfg_kw},
+            smpp_listen=("127.0.0.1", 0),
+            http_listen=("127.0.0.1", 0),
+            ops_listen=("127.0.0.1", 0),
+            carriers=carriers,
+            demo=demo,
+            **{"database_url": database_url, "log_flush_interval": 0.05, **cfg_kw},
         )
         names = list(sims)
         cfg.routes = routes or RoutesConfig(
@@ -150,7 +163,6 @@ async def stack_factory(db: asyncpg.Pool, database_url: str) -> AsyncIterator[An
         await stack.router.stop(timeout=3)
         for sim in stack.sims.values():
             await sim.stop()
-
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:

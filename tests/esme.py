@@ -43,8 +43,13 @@ class TestEsme(SmppProtocol):
         )
 
 
-async def connect(port: int, system_id: str = "acme", password: str = "acme-pw1",
-                  window: int = 64, bind_cls: type = BindTransceiver) -> tuple[TestEsme, Pdu]:
+async def connect(
+    port: int,
+    system_id: str = "acme",
+    password: str = "acme-pw1",
+    window: int = 64,
+    bind_cls: type = BindTransceiver,
+) -> tuple[TestEsme, Pdu]:
     loop = asyncio.get_running_loop()
     _, proto = await loop.create_connection(lambda: TestEsme(window), "127.0.0.1", port)
     resp = await proto.request(bind_cls(system_id=system_id, password=password))

@@ -25,24 +25,29 @@ def free_ports() -> dict[str, int]:
 
 
 def listen_toml(ports: dict[str, int]) -> str:
-    return (f'[listen]\nsmpp = "127.0.0.1:{ports["smpp"]}"\n'
-            f'http = "127.0.0.1:{ports["http"]}"\nops = "127.0.0.1:{ports["ops"]}"\n')
+    return (
+        f'[listen]\nsmpp = "127.0.0.1:{ports["smpp"]}"\n'
+        f'http = "127.0.0.1:{ports["http"]}"\nops = "127.0.0.1:{ports["ops"]}"\n'
+    )
 
 
 def carrier_toml(name: str, port: int, **extra: object) -> str:
-    lines = [f'[[carriers]]\nname = "{name}"\nport = {port}\n'
-             "reconnect_min = 0.1\nreconnect_max = 0.5"]
-    lines += [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v!r}"
-              for k, v in extra.items()]
+    lines = [
+        f'[[carriers]]\nname = "{name}"\nport = {port}\nreconnect_min = 0.1\nreconnect_max = 0.5'
+    ]
+    lines += [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v!r}" for k, v in extra.items()]
     return "\n".join(lines) + "\n"
 
 
-async def start_router(cfg: Path, db_url: str, ops_port: int, log: Path,
-                       timeout: float = 30) -> subprocess.Popen[bytes]:
+async def start_router(
+    cfg: Path, db_url: str, ops_port: int, log: Path, timeout: float = 30
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ, ROUTER_DATABASE_URL=db_url)
     proc = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "--config", str(cfg), "run"],
-        env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:

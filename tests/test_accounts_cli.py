@@ -29,27 +29,49 @@ NUMBER = "4512345678"
 ACTOR = f"cli:{getpass.getuser()}"
 
 
-async def cli(database_url: str, *args: str, stdin: str | None = None,
-              audit_key: str | None = AUDIT_KEY) -> subprocess.CompletedProcess[str]:
+async def cli(
+    database_url: str, *args: str, stdin: str | None = None, audit_key: str | None = AUDIT_KEY
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("ROUTER_CONFIG", "ROUTER_AUDIT_KEY")}
     env["ROUTER_DATABASE_URL"] = database_url
     if audit_key is not None:
         env["ROUTER_AUDIT_KEY"] = audit_key
     return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "router.cli", *args], input=stdin or "",
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+        subprocess.run,
+        [sys.executable, "-m", "router.cli", *args],
+        input=stdin or "",
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
 
 
 async def audit_since(pool: asyncpg.Pool, before: int) -> list[Any]:
-    return await pool.fetch("SELECT actor, action, account_id, detail::text AS d"
-                            " FROM audit_log WHERE id > $1 ORDER BY id", before)
+    return await pool.fetch(
+        "SELECT actor, action, account_id, detail::text AS d"
+        " FROM audit_log WHERE id > $1 ORDER BY id",
+        before,
+    )
 
 
 async def test_account_lifecycle(db: asyncpg.Pool, database_url: str) -> None:
     before = await db.fetchval("SELECT coalesce(max(id), 0) FROM audit_log")
-    r = await cli(database_url, "accounts", "add", "shop", "--system-id", "shop",
-                  "--password-stdin", "--class", "secret", "--max-binds", "3",
-                  stdin="pw-one-1\n")
+    r = await cli(
+        database_url,
+        "accounts",
+        "add",
+        "shop",
+        "--system-id",
+        "shop",
+        "--password-stdin",
+        "--class",
+        "secret",
+        "--max-binds",
+        "3",
+        stdin="pw-one-1\n",
+    )
     assert r.returncode == 0, r.stderr
     acct = await db.fetchrow("SELECT * FROM accounts WHERE name = 'shop'")
     assert PasswordHasher().verify(acct["password_hash"], "pw-one-1")
@@ -57,8 +79,9 @@ async def test_account_lifecycle(db: asyncpg.Pool, database_url: str) -> None:
 
     r = await cli(database_url, "accounts", "add", "shop")
     assert r.returncode == 1 and "already exists" in r.stderr
-    r = await cli(database_url, "accounts", "add", "other", "--system-id", "o2",
-                  "--password", "visible1")
+    r = await cli(
+        database_url, "accounts", "add", "other", "--system-id", "o2", "--password", "visible1"
+    )
     assert r.returncode == 0 and "ps" in r.stderr  # the warning
 
     r = await cli(database_url, "accounts", "add-key", "shop", "--perm", "send", "--perm", "read")
@@ -79,23 +102,29 @@ async def test_account_lifecycle(db: asyncpg.Pool, database_url: str) -> None:
     for out in (r.stdout, r2.stdout):  # no secret, no hash, no key prefix
         assert key not in out and key[:6] not in out and "argon2" not in out
 
-    r = await cli(database_url, "accounts", "set-password", "shop", "--password-stdin",
-                  stdin="pw-two-2\n")
+    r = await cli(
+        database_url, "accounts", "set-password", "shop", "--password-stdin", stdin="pw-two-2\n"
+    )
     assert r.returncode == 0, r.stderr
     new_hash = await db.fetchval("SELECT password_hash FROM accounts WHERE name = 'shop'")
     assert PasswordHasher().verify(new_hash, "pw-two-2")
-    r = await cli(database_url, "accounts", "set-password", "nosuch", "--password-stdin",
-                  stdin="x\n")
+    r = await cli(
+        database_url, "accounts", "set-password", "nosuch", "--password-stdin", stdin="x\n"
+    )
     assert r.returncode == 1 and "no account" in r.stderr
 
     r = await cli(database_url, "accounts", "set-class-default", "shop", "standard")
     assert r.returncode == 0
-    r = await cli(database_url, "accounts", "set-retention", "shop", "--days", "7",
-                  "--purge-days", "90")
+    r = await cli(
+        database_url, "accounts", "set-retention", "shop", "--days", "7", "--purge-days", "90"
+    )
     assert r.returncode == 0
     acct = await db.fetchrow("SELECT * FROM accounts WHERE name = 'shop'")
     assert (acct["default_class"], acct["retention_days"], acct["purge_days"]) == (
-        "standard", 7, 90)
+        "standard",
+        7,
+        90,
+    )
 
     r = await cli(database_url, "accounts", "revoke-key", str(krow["id"]))
     assert r.returncode == 0
@@ -105,16 +134,23 @@ async def test_account_lifecycle(db: asyncpg.Pool, database_url: str) -> None:
 
     rows = await audit_since(db, before)
     assert [r["action"] for r in rows] == [
-        "account.create", "account.create", "api_key.create", "account.password_set",
-        "account.default_class_set", "account.retention_set", "api_key.revoke"]
+        "account.create",
+        "account.create",
+        "api_key.create",
+        "account.password_set",
+        "account.default_class_set",
+        "account.retention_set",
+        "api_key.revoke",
+    ]
     assert all(r["actor"] == ACTOR for r in rows)
     text = "\n".join(r["d"] for r in rows)
     for secret in ("pw-one-1", "pw-two-2", "visible1", key):
         assert secret not in text
 
 
-async def test_retention_and_dsr_commands(db: asyncpg.Pool, database_url: str,
-                                          tmp_path: Path) -> None:
+async def test_retention_and_dsr_commands(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
     r = await cli(database_url, "accounts", "add", "shop")
     assert r.returncode == 0, r.stderr
     shop = await db.fetchval("SELECT id FROM accounts WHERE name = 'shop'")
@@ -124,20 +160,43 @@ async def test_retention_and_dsr_commands(db: asyncpg.Pool, database_url: str,
             "INSERT INTO traffic_log (id, account_id, class, ingress, source, destination,"
             " country, parts, data_coding, body, accepted_at) VALUES ($1, $2, 'standard',"
             " 'http', 'Shop', $3, 'DK', 1, 0, 'hi', $4)",
-            f"m{i}", shop, dest, now - dt.timedelta(days=age))
+            f"m{i}",
+            shop,
+            dest,
+            now - dt.timedelta(days=age),
+        )
     before = await db.fetchval("SELECT coalesce(max(id), 0) FROM audit_log")
 
     r = await cli(database_url, "retention", "run")
     assert r.returncode == 0, r.stderr
     assert "anonymised messages: 1" in r.stdout
 
-    r = await cli(database_url, "dsr", "export", "--account", "shop", "--msisdn", "-",
-                  stdin="+" + NUMBER + "\n")
+    r = await cli(
+        database_url,
+        "dsr",
+        "export",
+        "--account",
+        "shop",
+        "--msisdn",
+        "-",
+        stdin="+" + NUMBER + "\n",
+    )
     assert r.returncode == 0, r.stderr
     assert [m["id"] for m in json.loads(r.stdout)] == ["m1"]  # m0 is anonymised already
     out = tmp_path / "export.csv"
-    r = await cli(database_url, "dsr", "export", "--account", "shop", "--msisdn", NUMBER,
-                  "--format", "csv", "--output", str(out))
+    r = await cli(
+        database_url,
+        "dsr",
+        "export",
+        "--account",
+        "shop",
+        "--msisdn",
+        NUMBER,
+        "--format",
+        "csv",
+        "--output",
+        str(out),
+    )
     assert r.returncode == 0 and r.stdout == ""
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert out.read_text().splitlines()[0].startswith("id,class,")
@@ -146,15 +205,15 @@ async def test_retention_and_dsr_commands(db: asyncpg.Pool, database_url: str,
     assert await db.fetchval("SELECT destination FROM traffic_log WHERE id = 'm1'") == "45123"
     assert await db.fetchval("SELECT destination FROM traffic_log WHERE id = 'm2'") == "4587654321"
 
-    r = await cli(database_url, "dsr", "erase", "--account", "shop", "--msisdn", NUMBER,
-                  audit_key=None)
+    r = await cli(
+        database_url, "dsr", "erase", "--account", "shop", "--msisdn", NUMBER, audit_key=None
+    )
     assert r.returncode == 2 and "ROUTER_AUDIT_KEY" in r.stderr
     r = await cli(database_url, "dsr", "erase", "--account", "nosuch", "--msisdn", NUMBER)
     assert r.returncode == 1
 
     rows = await audit_since(db, before)
-    assert [r["action"] for r in rows] == ["retention.run", "dsr.export", "dsr.export",
-                                           "dsr.erase"]
+    assert [r["action"] for r in rows] == ["retention.run", "dsr.export", "dsr.export", "dsr.erase"]
     assert all(r["actor"] == ACTOR for r in rows)
     key = bytes.fromhex("cd" * 32)
     assert all(json.loads(r["d"])["msisdn_hash"] == msisdn_hash(NUMBER, key) for r in rows[1:])
@@ -172,7 +231,8 @@ async def test_existing_commands_still_work(db: asyncpg.Pool, database_url: str)
 
 
 async def test_revoking_a_key_reaches_a_running_router_at_once(
-        stack_factory: Any, db: asyncpg.Pool, database_url: str) -> None:
+    stack_factory: Any, db: asyncpg.Pool, database_url: str
+) -> None:
     """Needs the app wiring (accounts reload on NOTIFY accounts_changed)."""
     stack = await stack_factory()
     r = await cli(database_url, "accounts", "add-key", "acme", "--perm", "read")
@@ -181,9 +241,12 @@ async def test_revoking_a_key_reaches_a_running_router_at_once(
     key_id = await db.fetchval("SELECT max(id) FROM api_keys")
 
     async def status_with_key() -> int:
-        async with aiohttp.ClientSession() as http, http.get(
-                f"{stack.http_url}/v1/traffic",
-                headers={"Authorization": f"Bearer {key}"}) as resp:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                f"{stack.http_url}/v1/traffic", headers={"Authorization": f"Bearer {key}"}
+            ) as resp,
+        ):
             return resp.status
 
     async def settles_to(expected: int) -> None:

@@ -43,8 +43,9 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def call(http: aiohttp.ClientSession, method: str, url: str, headers: dict[str, str],
-               **kw: Any) -> tuple[int, Any, aiohttp.ClientResponse]:
+async def call(
+    http: aiohttp.ClientSession, method: str, url: str, headers: dict[str, str], **kw: Any
+) -> tuple[int, Any, aiohttp.ClientResponse]:
     async with http.request(method, url, headers=headers, **kw) as resp:
         raw = await resp.read()
         if resp.content_type in ("application/json", "application/problem+json"):
@@ -52,17 +53,29 @@ async def call(http: aiohttp.ClientSession, method: str, url: str, headers: dict
         return resp.status, raw.decode() if raw else None, resp
 
 
-async def add_row(pool: asyncpg.Pool, account_id: int, accepted_at: dt.datetime, *,
-                  destination: str | None = NUMBER, country: str = "DK",
-                  cls: str = "standard") -> str:
+async def add_row(
+    pool: asyncpg.Pool,
+    account_id: int,
+    accepted_at: dt.datetime,
+    *,
+    destination: str | None = NUMBER,
+    country: str = "DK",
+    cls: str = "standard",
+) -> str:
     msg_id = secrets.token_hex(10)
     secret = cls == "secret"
     await pool.execute(
         "INSERT INTO traffic_log (id, account_id, class, ingress, source, destination, country,"
         " carrier, parts, data_coding, body, accepted_at)"
         " VALUES ($1, $2, $3, 'http', $4, $5, $6, 'sim-eu', 1, 0, $7, $8)",
-        msg_id, account_id, cls, None if secret else "Shop", None if secret else destination,
-        country, None if secret else "your code is 1234", accepted_at,
+        msg_id,
+        account_id,
+        cls,
+        None if secret else "Shop",
+        None if secret else destination,
+        country,
+        None if secret else "your code is 1234",
+        accepted_at,
     )
     return msg_id
 
@@ -72,8 +85,11 @@ async def account_id(pool: asyncpg.Pool, name: str) -> int:
 
 
 async def audit_since(pool: asyncpg.Pool, before: int) -> list[Any]:
-    return await pool.fetch("SELECT id, actor, action, account_id, detail::text AS d"
-                            " FROM audit_log WHERE id > $1 ORDER BY id", before)
+    return await pool.fetch(
+        "SELECT id, actor, action, account_id, detail::text AS d"
+        " FROM audit_log WHERE id > $1 ORDER BY id",
+        before,
+    )
 
 
 async def audit_mark(pool: asyncpg.Pool) -> int:
@@ -81,8 +97,8 @@ async def audit_mark(pool: asyncpg.Pool) -> int:
 
 
 async def test_traffic_own_rows_filters_pagination_and_audit(
-        stack_factory: Any, db: asyncpg.Pool, http: aiohttp.ClientSession,
-        audit_key: bytes) -> None:
+    stack_factory: Any, db: asyncpg.Pool, http: aiohttp.ClientSession, audit_key: bytes
+) -> None:
     stack = await stack_factory()
     demo, acme = await account_id(db, "demo"), await account_id(db, "acme")
     t0 = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(hours=1)
@@ -90,9 +106,13 @@ async def test_traffic_own_rows_filters_pagination_and_audit(
     us = await add_row(db, demo, t0 + dt.timedelta(minutes=10), destination=US, country="US")
     secret = await add_row(db, demo, t0 + dt.timedelta(minutes=11), cls="secret")
     theirs = [await add_row(db, acme, t0 + dt.timedelta(minutes=i)) for i in range(2)]
-    await db.execute("INSERT INTO delivery_events (message_id, account_id, status, carrier, at)"
-                     " VALUES ($1, $2, 'delivered', 'sim-eu', $3)", mine[0], demo,
-                     t0 + dt.timedelta(minutes=30))
+    await db.execute(
+        "INSERT INTO delivery_events (message_id, account_id, status, carrier, at)"
+        " VALUES ($1, $2, 'delivered', 'sim-eu', $3)",
+        mine[0],
+        demo,
+        t0 + dt.timedelta(minutes=30),
+    )
     url = f"{stack.http_url}/v1/traffic"
     before = await audit_mark(db)
 
@@ -105,7 +125,11 @@ async def test_traffic_own_rows_filters_pagination_and_audit(
     assert ids == [secret, us, *reversed(mine)]  # newest first
     first = body["messages"][-1]
     assert (first["to"], first["from"], first["text"], first["country"]) == (
-        NUMBER, "Shop", "your code is 1234", "DK")
+        NUMBER,
+        "Shop",
+        "your code is 1234",
+        "DK",
+    )
     assert first["status"] == "delivered" and body["messages"][-2]["status"] == "queued"
     assert body["messages"][0]["to"] is None and body["messages"][0]["class"] == "secret"
 
@@ -117,11 +141,17 @@ async def test_traffic_own_rows_filters_pagination_and_audit(
     assert set(await ids_for({"destination": "+" + NUMBER})) == set(mine)
     assert await ids_for({"country": "us"}) == [us]
     assert await ids_for({"status": "delivered"}) == [mine[0]]
-    window = {"from": (t0 + dt.timedelta(minutes=1)).isoformat(),
-              "to": (t0 + dt.timedelta(minutes=3)).isoformat().replace("+00:00", "Z")}
+    window = {
+        "from": (t0 + dt.timedelta(minutes=1)).isoformat(),
+        "to": (t0 + dt.timedelta(minutes=3)).isoformat().replace("+00:00", "Z"),
+    }
     assert await ids_for(window) == [mine[2], mine[1]]
     assert await ids_for({"destination": NUMBER, "country": "DK", "status": "queued"}) == [
-        mine[4], mine[3], mine[2], mine[1]]
+        mine[4],
+        mine[3],
+        mine[2],
+        mine[1],
+    ]
 
     seen: list[str] = []
     params = {"limit": "3"}
@@ -144,14 +174,20 @@ async def test_traffic_own_rows_filters_pagination_and_audit(
     assert all(NUMBER not in r["d"] and US not in r["d"] for r in reads)
 
 
-async def test_bad_traffic_queries_are_problems(stack_factory: Any,
-                                                http: aiohttp.ClientSession) -> None:
+async def test_bad_traffic_queries_are_problems(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
     url = f"{stack.http_url}/v1/traffic"
-    for params, field in (({"from": "yesterday"}, "from"), ({"limit": "1001"}, "limit"),
-                          ({"limit": "x"}, "limit"), ({"cursor": "%%%"}, "cursor"),
-                          ({"status": "lost"}, "status"), ({"destination": "12"}, "destination"),
-                          ({"account": "demo"}, "account")):
+    for params, field in (
+        ({"from": "yesterday"}, "from"),
+        ({"limit": "1001"}, "limit"),
+        ({"limit": "x"}, "limit"),
+        ({"cursor": "%%%"}, "cursor"),
+        ({"status": "lost"}, "status"),
+        ({"destination": "12"}, "destination"),
+        ({"account": "demo"}, "account"),
+    ):
         status, body, resp = await call(http, "GET", url, DEMO, params=params)
         assert status == 422 and resp.content_type == "application/problem+json", params
         assert body["type"].endswith("/invalid-field") and body["field"] == field
@@ -160,7 +196,8 @@ async def test_bad_traffic_queries_are_problems(stack_factory: Any,
 
 
 async def test_permissions_are_enforced_and_refusals_audited(
-        stack_factory: Any, db: asyncpg.Pool, http: aiohttp.ClientSession) -> None:
+    stack_factory: Any, db: asyncpg.Pool, http: aiohttp.ClientSession
+) -> None:
     sender = await create_account(db, "sender")
     await add_api_key(db, sender, "sender-only-key", ("send",))
     stack = await stack_factory()
@@ -181,15 +218,20 @@ async def test_permissions_are_enforced_and_refusals_audited(
     denied = [r for r in await audit_since(db, before) if r["action"] == "denied"]
     assert [r["account_id"] for r in denied] == [sender] + [acme] * 5
     assert [json.loads(r["d"])["attempted"] for r in denied] == [
-        "traffic.read", "dsr.export", "dsr.erase", "opt_out.list", "opt_out.add",
-        "opt_out.remove"]
+        "traffic.read",
+        "dsr.export",
+        "dsr.erase",
+        "opt_out.list",
+        "opt_out.add",
+        "opt_out.remove",
+    ]
     assert all(NUMBER not in r["d"] for r in denied)
     assert await db.fetchval("SELECT count(*) FROM opt_out") == 0
 
 
-async def test_dsr_export_and_erase_over_http(stack_factory: Any, db: asyncpg.Pool,
-                                              http: aiohttp.ClientSession,
-                                              audit_key: bytes) -> None:
+async def test_dsr_export_and_erase_over_http(
+    stack_factory: Any, db: asyncpg.Pool, http: aiohttp.ClientSession, audit_key: bytes
+) -> None:
     stack = await stack_factory()
     demo, acme = await account_id(db, "demo"), await account_id(db, "acme")
     now = dt.datetime.now(UTC)
@@ -199,19 +241,22 @@ async def test_dsr_export_and_erase_over_http(stack_factory: Any, db: asyncpg.Po
     url = f"{stack.http_url}/v1/admin/dsr"
     before = await audit_mark(db)
 
-    status, body, resp = await call(http, "GET", url + "/export", DEMO,
-                                    params={"msisdn": "+" + NUMBER})
+    status, body, resp = await call(
+        http, "GET", url + "/export", DEMO, params={"msisdn": "+" + NUMBER}
+    )
     assert status == 200 and resp.headers["Cache-Control"] == "no-store"
     assert [m["id"] for m in body["messages"]] == rows
-    status, text, resp = await call(http, "POST", url + "/export", DEMO,
-                                    json={"msisdn": NUMBER, "format": "csv"})
+    status, text, resp = await call(
+        http, "POST", url + "/export", DEMO, json={"msisdn": NUMBER, "format": "csv"}
+    )
     assert status == 200 and resp.content_type == "text/csv"
     assert [r["id"] for r in csv.DictReader(io.StringIO(text))] == rows
 
     status, body, _ = await call(http, "POST", url + "/erase", DEMO, json={"msisdn": NUMBER})
     assert status == 200 and body == {"erased": 2}
-    left = {r["id"]: r["destination"] for r in await db.fetch(
-        "SELECT id, destination FROM traffic_log")}
+    left = {
+        r["id"]: r["destination"] for r in await db.fetch("SELECT id, destination FROM traffic_log")
+    }
     assert [left[i] for i in rows] == ["45123", "45123"]
     assert left[other] == US and left[foreign] == NUMBER  # acme's row is not demo's to erase
 
@@ -224,16 +269,19 @@ async def test_dsr_export_and_erase_over_http(stack_factory: Any, db: asyncpg.Po
     assert status == 415
 
     audited = [r for r in await audit_since(db, before) if r["action"].startswith("dsr.")]
-    assert [r["action"] for r in audited] == ["dsr.export", "dsr.export", "dsr.erase",
-                                              "dsr.export"]
-    assert all(json.loads(r["d"])["msisdn_hash"] == msisdn_hash(NUMBER, audit_key)
-               and r["account_id"] == demo for r in audited)
+    assert [r["action"] for r in audited] == ["dsr.export", "dsr.export", "dsr.erase", "dsr.export"]
+    assert all(
+        json.loads(r["d"])["msisdn_hash"] == msisdn_hash(NUMBER, audit_key)
+        and r["account_id"] == demo
+        for r in audited
+    )
     everything = "\n".join(r["t"] for r in await db.fetch("SELECT a::text AS t FROM audit_log a"))
     assert NUMBER not in everything
 
 
-async def test_opt_out_list_over_http(stack_factory: Any, db: asyncpg.Pool,
-                                      http: aiohttp.ClientSession) -> None:
+async def test_opt_out_list_over_http(
+    stack_factory: Any, db: asyncpg.Pool, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
     url = f"{stack.http_url}/v1/admin/opt-out"
     before = await audit_mark(db)
@@ -253,9 +301,16 @@ async def test_opt_out_list_over_http(stack_factory: Any, db: asyncpg.Pool,
     assert status == 404 and body["type"].endswith("/not-found")
     status, body, _ = await call(http, "POST", url, DEMO, json={"msisdn": "hello"})
     assert status == 422 and body["field"] == "msisdn"
-    status, body, _ = await call(http, "POST", url, {**DEMO, "Content-Type": "application/json"},
-                                 data=b"[1]")
+    status, body, _ = await call(
+        http, "POST", url, {**DEMO, "Content-Type": "application/json"}, data=b"[1]"
+    )
     assert status == 400 and body["type"].endswith("/invalid-json")
     actions = [r["action"] for r in await audit_since(db, before)]
-    assert actions == ["opt_out.add", "opt_out.add", "opt_out.list", "opt_out.check",
-                       "opt_out.remove", "opt_out.remove"]
+    assert actions == [
+        "opt_out.add",
+        "opt_out.add",
+        "opt_out.list",
+        "opt_out.check",
+        "opt_out.remove",
+        "opt_out.remove",
+    ]

@@ -40,14 +40,20 @@ def receipt_pdu(text: bytes, **tlvs: bytes) -> DeliverSm:
 
 
 def test_parse_standard_and_odd_receipts() -> None:
-    r = parse_receipt(receipt_pdu(
-        b"id:1A2B sub:001 dlvrd:001 submit date:2511251200 done date:2511251201 "
-        b"stat:DELIVRD err:000 text:hello"))
+    r = parse_receipt(
+        receipt_pdu(
+            b"id:1A2B sub:001 dlvrd:001 submit date:2511251200 done date:2511251201 "
+            b"stat:DELIVRD err:000 text:hello"
+        )
+    )
     assert r == CarrierReceipt("1A2B", MessageState.DELIVERED, "000")
     # 12-digit dates and a letter in err (aiosmpplib defect 2): no exception.
-    r = parse_receipt(receipt_pdu(
-        b"id:77 sub:001 dlvrd:000 submit date:251125120000 done date:251125120100 "
-        b"stat:UNDELIV err:X1B text:"))
+    r = parse_receipt(
+        receipt_pdu(
+            b"id:77 sub:001 dlvrd:000 submit date:251125120000 done date:251125120100 "
+            b"stat:UNDELIV err:X1B text:"
+        )
+    )
     assert r is not None and r.state is MessageState.UNDELIVERABLE and r.error == "X1B"
     # Empty text, TLVs only (defect 3).
     r = parse_receipt(receipt_pdu(b"", **{"001e": b"abc\x00", "0427": b"\x02"}))
@@ -59,8 +65,15 @@ def test_parse_standard_and_odd_receipts() -> None:
 
 
 def test_receipt_we_build_round_trips_and_carries_no_text() -> None:
-    pdu = build_receipt(message_id="abc123", state=MessageState.DELIVERED, error="000",
-                        submitted_at=0, done_at=60, source="Acme", destination="4512345678")
+    pdu = build_receipt(
+        message_id="abc123",
+        state=MessageState.DELIVERED,
+        error="000",
+        submitted_at=0,
+        done_at=60,
+        source="Acme",
+        destination="4512345678",
+    )
     back = decode(pdu.encode())
     assert isinstance(back, DeliverSm)
     assert back.tlv_str(Tag.RECEIPTED_MESSAGE_ID) == "abc123"

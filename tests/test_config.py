@@ -23,8 +23,11 @@ def test_example_config_parses_with_every_option() -> None:
 def test_env_overrides_and_secret_not_in_repr() -> None:
     cfg = parse_config(
         {"carriers": [{"name": "eu-carrier", "password": "in-file"}]},
-        {"ROUTER_DATABASE_URL": "postgresql://x@h/db", "ROUTER_SMPP_LISTEN": "0.0.0.0:2775",
-         "ROUTER_CARRIER_EU_CARRIER_PASSWORD": "from-env"},
+        {
+            "ROUTER_DATABASE_URL": "postgresql://x@h/db",
+            "ROUTER_SMPP_LISTEN": "0.0.0.0:2775",
+            "ROUTER_CARRIER_EU_CARRIER_PASSWORD": "from-env",
+        },
     )
     assert cfg.database_url == "postgresql://x@h/db"
     assert cfg.smpp_listen == ("0.0.0.0", 2775)
@@ -32,15 +35,18 @@ def test_env_overrides_and_secret_not_in_repr() -> None:
     assert "from-env" not in repr(cfg) and "postgresql://" not in repr(cfg)
 
 
-@pytest.mark.parametrize("data,key", [
-    ({"listen": {"smpp": "nohostport"}}, "listen.smpp"),
-    ({"listen": {"smtp": "1.2.3.4:1"}}, "listen.smtp"),
-    ({"smpp": {"window": "64"}}, "smpp.window"),
-    ({"carriers": [{"name": "a", "bind": "sideways"}]}, r"carriers\[0\].bind"),
-    ({"carriers": [{"name": "a"}, {"name": "a"}]}, r"carriers\[1\].name"),
-    ({"delivery": {"guarantee": "maybe"}}, "delivery.guarantee"),
-    ({"colour": "blue"}, "colour"),
-])
+@pytest.mark.parametrize(
+    "data,key",
+    [
+        ({"listen": {"smpp": "nohostport"}}, "listen.smpp"),
+        ({"listen": {"smtp": "1.2.3.4:1"}}, "listen.smtp"),
+        ({"smpp": {"window": "64"}}, "smpp.window"),
+        ({"carriers": [{"name": "a", "bind": "sideways"}]}, r"carriers\[0\].bind"),
+        ({"carriers": [{"name": "a"}, {"name": "a"}]}, r"carriers\[1\].name"),
+        ({"delivery": {"guarantee": "maybe"}}, "delivery.guarantee"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
 def test_errors_name_the_bad_key(data: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         parse_config(data, {})
@@ -49,17 +55,33 @@ def test_errors_name_the_bad_key(data: dict, key: str) -> None:
 def test_daemon_refuses_bad_config_and_names_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[smpp]\nwindow = "lots"\n')
-    r = subprocess.run([sys.executable, "-m", "router.cli", "--config", str(bad), "run"],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [sys.executable, "-m", "router.cli", "--config", str(bad), "run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 2
     assert "smpp.window" in r.stderr
 
 
 def test_routes_check_cli_explains_the_choice() -> None:
     def check(*args: str) -> str:
-        r = subprocess.run([sys.executable, "-m", "router.cli", "--config",
-                            str(ROOT / "config" / "example.toml"), "routes", "check", *args],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "router.cli",
+                "--config",
+                str(ROOT / "config" / "example.toml"),
+                "routes",
+                "check",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return r.stdout
 
     assert "rule prefix +4520; carriers in order: world-carrier" in check("+4520123456")

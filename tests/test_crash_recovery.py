@@ -25,9 +25,12 @@ from tests.routerproc import carrier_toml, free_ports, listen_toml, start_router
 
 
 def write_config(path: Path, ports: dict[str, int], sim_port: int, tps: float) -> None:
-    path.write_text(listen_toml(ports) + '[delivery]\nguarantee = "at-least-once"\n'
-                    + carrier_toml("sim", sim_port, tps=float(tps), window=32)
-                    + '[routes]\ndefault = ["sim"]\n')
+    path.write_text(
+        listen_toml(ports)
+        + '[delivery]\nguarantee = "at-least-once"\n'
+        + carrier_toml("sim", sim_port, tps=float(tps), window=32)
+        + '[routes]\ndefault = ["sim"]\n'
+    )
 
 
 async def test_kill_9_under_load_loses_no_acknowledged_message(
@@ -82,8 +85,10 @@ async def test_kill_9_under_load_loses_no_acknowledged_message(
         seen = Counter(m.payload.decode() for m in sim.received)
         missing = want - set(seen)
         duplicates = sum(n - 1 for t, n in seen.items() if t in want and n > 1)
-        print(f"\nacknowledged={len(acked)} delivered_before_kill={received_before} "
-              f"missing={len(missing)} duplicates={duplicates}")
+        print(
+            f"\nacknowledged={len(acked)} delivered_before_kill={received_before} "
+            f"missing={len(missing)} duplicates={duplicates}"
+        )
         assert not missing, f"{len(missing)} acknowledged messages never reached the carrier"
         # The spool is empty once the carrier has taken everything.
         deadline = time.monotonic() + 10
@@ -118,8 +123,10 @@ async def test_receipt_after_restart_still_reaches_the_submitter(
         while sim.received_count() < 5 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         deadline = time.monotonic() + 5
-        while (await db.fetchval("SELECT count(*) FROM receipt_routes") < 5
-               and time.monotonic() < deadline):
+        while (
+            await db.fetchval("SELECT count(*) FROM receipt_routes") < 5
+            and time.monotonic() < deadline
+        ):
             await asyncio.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -135,7 +142,9 @@ async def test_receipt_after_restart_still_reaches_the_submitter(
             assert b"stat:DELIVRD" in pdu.short_message
         esme.close()
         deadline = time.monotonic() + 5
-        while await db.fetchval("SELECT count(*) FROM receipt_routes") and time.monotonic() < deadline:
+        while (
+            await db.fetchval("SELECT count(*) FROM receipt_routes") and time.monotonic() < deadline
+        ):
             await asyncio.sleep(0.05)
         assert await db.fetchval("SELECT count(*) FROM receipt_routes") == 0
     finally:

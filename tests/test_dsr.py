@@ -29,24 +29,43 @@ OTHER = "4587654321"
 UTC = dt.UTC
 
 
-async def add_row(pool: asyncpg.Pool, account_id: int, accepted_at: dt.datetime, *,
-                  destination: str | None = NUMBER, source: str | None = "Acme",
-                  body: str | None = "hello there", cls: str = "standard") -> str:
+async def add_row(
+    pool: asyncpg.Pool,
+    account_id: int,
+    accepted_at: dt.datetime,
+    *,
+    destination: str | None = NUMBER,
+    source: str | None = "Acme",
+    body: str | None = "hello there",
+    cls: str = "standard",
+) -> str:
     msg_id = secrets.token_hex(10)
     await pool.execute(
         "INSERT INTO traffic_log (id, account_id, class, ingress, source, destination, country,"
         " carrier, parts, data_coding, body, userref, accepted_at)"
         " VALUES ($1, $2, $3, 'http', $4, $5, 'DK', 'sim-eu', 1, 0, $6, 'ref-1', $7)",
-        msg_id, account_id, cls, source, destination, body, accepted_at,
+        msg_id,
+        account_id,
+        cls,
+        source,
+        destination,
+        body,
+        accepted_at,
     )
     return msg_id
 
 
-async def add_event(pool: asyncpg.Pool, msg_id: str, account_id: int, at: dt.datetime,
-                    status: str) -> None:
+async def add_event(
+    pool: asyncpg.Pool, msg_id: str, account_id: int, at: dt.datetime, status: str
+) -> None:
     await pool.execute(
         "INSERT INTO delivery_events (message_id, account_id, status, carrier, at)"
-        " VALUES ($1, $2, $3, 'sim-eu', $4)", msg_id, account_id, status, at)
+        " VALUES ($1, $2, $3, 'sim-eu', $4)",
+        msg_id,
+        account_id,
+        status,
+        at,
+    )
 
 
 async def row(pool: asyncpg.Pool, msg_id: str) -> Any:
@@ -65,17 +84,32 @@ async def subjects(db: asyncpg.Pool) -> dict[str, object]:
     first = await add_row(db, a, now - dt.timedelta(hours=2), body="=HYPERLINK(1)")
     await add_event(db, first, a, now - dt.timedelta(hours=2), "submitted")
     await add_event(db, first, a, now - dt.timedelta(hours=1), "delivered")
-    second = await add_row(db, a, now - dt.timedelta(hours=1), source=NUMBER,
-                           destination=OTHER, body="from the subject")
+    second = await add_row(
+        db,
+        a,
+        now - dt.timedelta(hours=1),
+        source=NUMBER,
+        destination=OTHER,
+        body="from the subject",
+    )
     other = await add_row(db, a, now, destination=OTHER)
     foreign = await add_row(db, b, now)
     secret = await add_row(db, a, now, destination=None, source=None, body=None, cls="secret")
-    return {"a": a, "b": b, "first": first, "second": second, "other": other,
-            "foreign": foreign, "secret": secret, "now": now}
+    return {
+        "a": a,
+        "b": b,
+        "first": first,
+        "second": second,
+        "other": other,
+        "foreign": foreign,
+        "secret": secret,
+        "now": now,
+    }
 
 
 async def test_export_json_has_only_this_accounts_rows_for_this_number(
-        db: asyncpg.Pool, subjects: dict[str, object]) -> None:
+    db: asyncpg.Pool, subjects: dict[str, object]
+) -> None:
     rows = await dsr.export(db, subjects["a"], "+" + NUMBER, actor="test", audit_key=KEY)
     assert isinstance(rows, list)
     assert [r["id"] for r in rows] == [subjects["first"], subjects["second"]]
@@ -100,12 +134,17 @@ async def test_export_csv(db: asyncpg.Pool, subjects: dict[str, object]) -> None
 
 
 async def test_erase_anonymises_now_and_only_the_subjects_rows(
-        db: asyncpg.Pool, subjects: dict[str, object]) -> None:
+    db: asyncpg.Pool, subjects: dict[str, object]
+) -> None:
     n = await dsr.erase(db, subjects["a"], "00" + NUMBER, actor="test", audit_key=KEY)
     assert n == 2
     first = await row(db, subjects["first"])
     assert (first["destination"], first["source"], first["body"], first["userref"]) == (
-        "45123", None, None, None)
+        "45123",
+        None,
+        None,
+        None,
+    )
     assert first["anonymised_at"] is not None
     second = await row(db, subjects["second"])
     assert second["source"] is None and second["destination"] == OTHER[:5]
@@ -119,7 +158,8 @@ async def test_erase_anonymises_now_and_only_the_subjects_rows(
 
 
 async def test_requests_are_audited_with_the_hash_never_the_number(
-        db: asyncpg.Pool, subjects: dict[str, object]) -> None:
+    db: asyncpg.Pool, subjects: dict[str, object]
+) -> None:
     before = await db.fetchval("SELECT coalesce(max(id), 0) FROM audit_log")
     await dsr.export(db, subjects["a"], NUMBER, actor="dpo", audit_key=KEY, fmt="csv")
     await dsr.erase(db, subjects["a"], NUMBER, actor="dpo", audit_key=KEY)

@@ -24,7 +24,9 @@ class SmpplibClient:
     """smpplib runs its own blocking read loop; keep it in a thread."""
 
     def __init__(self, port: int, system_id: str = "acme", password: str = "acme-pw1") -> None:
-        self.client = smpplib.client.Client("127.0.0.1", port, timeout=10, allow_unknown_opt_params=True)
+        self.client = smpplib.client.Client(
+            "127.0.0.1", port, timeout=10, allow_unknown_opt_params=True
+        )
         self.sent: list[Any] = []
         self.receipts: list[Any] = []
         self.client.set_message_sent_handler(lambda pdu: self.sent.append(pdu))
@@ -85,7 +87,9 @@ async def wait_for(cond: Any, timeout: float = 10.0) -> None:
     raise AssertionError("condition not met in time")
 
 
-async def test_smpplib_submit_routes_by_country_and_gets_receipt_with_our_id(stack_factory: Any) -> None:
+async def test_smpplib_submit_routes_by_country_and_gets_receipt_with_our_id(
+    stack_factory: Any,
+) -> None:
     stack = await stack_factory()
     client = SmpplibClient(stack.smpp_port)
     await asyncio.to_thread(client.bind_transceiver)
@@ -97,8 +101,12 @@ async def test_smpplib_submit_routes_by_country_and_gets_receipt_with_our_id(sta
         assert all(p.status == 0 for p in client.sent)
         assert len(set(ids)) == 2
         # Routed by country: DK to sim-eu, US to the default sim-world.
-        await wait_for(lambda: stack.sims["sim-eu"].received_count() == 1
-                       and stack.sims["sim-world"].received_count() == 1)
+        await wait_for(
+            lambda: (
+                stack.sims["sim-eu"].received_count() == 1
+                and stack.sims["sim-world"].received_count() == 1
+            )
+        )
         assert stack.sims["sim-eu"].received[0].destination == "4512345678"
         assert stack.sims["sim-world"].received[0].destination == "14155552671"
         # Receipts come back with OUR ids, not the carrier's.
@@ -108,8 +116,11 @@ async def test_smpplib_submit_routes_by_country_and_gets_receipt_with_our_id(sta
             assert r.esm_class & 0x04
             text = r.short_message.decode()
             assert "stat:DELIVRD" in text
-            receipted.add(r.receipted_message_id.decode() if isinstance(r.receipted_message_id, bytes)
-                          else r.receipted_message_id)
+            receipted.add(
+                r.receipted_message_id.decode()
+                if isinstance(r.receipted_message_id, bytes)
+                else r.receipted_message_id
+            )
         assert receipted == set(ids)
         carrier_ids = {m.carrier_id for s in stack.sims.values() for m in s.received}
         assert not receipted & carrier_ids
@@ -128,8 +139,12 @@ async def test_traffic_log_row_and_final_event_are_written(stack_factory: Any, d
 
         async def rows() -> tuple[Any, list[str]]:
             row = await db.fetchrow("SELECT * FROM traffic_log WHERE id = $1", msg_id)
-            ev = [r["status"] for r in await db.fetch(
-                "SELECT status FROM delivery_events WHERE message_id = $1 ORDER BY at", msg_id)]
+            ev = [
+                r["status"]
+                for r in await db.fetch(
+                    "SELECT status FROM delivery_events WHERE message_id = $1 ORDER BY at", msg_id
+                )
+            ]
             return row, ev
 
         deadline = time.monotonic() + 5
@@ -153,7 +168,9 @@ async def test_bad_password_is_refused_with_rinvpaswd(stack_factory: Any) -> Non
     try:
         await asyncio.to_thread(client.client.connect)
         try:
-            await asyncio.to_thread(client.client.bind_transceiver, system_id="acme", password="wrong")
+            await asyncio.to_thread(
+                client.client.bind_transceiver, system_id="acme", password="wrong"
+            )
         except smpplib.exceptions.PDUError as exc:
             assert exc.args[1] == 0x0E  # ESME_RINVPASWD
         else:
@@ -163,8 +180,9 @@ async def test_bad_password_is_refused_with_rinvpaswd(stack_factory: Any) -> Non
 
 
 async def test_carrier_rejection_becomes_failed_receipt(stack_factory: Any) -> None:
-    stack = await stack_factory(sims={"sim-eu": SimConfig(port=0, reject_ratio=1.0),
-                                      "sim-world": SimConfig(port=0)})
+    stack = await stack_factory(
+        sims={"sim-eu": SimConfig(port=0, reject_ratio=1.0), "sim-world": SimConfig(port=0)}
+    )
     client = SmpplibClient(stack.smpp_port)
     await asyncio.to_thread(client.bind_transceiver)
     try:

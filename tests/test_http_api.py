@@ -42,9 +42,15 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def call(http: aiohttp.ClientSession, method: str, url: str, *, json_body: Any = None,
-               data: Any = None, headers: dict[str, str] | None = None
-               ) -> tuple[int, Any, aiohttp.ClientResponse]:
+async def call(
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    json_body: Any = None,
+    data: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, aiohttp.ClientResponse]:
     hdrs = dict(DEMO) if headers is None else dict(headers)
     if json_body is not None:
         data = json.dumps(json_body)
@@ -55,8 +61,14 @@ async def call(http: aiohttp.ClientSession, method: str, url: str, *, json_body:
         return resp.status, body, resp
 
 
-def assert_problem(status: int, body: Any, resp: aiohttp.ClientResponse, code: int, slug: str,
-                   field: str | None = None) -> None:
+def assert_problem(
+    status: int,
+    body: Any,
+    resp: aiohttp.ClientResponse,
+    code: int,
+    slug: str,
+    field: str | None = None,
+) -> None:
     assert status == code, body
     assert resp.content_type == "application/problem+json"
     assert body["type"] == PROBLEM_BASE + slug, body
@@ -75,12 +87,19 @@ def msg(**kw: Any) -> dict[str, Any]:
 # ------------------------------------------------------------ happy paths
 
 
-async def test_single_message_is_accepted_routed_and_reported(stack_factory: Any,
-                                                              http: aiohttp.ClientSession) -> None:
+async def test_single_message_is_accepted_routed_and_reported(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
     url = stack.http_url + "/v1/messages"
-    status, body, _ = await call(http, "POST", url, json_body=msg(
-        userref="order-17", labels={"campaign": "spring", "team": "ops"}, validity_seconds=600))
+    status, body, _ = await call(
+        http,
+        "POST",
+        url,
+        json_body=msg(
+            userref="order-17", labels={"campaign": "spring", "team": "ops"}, validity_seconds=600
+        ),
+    )
     assert status == 202, body
     assert set(body) == {"id", "status", "parts", "encoding"}
     assert body["status"] == "accepted" and body["parts"] == 1 and body["encoding"] == "gsm7"
@@ -108,8 +127,9 @@ async def test_single_message_is_accepted_routed_and_reported(stack_factory: Any
     assert "4512345678" not in json.dumps(b)  # never echoes a number
 
 
-async def test_encoding_and_parts_are_reported(stack_factory: Any,
-                                               http: aiohttp.ClientSession) -> None:
+async def test_encoding_and_parts_are_reported(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
     url = stack.http_url + "/v1/messages"
     s, b, _ = await call(http, "POST", url, json_body=msg(text="x" * 161))
@@ -121,38 +141,51 @@ async def test_encoding_and_parts_are_reported(stack_factory: Any,
     s, b, _ = await call(http, "POST", url, json_body=msg(text="€[]{}", max_parts=1))
     assert (s, b["parts"], b["encoding"]) == (202, 1, "gsm7")
     # Segments: 2 + 1 + 1 to DK, 2 to the US.
-    await wait_for(lambda: stack.sims["sim-eu"].received_count() == 4
-                   and stack.sims["sim-world"].received_count() == 2)
+    await wait_for(
+        lambda: (
+            stack.sims["sim-eu"].received_count() == 4
+            and stack.sims["sim-world"].received_count() == 2
+        )
+    )
     assert {m.esm_class & 0x40 for m in stack.sims["sim-eu"].received} == {0, 0x40}
 
 
-async def test_to_list_fans_out_with_batch_answer(stack_factory: Any,
-                                                  http: aiohttp.ClientSession) -> None:
+async def test_to_list_fans_out_with_batch_answer(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
-    s, b, _ = await call(http, "POST", stack.http_url + "/v1/messages",
-                         json_body=msg(to=[DK, US, "4512345679"]))
+    s, b, _ = await call(
+        http, "POST", stack.http_url + "/v1/messages", json_body=msg(to=[DK, US, "4512345679"])
+    )
     assert s == 202, b
     assert b["accepted"] == 3 and b["rejected"] == 0 and b["errors"] == []
     assert [(m["index"], m["recipient"]) for m in b["messages"]] == [(0, 0), (0, 1), (0, 2)]
     assert len({m["id"] for m in b["messages"]}) == 3
-    await wait_for(lambda: stack.sims["sim-eu"].received_count() == 2
-                   and stack.sims["sim-world"].received_count() == 1)
+    await wait_for(
+        lambda: (
+            stack.sims["sim-eu"].received_count() == 2
+            and stack.sims["sim-world"].received_count() == 1
+        )
+    )
 
 
-async def test_batch_partial_acceptance_reports_each_refusal(stack_factory: Any,
-                                                              http: aiohttp.ClientSession) -> None:
+async def test_batch_partial_acceptance_reports_each_refusal(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
-    batch = {"messages": [
-        msg(),                                            # 0 ok
-        msg(**{"from": "WayTooLongSender"}),              # 1 bad sender
-        msg(to=[DK, "12"]),                               # 2 one bad number: item refused
-        msg(send_at="2030-01-01T00:00:00Z"),              # 3 scheduling unsupported
-        msg(text="x" * 400, max_parts=2),                 # 4 too many parts
-        "not an object",                                  # 5
-        msg(colour="red"),                                # 6 unknown field
-        msg(to=[US, DK], class_="x"),                     # 7 unknown field class_
-        msg(to=[US, DK], **{"class": "secret"}),          # 8 ok, 2 recipients
-    ]}
+    batch = {
+        "messages": [
+            msg(),  # 0 ok
+            msg(**{"from": "WayTooLongSender"}),  # 1 bad sender
+            msg(to=[DK, "12"]),  # 2 one bad number: item refused
+            msg(send_at="2030-01-01T00:00:00Z"),  # 3 scheduling unsupported
+            msg(text="x" * 400, max_parts=2),  # 4 too many parts
+            "not an object",  # 5
+            msg(colour="red"),  # 6 unknown field
+            msg(to=[US, DK], class_="x"),  # 7 unknown field class_
+            msg(to=[US, DK], **{"class": "secret"}),  # 8 ok, 2 recipients
+        ]
+    }
     s, b, _ = await call(http, "POST", stack.http_url + "/v1/messages", json_body=batch)
     assert s == 202, b
     assert b["accepted"] == 3
@@ -160,47 +193,62 @@ async def test_batch_partial_acceptance_reports_each_refusal(stack_factory: Any,
     assert [(m["index"], m["recipient"]) for m in b["messages"]] == [(0, 0), (8, 0), (8, 1)]
     errors = {e["index"]: e for e in b["errors"]}
     assert set(errors) == {1, 2, 3, 4, 5, 6, 7}
-    expect = {1: ("invalid-sender", "from"), 2: ("invalid-destination", "to"),
-              3: ("unsupported", "send_at"), 4: ("too-many-parts", "text"),
-              5: ("invalid-field", None), 6: ("invalid-field", "colour"),
-              7: ("invalid-field", "class_")}
+    expect = {
+        1: ("invalid-sender", "from"),
+        2: ("invalid-destination", "to"),
+        3: ("unsupported", "send_at"),
+        4: ("too-many-parts", "text"),
+        5: ("invalid-field", None),
+        6: ("invalid-field", "colour"),
+        7: ("invalid-field", "class_"),
+    }
     for i, (slug, field) in expect.items():
         assert errors[i]["type"] == PROBLEM_BASE + slug, errors[i]
         assert errors[i].get("field") == field
         assert "recipient" not in errors[i]
-    await wait_for(lambda: stack.sims["sim-eu"].received_count() == 2
-                   and stack.sims["sim-world"].received_count() == 1)
+    await wait_for(
+        lambda: (
+            stack.sims["sim-eu"].received_count() == 2
+            and stack.sims["sim-world"].received_count() == 1
+        )
+    )
     assert "WayTooLong" not in json.dumps(b) and "4512345678" not in json.dumps(b)
 
 
-async def test_ten_thousand_recipients_in_one_request(stack_factory: Any,
-                                                      http: aiohttp.ClientSession) -> None:
+async def test_ten_thousand_recipients_in_one_request(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
     to = [f"+4512{i:06d}" for i in range(5000)] + [f"+1415{i:07d}" for i in range(5000)]
     started = time.monotonic()
-    s, b, _ = await call(http, "POST", stack.http_url + "/v1/messages",
-                         json_body=msg(to=to))
+    s, b, _ = await call(http, "POST", stack.http_url + "/v1/messages", json_body=msg(to=to))
     assert s == 202 and b["accepted"] == 10_000 and b["rejected"] == 0
     assert time.monotonic() - started < 10
     assert len({m["id"] for m in b["messages"]}) == 10_000
-    s, b, r = await call(http, "POST", stack.http_url + "/v1/messages",
-                         json_body=msg(to=to + [DK]))
+    s, b, r = await call(http, "POST", stack.http_url + "/v1/messages", json_body=msg(to=to + [DK]))
     assert_problem(s, b, r, 413, "batch-too-large")
 
 
-async def test_batch_with_nothing_accepted_is_422_with_errors(stack_factory: Any,
-                                                               http: aiohttp.ClientSession) -> None:
+async def test_batch_with_nothing_accepted_is_422_with_errors(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
-    s, b, r = await call(http, "POST", stack.http_url + "/v1/messages",
-                         json_body={"messages": [msg(text=""), msg(to="+0123")]})
+    s, b, r = await call(
+        http,
+        "POST",
+        stack.http_url + "/v1/messages",
+        json_body={"messages": [msg(text=""), msg(to="+0123")]},
+    )
     assert_problem(s, b, r, 422, "batch-rejected")
     assert [(e["index"], e["type"]) for e in b["errors"]] == [
-        (0, PROBLEM_BASE + "invalid-text"), (1, PROBLEM_BASE + "invalid-destination")]
-    s, b, r = await call(http, "POST", stack.http_url + "/v1/messages",
-                         json_body={"messages": []})
+        (0, PROBLEM_BASE + "invalid-text"),
+        (1, PROBLEM_BASE + "invalid-destination"),
+    ]
+    s, b, r = await call(http, "POST", stack.http_url + "/v1/messages", json_body={"messages": []})
     assert_problem(s, b, r, 422, "invalid-field", "messages")
-    s, b, r = await call(http, "POST", stack.http_url + "/v1/messages",
-                         json_body={"messages": [msg()], "extra": 1})
+    s, b, r = await call(
+        http, "POST", stack.http_url + "/v1/messages", json_body={"messages": [msg()], "extra": 1}
+    )
     assert_problem(s, b, r, 422, "invalid-field", "extra")
 
 
@@ -248,8 +296,9 @@ BAD_FIELDS: list[tuple[dict[str, Any], str, str | None]] = [
 ]
 
 
-async def test_every_field_error_is_422_naming_the_field(stack_factory: Any,
-                                                         http: aiohttp.ClientSession) -> None:
+async def test_every_field_error_is_422_naming_the_field(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
     url = stack.http_url + "/v1/messages"
     for change, slug, field in BAD_FIELDS:
@@ -261,10 +310,18 @@ async def test_every_field_error_is_422_naming_the_field(stack_factory: Any,
             if isinstance(v, str) and len(v) > 3:
                 assert v not in b.get("detail", ""), (change, b)
     # Valid edge values are accepted.
-    for change in ({"from": "+4512345678"}, {"from": "123456789012345"}, {"from": "A b-c.d_e&"},
-                   {"to": "4512345678"}, {"validity_seconds": 1}, {"max_parts": 255},
-                   {"class": "secret"}, {"userref": "u" * 64}, {"labels": {}},
-                   {"callback_url": "https://example.invalid/hook?x=1"}):
+    for change in (
+        {"from": "+4512345678"},
+        {"from": "123456789012345"},
+        {"from": "A b-c.d_e&"},
+        {"to": "4512345678"},
+        {"validity_seconds": 1},
+        {"max_parts": 255},
+        {"class": "secret"},
+        {"userref": "u" * 64},
+        {"labels": {}},
+        {"callback_url": "https://example.invalid/hook?x=1"},
+    ):
         s, b, _ = await call(http, "POST", url, json_body=msg(**change))
         assert s == 202, (change, b)
 
@@ -275,25 +332,34 @@ async def test_no_route_is_422(stack_factory: Any, http: aiohttp.ClientSession) 
     stack = await stack_factory(routes=RoutesConfig(countries={"DK": [RouteEntry("sim-eu")]}))
     s, b, r = await call(http, "POST", stack.http_url + "/v1/messages", json_body=msg(to=US))
     assert_problem(s, b, r, 422, "no-route", "to")
-    s, b, _ = await call(http, "POST", stack.http_url + "/v1/messages",
-                         json_body=msg(to=[DK, US]))
+    s, b, _ = await call(http, "POST", stack.http_url + "/v1/messages", json_body=msg(to=[DK, US]))
     assert s == 202 and b["accepted"] == 1
-    assert b["errors"] == [{"index": 0, "recipient": 1, "type": PROBLEM_BASE + "no-route",
-                            "field": "to", "detail": b["errors"][0]["detail"]}]
+    assert b["errors"] == [
+        {
+            "index": 0,
+            "recipient": 1,
+            "type": PROBLEM_BASE + "no-route",
+            "field": "to",
+            "detail": b["errors"][0]["detail"],
+        }
+    ]
 
 
 # ----------------------------------------------------------- JSON and media
 
 
-async def test_strict_json_media_type_and_size_limits(stack_factory: Any,
-                                                      http: aiohttp.ClientSession) -> None:
+async def test_strict_json_media_type_and_size_limits(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory(http=HttpConfig(max_body=2000, max_batch=3))
     url = stack.http_url + "/v1/messages"
     ct = {**DEMO, "Content-Type": "application/json"}
     cases = [
         ('{"to": "+4512345678", "from": "A", "text": NaN}', "invalid-json"),
-        ('{"to": "+4512345678", "from": "A", "text": "x", "validity_seconds": Infinity}',
-         "invalid-json"),
+        (
+            '{"to": "+4512345678", "from": "A", "text": "x", "validity_seconds": Infinity}',
+            "invalid-json",
+        ),
         ('{"to": "+4512345678", "to": "+4512345679", "from": "A", "text": "x"}', "invalid-json"),
         ('{"to": "+4512345678", "from": "A", "text": "x"', "invalid-json"),
         ("", "invalid-json"),
@@ -305,13 +371,26 @@ async def test_strict_json_media_type_and_size_limits(stack_factory: Any,
     assert_problem(s, b, r, 400, "invalid-json")
     s, b, r = await call(http, "POST", url, data=b"[1, 2]", headers=ct)
     assert_problem(s, b, r, 422, "invalid-field")
-    for ctype in ("text/plain", "application/x-www-form-urlencoded",
-                  "application/json; charset=latin-1"):
-        s, b, r = await call(http, "POST", url, data=json.dumps(msg()).encode(),
-                             headers={**DEMO, "Content-Type": ctype})
+    for ctype in (
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/json; charset=latin-1",
+    ):
+        s, b, r = await call(
+            http,
+            "POST",
+            url,
+            data=json.dumps(msg()).encode(),
+            headers={**DEMO, "Content-Type": ctype},
+        )
         assert_problem(s, b, r, 415, "unsupported-media-type")
-    s, b, _ = await call(http, "POST", url, data=json.dumps(msg()).encode(),
-                         headers={**DEMO, "Content-Type": "application/json; charset=UTF-8"})
+    s, b, _ = await call(
+        http,
+        "POST",
+        url,
+        data=json.dumps(msg()).encode(),
+        headers={**DEMO, "Content-Type": "application/json; charset=UTF-8"},
+    )
     assert s == 202, b
     # Body size: declared, and streamed without a Content-Length.
     big = json.dumps(msg(text="x" * 3000)).encode()
@@ -320,7 +399,7 @@ async def test_strict_json_media_type_and_size_limits(stack_factory: Any,
 
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(0, len(big), 500):
-            yield big[i:i + 500]
+            yield big[i : i + 500]
 
     s, b, r = await call(http, "POST", url, data=chunks(), headers=ct)
     assert_problem(s, b, r, 413, "body-too-large")
@@ -333,8 +412,9 @@ async def test_strict_json_media_type_and_size_limits(stack_factory: Any,
     assert s == 202 and b["accepted"] == 3
 
 
-async def test_unknown_route_and_method_are_problems(stack_factory: Any,
-                                                     http: aiohttp.ClientSession) -> None:
+async def test_unknown_route_and_method_are_problems(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
     s, b, r = await call(http, "GET", stack.http_url + "/v2/nothing")
     assert_problem(s, b, r, 404, "not-found")
@@ -342,14 +422,19 @@ async def test_unknown_route_and_method_are_problems(stack_factory: Any,
     assert_problem(s, b, r, 405, "method-not-allowed")
     assert "POST" in r.headers["Allow"]
     # Nesting deep enough to exhaust the parser's recursion limit.
-    s, b, r = await call(http, "POST", stack.http_url + "/v1/messages",
-                         data=b"[" * 100_000 + b"]" * 100_000,
-                         headers={**DEMO, "Content-Type": "application/json"})
+    s, b, r = await call(
+        http,
+        "POST",
+        stack.http_url + "/v1/messages",
+        data=b"[" * 100_000 + b"]" * 100_000,
+        headers={**DEMO, "Content-Type": "application/json"},
+    )
     assert_problem(s, b, r, 400, "invalid-json")
 
 
-async def test_internal_error_is_a_bare_500(stack_factory: Any, http: aiohttp.ClientSession,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_internal_error_is_a_bare_500(
+    stack_factory: Any, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
     stack = await stack_factory()
 
     def boom(msg: Any, done: Any) -> Any:
@@ -364,26 +449,33 @@ async def test_internal_error_is_a_bare_500(stack_factory: Any, http: aiohttp.Cl
 # -------------------------------------------------------------------- auth
 
 
-async def test_authentication_and_permissions(stack_factory: Any, db: Any,
-                                              http: aiohttp.ClientSession) -> None:
+async def test_authentication_and_permissions(
+    stack_factory: Any, db: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
     url = stack.http_url + "/v1/messages"
     acme = await db.fetchval("SELECT id FROM accounts WHERE name = 'acme'")
     await add_api_key(db, acme, "acme-readonly", ("read",))
     await add_api_key(db, acme, "acme-adminonly", ("admin",))
     await stack.router.reload()
-    for headers in ({}, {"Authorization": "Basic YWNtZTpwdw=="}, {"Authorization": "Bearer "},
-                    {"Authorization": "Bearer " + "k" * 600}):
+    for headers in (
+        {},
+        {"Authorization": "Basic YWNtZTpwdw=="},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Bearer " + "k" * 600},
+    ):
         s, b, r = await call(http, "POST", url, json_body=msg(), headers=headers)
         assert_problem(s, b, r, 401, "unauthorized")
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
     for key in ("acme-key-0002", "nosuchprefix-key"):
-        s, b, r = await call(http, "POST", url, json_body=msg(),
-                             headers={"Authorization": f"Bearer {key}"})
+        s, b, r = await call(
+            http, "POST", url, json_body=msg(), headers={"Authorization": f"Bearer {key}"}
+        )
         assert_problem(s, b, r, 401, "unauthorized")
         assert 'error="invalid_token"' in r.headers["WWW-Authenticate"]
-    s, b, r = await call(http, "POST", url, json_body=msg(),
-                         headers={"Authorization": "Bearer acme-readonly"})
+    s, b, r = await call(
+        http, "POST", url, json_body=msg(), headers={"Authorization": "Bearer acme-readonly"}
+    )
     assert_problem(s, b, r, 403, "forbidden")
     # Auth comes before anything else: no body parsing for a stranger.
     s, b, r = await call(http, "POST", url, data=b"{bad", headers={"Content-Type": "text/plain"})
@@ -392,11 +484,13 @@ async def test_authentication_and_permissions(stack_factory: Any, db: Any,
     s, b, _ = await call(http, "POST", url, json_body=msg(), headers=ACME)
     assert s == 202
     mid = b["id"]
-    s, b, _ = await call(http, "GET", f"{url}/{mid}", headers={"Authorization": "Bearer "
-                                                                               "acme-readonly"})
+    s, b, _ = await call(
+        http, "GET", f"{url}/{mid}", headers={"Authorization": "Bearer acme-readonly"}
+    )
     assert s == 200 and b["id"] == mid
-    s, b, r = await call(http, "GET", f"{url}/{mid}",
-                         headers={"Authorization": "Bearer acme-adminonly"})
+    s, b, r = await call(
+        http, "GET", f"{url}/{mid}", headers={"Authorization": "Bearer acme-adminonly"}
+    )
     assert_problem(s, b, r, 403, "forbidden")
     s, b, r = await call(http, "GET", f"{url}/{mid}", headers={})
     assert_problem(s, b, r, 401, "unauthorized")
@@ -411,8 +505,9 @@ async def test_authentication_and_permissions(stack_factory: Any, db: Any,
 # ----------------------------------------------------------- backpressure
 
 
-async def test_full_queue_is_429_and_draining_is_503(stack_factory: Any,
-                                                     http: aiohttp.ClientSession) -> None:
+async def test_full_queue_is_429_and_draining_is_503(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
     engine = stack.router.engine
     url = stack.http_url + "/v1/messages"
@@ -432,13 +527,22 @@ async def test_full_queue_is_429_and_draining_is_503(stack_factory: Any,
     s, b, r = await call(http, "POST", url, json_body={"messages": [msg(to=[US, DK])]})
     assert s == 202, b
     assert b["accepted"] == 1 and b["rejected"] == 1
-    assert b["errors"] == [{"index": 0, "recipient": 1, "type": PROBLEM_BASE + "queue-full",
-                            "field": "to", "detail": b["errors"][0]["detail"]}]
+    assert b["errors"] == [
+        {
+            "index": 0,
+            "recipient": 1,
+            "type": PROBLEM_BASE + "queue-full",
+            "field": "to",
+            "detail": b["errors"][0]["detail"],
+        }
+    ]
     assert int(r.headers["Retry-After"]) >= 1
     s, b, r = await call(http, "POST", url, json_body={"messages": [msg(), msg(text="")]})
     assert_problem(s, b, r, 429, "queue-full")
-    assert {e["type"] for e in b["errors"]} == {PROBLEM_BASE + "queue-full",
-                                                PROBLEM_BASE + "invalid-text"}
+    assert {e["type"] for e in b["errors"]} == {
+        PROBLEM_BASE + "queue-full",
+        PROBLEM_BASE + "invalid-text",
+    }
     # Nothing was accepted that the queue could not keep.
     assert engine.carriers["sim-eu"].backlog == 2
     # Draining.
@@ -451,8 +555,9 @@ async def test_full_queue_is_429_and_draining_is_503(stack_factory: Any,
 # ------------------------------------------------------------- idempotency
 
 
-async def test_idempotent_retry_returns_the_original_answer(stack_factory: Any, db: Any,
-                                                            http: aiohttp.ClientSession) -> None:
+async def test_idempotent_retry_returns_the_original_answer(
+    stack_factory: Any, db: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
     url = stack.http_url + "/v1/messages"
     key = str(uuid.uuid4())
@@ -463,8 +568,9 @@ async def test_idempotent_retry_returns_the_original_answer(stack_factory: Any, 
     assert "Idempotent-Replayed" not in r1.headers
     # Same key, same request (different formatting): the original answer, nothing sent.
     raw = json.dumps(body, indent=2).encode()
-    s2, b2, r2 = await call(http, "POST", url, data=raw,
-                            headers={**hdrs, "Content-Type": "application/json"})
+    s2, b2, r2 = await call(
+        http, "POST", url, data=raw, headers={**hdrs, "Content-Type": "application/json"}
+    )
     assert (s2, b2) == (s1, b1)
     assert r2.headers["Idempotent-Replayed"] == "true"
     await wait_for(lambda: stack.sims["sim-eu"].received_count() == 2)
@@ -475,12 +581,16 @@ async def test_idempotent_retry_returns_the_original_answer(stack_factory: Any, 
     s, b, r = await call(http, "POST", url, json_body=msg(text="other"), headers=hdrs)
     assert_problem(s, b, r, 422, "idempotency-key-reused", "Idempotency-Key")
     # The same key belongs to nobody else: acme uses it freely.
-    s, b, _ = await call(http, "POST", url, json_body=msg(),
-                         headers={**ACME, "Idempotency-Key": key})
+    s, b, _ = await call(
+        http, "POST", url, json_body=msg(), headers={**ACME, "Idempotency-Key": key}
+    )
     assert s == 202 and b["id"] not in json.dumps(b1)
     # Kept in PostgreSQL without numbers or text.
-    row = await db.fetchrow("SELECT * FROM idempotency_keys WHERE key = $1 AND account_id = "
-                            "(SELECT id FROM accounts WHERE name = 'demo')", key)
+    row = await db.fetchrow(
+        "SELECT * FROM idempotency_keys WHERE key = $1 AND account_id = "
+        "(SELECT id FROM accounts WHERE name = 'demo')",
+        key,
+    )
     assert row["status"] == 202
     stored = json.loads(row["body"])
     assert stored == b1
@@ -489,20 +599,24 @@ async def test_idempotent_retry_returns_the_original_answer(stack_factory: Any, 
         assert secret not in dump
     # Malformed keys.
     for bad in ("", "a" * 256, "spaced key"):
-        s, b, r = await call(http, "POST", url, json_body=msg(),
-                             headers={**DEMO, "Idempotency-Key": bad})
+        s, b, r = await call(
+            http, "POST", url, json_body=msg(), headers={**DEMO, "Idempotency-Key": bad}
+        )
         assert_problem(s, b, r, 400, "invalid-idempotency-key", "Idempotency-Key")
 
 
-async def test_idempotency_is_shared_between_nodes(stack_factory: Any,
-                                                   http: aiohttp.ClientSession) -> None:
+async def test_idempotency_is_shared_between_nodes(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     node_a = await stack_factory()
     node_b = await stack_factory()
     hdrs = {**DEMO, "Idempotency-Key": str(uuid.uuid4())}
-    s1, b1, _ = await call(http, "POST", node_a.http_url + "/v1/messages",
-                           json_body=msg(), headers=hdrs)
-    s2, b2, r2 = await call(http, "POST", node_b.http_url + "/v1/messages",
-                            json_body=msg(), headers=hdrs)
+    s1, b1, _ = await call(
+        http, "POST", node_a.http_url + "/v1/messages", json_body=msg(), headers=hdrs
+    )
+    s2, b2, r2 = await call(
+        http, "POST", node_b.http_url + "/v1/messages", json_body=msg(), headers=hdrs
+    )
     assert s1 == s2 == 202 and b1 == b2
     assert r2.headers["Idempotent-Replayed"] == "true"
     await wait_for(lambda: node_a.sims["sim-eu"].received_count() == 1)
@@ -510,8 +624,9 @@ async def test_idempotency_is_shared_between_nodes(stack_factory: Any,
     assert node_b.sims["sim-eu"].received_count() == 0
 
 
-async def test_refusals_are_not_kept_so_a_retry_can_succeed(stack_factory: Any,
-                                                             http: aiohttp.ClientSession) -> None:
+async def test_refusals_are_not_kept_so_a_retry_can_succeed(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
     url = stack.http_url + "/v1/messages"
     hdrs = {**DEMO, "Idempotency-Key": str(uuid.uuid4())}
@@ -541,8 +656,9 @@ async def test_idempotency_store_claims_expiry_and_in_progress(db: Any) -> None:
     await asyncio.sleep(0.4)
     assert await a.claim(acct, key, "h3") is None
     await a.release(acct, key)
-    assert await db.fetchval("SELECT count(*) FROM idempotency_keys WHERE account_id = $1",
-                             acct) == 0
+    assert (
+        await db.fetchval("SELECT count(*) FROM idempotency_keys WHERE account_id = $1", acct) == 0
+    )
     await a.put(acct, key, "h4", 202, {})  # put without claim: memory only, no row
     assert await a.purge() == 0
     mem = IdempotencyStore(None)
@@ -555,12 +671,14 @@ async def test_idempotency_store_claims_expiry_and_in_progress(db: Any) -> None:
 # ---------------------------------------------------------- secret class
 
 
-async def test_secret_message_keeps_parts_but_forgets_userref(stack_factory: Any, db: Any,
-                                                              http: aiohttp.ClientSession) -> None:
+async def test_secret_message_keeps_parts_but_forgets_userref(
+    stack_factory: Any, db: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
     url = stack.http_url + "/v1/messages"
-    s, b, _ = await call(http, "POST", url, json_body=msg(**{"class": "secret"}, userref="ref-9",
-                                                          text="y" * 200))
+    s, b, _ = await call(
+        http, "POST", url, json_body=msg(**{"class": "secret"}, userref="ref-9", text="y" * 200)
+    )
     assert s == 202 and b["parts"] == 2
     mid = b["id"]
     d = stack.router.engine.lookup(mid)

@@ -36,8 +36,11 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def _validator(doc: dict[str, Any], schema: dict[str, Any]) -> Any:
-    root = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema,
-            "components": doc["components"]}
+    root = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        **schema,
+        "components": doc["components"],
+    }
     return jsonschema_rs.Draft202012Validator(root, validate_formats=True)
 
 
@@ -57,8 +60,10 @@ class Contract:
         media = resp.content_type
         assert media in spec["content"], f"{method} {template} {code}: {media} not documented"
         body = json.loads(raw)
-        errors = [e.message for e in
-                  _validator(self.doc, spec["content"][media]["schema"]).iter_errors(body)]
+        errors = [
+            e.message
+            for e in _validator(self.doc, spec["content"][media]["schema"]).iter_errors(body)
+        ]
         assert not errors, (method, template, code, body, errors)
         for name, h in spec.get("headers", {}).items():
             value = resp.headers.get(name)
@@ -70,8 +75,9 @@ class Contract:
         return body
 
 
-async def test_document_is_served_without_auth_and_is_valid(stack_factory: Any,
-                                                            http: aiohttp.ClientSession) -> None:
+async def test_document_is_served_without_auth_and_is_valid(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = await stack_factory()
     async with http.get(stack.http_url + "/v1/openapi.json") as resp:
         assert resp.status == 200 and resp.content_type == "application/json"
@@ -92,7 +98,8 @@ async def test_document_is_served_without_auth_and_is_valid(stack_factory: Any,
 
 
 async def test_real_answers_of_every_status_match_the_document(
-        stack_factory: Any, http: aiohttp.ClientSession, db: Any) -> None:
+    stack_factory: Any, http: aiohttp.ClientSession, db: Any
+) -> None:
     stack = await stack_factory(http=HttpConfig(max_body=4000, max_batch=5))
     async with http.get(stack.http_url + "/v1/openapi.json") as resp:
         contract = Contract(await resp.json())
@@ -100,38 +107,45 @@ async def test_real_answers_of_every_status_match_the_document(
     P, G = "/v1/messages", "/v1/messages/{id}"
     good = {"to": "+4512345678", "from": "Acme", "text": "hello", "labels": {"a": "b"}}
 
-    async def post(body: Any = None, *, data: bytes | None = None,
-                   headers: dict[str, str] | None = None) -> Any:
+    async def post(
+        body: Any = None, *, data: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> Any:
         payload = data if data is not None else json.dumps(body).encode()
         async with http.post(url, data=payload, headers=headers or JSON) as r:
             return await contract.check(r, "POST", P)
 
     single = await post(good)
-    batch = await post({"messages": [good, {"to": ["+14155552671", "+4512345679"],
-                                            "from": "Acme", "text": "ж" * 80},
-                                     {"to": "1", "from": "A", "text": "x"}]})
+    batch = await post(
+        {
+            "messages": [
+                good,
+                {"to": ["+14155552671", "+4512345679"], "from": "Acme", "text": "ж" * 80},
+                {"to": "1", "from": "A", "text": "x"},
+            ]
+        }
+    )
     assert batch["accepted"] == 3 and batch["errors"][0]["index"] == 2
-    await post(data=b"{", headers=JSON)                                            # 400
-    await post(good, headers={**JSON, "Idempotency-Key": "has space"})             # 400
-    await post(good, headers={"Content-Type": "application/json"})                 # 401
-    await post(good, headers={**JSON, "Authorization": "Bearer nope-nope"})        # 401
+    await post(data=b"{", headers=JSON)  # 400
+    await post(good, headers={**JSON, "Idempotency-Key": "has space"})  # 400
+    await post(good, headers={"Content-Type": "application/json"})  # 401
+    await post(good, headers={**JSON, "Authorization": "Bearer nope-nope"})  # 401
     acme = await db.fetchval("SELECT id FROM accounts WHERE name = 'acme'")
     from router.accounts import add_api_key
 
     await add_api_key(db, acme, "acme-reader", ("read",))
     await stack.router.reload()
-    await post(good, headers={**JSON, "Authorization": "Bearer acme-reader"})      # 403
-    await post({**good, "text": "x" * 5000})                                       # 413
-    await post({**good, "to": ["+4512345678"] * 6})                                # 413
-    await post(good, headers={**DEMO, "Content-Type": "text/plain"})               # 415
-    await post({**good, "from": ""})                                               # 422
-    await post({"messages": [{"to": "1"}]})                                        # 422 batch
-    await post({**good, "send_at": "2030-01-01T00:00:00Z"})                        # 422
+    await post(good, headers={**JSON, "Authorization": "Bearer acme-reader"})  # 403
+    await post({**good, "text": "x" * 5000})  # 413
+    await post({**good, "to": ["+4512345678"] * 6})  # 413
+    await post(good, headers={**DEMO, "Content-Type": "text/plain"})  # 415
+    await post({**good, "from": ""})  # 422
+    await post({"messages": [{"to": "1"}]})  # 422 batch
+    await post({**good, "send_at": "2030-01-01T00:00:00Z"})  # 422
     key = {**JSON, "Idempotency-Key": str(uuid.uuid4())}
     first = await post(good, headers=key)
     async with http.post(url, data=json.dumps(good).encode(), headers=key) as r:
-        assert await contract.check(r, "POST", P) == first                         # replay
-    await post({**good, "text": "other"}, headers=key)                             # 422 reused
+        assert await contract.check(r, "POST", P) == first  # replay
+    await post({**good, "text": "other"}, headers=key)  # 422 reused
     engine = stack.router.engine
     await stack.sims["sim-eu"].stop()
     for _ in range(200):
@@ -139,10 +153,10 @@ async def test_real_answers_of_every_status_match_the_document(
             break
         await asyncio.sleep(0.02)
     engine.carriers["sim-eu"].cfg.queue_size = 0
-    await post(good)                                                               # 429
-    await post({"messages": [good, {**good, "to": "+14155552671"}]})               # 202 + R-A
+    await post(good)  # 429
+    await post({"messages": [good, {**good, "to": "+14155552671"}]})  # 202 + R-A
     engine.accepting = False
-    await post(good)                                                               # 503
+    await post(good)  # 503
     engine.accepting = True
 
     async def get(mid: str, headers: dict[str, str] | None = None) -> Any:
@@ -152,26 +166,49 @@ async def test_real_answers_of_every_status_match_the_document(
     status = await get(single["id"])
     assert status["labels"] == {"a": "b"}
     await get(batch["messages"][1]["id"])
-    await get("0" * 20)                                                            # 404
-    await get(single["id"], headers={})                                            # 401
+    await get("0" * 20)  # 404
+    await get(single["id"], headers={})  # 401
     await add_api_key(db, acme, "acme-admin1", ("admin",))
     await stack.router.reload()
-    await get(single["id"], headers={"Authorization": "Bearer acme-admin1"})       # 403
+    await get(single["id"], headers={"Authorization": "Bearer acme-admin1"})  # 403
     codes = {(m, s) for m, _, s in contract.seen}
     assert {("POST", c) for c in (202, 400, 401, 403, 413, 415, 422, 429, 503)} <= codes
     assert {("GET", c) for c in (200, 401, 403, 404)} <= codes
 
 
-def _run_schemathesis(base_url: str, max_examples: int,
-                      seen: dict[tuple[str, str, int], int]) -> list[str]:
+def _run_schemathesis(
+    base_url: str, max_examples: int, seen: dict[tuple[str, str, int], int]
+) -> list[str]:
     """Generate requests from the served document and call the live router."""
     # 413 (too many recipients, too large a body) is a refusal too.
-    config = schemathesis.Config.from_dict({"checks": {"negative_data_rejection": {
-        "expected-statuses": ["400", "401", "403", "404", "409", "413", "415", "422", "429"]}}})
+    config = schemathesis.Config.from_dict(
+        {
+            "checks": {
+                "negative_data_rejection": {
+                    "expected-statuses": [
+                        "400",
+                        "401",
+                        "403",
+                        "404",
+                        "409",
+                        "413",
+                        "415",
+                        "422",
+                        "429",
+                    ]
+                }
+            }
+        }
+    )
     schema = schemathesis.openapi.from_url(base_url + "/v1/openapi.json", config=config)
-    selected = [checks.not_a_server_error, checks.status_code_conformance,
-                checks.content_type_conformance, checks.response_schema_conformance,
-                checks.response_headers_conformance, checks.negative_data_rejection]
+    selected = [
+        checks.not_a_server_error,
+        checks.status_code_conformance,
+        checks.content_type_conformance,
+        checks.response_schema_conformance,
+        checks.response_headers_conformance,
+        checks.negative_data_rejection,
+    ]
     failures: list[str] = []
     for result in schema.get_all_operations():
         op = result.ok()
@@ -179,13 +216,20 @@ def _run_schemathesis(base_url: str, max_examples: int,
         if op.path != "/v1/openapi.json":
             modes.append(schemathesis.GenerationMode.NEGATIVE)
         for mode in modes:
-            @hypothesis.settings(max_examples=max_examples, deadline=None, database=None,
-                                 derandomize=True, phases=[Phase.explicit, Phase.generate],
-                                 suppress_health_check=list(HealthCheck))
+
+            @hypothesis.settings(
+                max_examples=max_examples,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             @hypothesis.given(case=op.as_strategy(generation_mode=mode))
             def run(case: Any) -> None:
-                resp = case.call_and_validate(base_url=base_url, headers=dict(DEMO),
-                                              checks=selected, timeout=10)
+                resp = case.call_and_validate(
+                    base_url=base_url, headers=dict(DEMO), checks=selected, timeout=10
+                )
                 k = (case.method.upper(), case.path, resp.status_code)
                 seen[k] = seen.get(k, 0) + 1
 
@@ -197,7 +241,8 @@ def _run_schemathesis(base_url: str, max_examples: int,
 
 
 async def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(
-        stack_factory: Any) -> None:
+    stack_factory: Any,
+) -> None:
     stack = await stack_factory()
     seen: dict[tuple[str, str, int], int] = {}
     failures = await asyncio.to_thread(_run_schemathesis, stack.http_url, 25, seen)

@@ -83,8 +83,9 @@ async def test_sigterm_under_load_drains_exits_0_and_loses_nothing(
     sp = await sim.start()
     ports = free_ports()
     cfg = tmp_path / "router.toml"
-    cfg.write_text(listen_toml(ports) + carrier_toml("sim", sp, tps=300.0)
-                   + '[routes]\ndefault = ["sim"]\n')
+    cfg.write_text(
+        listen_toml(ports) + carrier_toml("sim", sp, tps=300.0) + '[routes]\ndefault = ["sim"]\n'
+    )
     log = tmp_path / "log"
     proc = await start_router(cfg, database_url, ports["ops"], log)
     acked: dict[str, str] = {}
@@ -113,8 +114,10 @@ async def test_sigterm_under_load_drains_exits_0_and_loses_nothing(
         await wait_for(lambda: set(acked) <= {m.payload.decode() for m in sim.received}, 60)
         seen = Counter(m.payload.decode() for m in sim.received)
         dups = sum(n - 1 for t, n in seen.items() if t in acked and n > 1)
-        print(f"\nacknowledged={len(acked)} duplicates_after_graceful_drain={dups} "
-              f"drain_seconds={drain_seconds:.2f}")
+        print(
+            f"\nacknowledged={len(acked)} duplicates_after_graceful_drain={dups} "
+            f"drain_seconds={drain_seconds:.2f}"
+        )
     finally:
         stop_router(proc)
         await sim.stop()
@@ -134,6 +137,7 @@ async def test_metrics_move_with_traffic_and_carry_no_personal_data(stack_factor
     routes = RoutesConfig(default=[RouteEntry("good")], countries={"DK": [RouteEntry("bad")]})
     stack = await stack_factory(sims=sims, routes=routes)
     async with aiohttp.ClientSession() as http:
+
         async def scrape() -> dict[str, float]:
             async with http.get(stack.ops_url + "/metrics") as r:
                 assert r.status == 200
@@ -157,15 +161,28 @@ async def test_metrics_move_with_traffic_and_carry_no_personal_data(stack_factor
     def delta(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    assert delta('smsrouter_messages_accepted_total{account="acme",country="US",ingress="smpp"}') == 3
-    assert delta('smsrouter_messages_accepted_total{account="acme",country="DK",ingress="smpp"}') == 1
-    assert delta('smsrouter_messages_rejected_total{account="acme",ingress="smpp",reason="invalid_to"}') == 1
+    assert (
+        delta('smsrouter_messages_accepted_total{account="acme",country="US",ingress="smpp"}') == 3
+    )
+    assert (
+        delta('smsrouter_messages_accepted_total{account="acme",country="DK",ingress="smpp"}') == 1
+    )
+    assert (
+        delta(
+            'smsrouter_messages_rejected_total{account="acme",ingress="smpp",reason="invalid_to"}'
+        )
+        == 1
+    )
     assert delta('smsrouter_messages_final_total{carrier="good",status="delivered"}') == 3
     assert delta('smsrouter_messages_final_total{carrier="bad",status="failed"}') == 1
-    assert delta('smsrouter_carrier_submit_errors_total{carrier="bad",status="ESME_RSUBMITFAIL"}') == 1
+    assert (
+        delta('smsrouter_carrier_submit_errors_total{carrier="bad",status="ESME_RSUBMITFAIL"}') == 1
+    )
     assert after['smsrouter_carrier_up{carrier="good"}'] == 1
     assert after['smsrouter_carrier_queue_capacity{carrier="good"}'] == 10_000
-    assert delta('smsrouter_accept_to_submit_seconds_count') == 3  # the rejected one never got there
+    assert (
+        delta("smsrouter_accept_to_submit_seconds_count") == 3
+    )  # the rejected one never got there
     # No label value anywhere looks like a phone number or carries the text.
     labels = re.findall(r'="([^"]*)"', body)
     assert not [v for v in labels if re.search(r"\d{6,}", v)]

@@ -54,8 +54,11 @@ async def test_changes_are_audited_with_a_hash(db: asyncpg.Pool) -> None:
     optout = OptOutList(KEY)
     await optout.add(db, a, NUMBER, "api-key:7")
     await optout.remove(db, a, NUMBER, "api-key:7")
-    rows = await db.fetch("SELECT actor, action, account_id, detail::text AS d FROM audit_log"
-                          " WHERE id > $1 ORDER BY id", before)
+    rows = await db.fetch(
+        "SELECT actor, action, account_id, detail::text AS d FROM audit_log"
+        " WHERE id > $1 ORDER BY id",
+        before,
+    )
     assert [r["action"] for r in rows] == ["opt_out.add", "opt_out.remove"]
     for r in rows:
         assert r["actor"] == "api-key:7" and r["account_id"] == a
@@ -113,10 +116,14 @@ async def test_account_and_key_changes_are_announced_too(db: asyncpg.Pool) -> No
 
 # ------------------------------------------------- end to end (needs wiring)
 
+
 async def _opt_out_over_api(stack: Any, number: str) -> None:
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{stack.http_url}/v1/admin/opt-out", json={"msisdn": number},
-                             headers={"Authorization": "Bearer demo-key"}) as resp:
+        async with http.post(
+            f"{stack.http_url}/v1/admin/opt-out",
+            json={"msisdn": number},
+            headers={"Authorization": "Bearer demo-key"},
+        ) as resp:
             assert resp.status == 201, await resp.text()
 
 
@@ -124,19 +131,23 @@ async def test_http_submission_to_an_opted_out_number_is_refused(stack_factory: 
     stack = await stack_factory()
     await _opt_out_over_api(stack, "+" + NUMBER)
     async with aiohttp.ClientSession(headers={"Authorization": "Bearer demo-key"}) as http:
-        async with http.post(f"{stack.http_url}/v1/messages",
-                             json={"to": "+" + NUMBER, "from": "Demo", "text": "hi"}) as resp:
+        async with http.post(
+            f"{stack.http_url}/v1/messages", json={"to": "+" + NUMBER, "from": "Demo", "text": "hi"}
+        ) as resp:
             assert resp.status == 422
             body = await resp.json()
             assert body["type"].endswith("/opted-out")
             assert NUMBER not in json.dumps(body)
-        async with http.post(f"{stack.http_url}/v1/messages",
-                             json={"to": "+4587654321", "from": "Demo", "text": "hi"}) as resp:
+        async with http.post(
+            f"{stack.http_url}/v1/messages",
+            json={"to": "+4587654321", "from": "Demo", "text": "hi"},
+        ) as resp:
             assert resp.status == 202  # other numbers still go
     # Another account may still message that number.
     async with aiohttp.ClientSession(headers={"Authorization": "Bearer acme-key-0001"}) as http:
-        async with http.post(f"{stack.http_url}/v1/messages",
-                             json={"to": "+" + NUMBER, "from": "Acme", "text": "hi"}) as resp:
+        async with http.post(
+            f"{stack.http_url}/v1/messages", json={"to": "+" + NUMBER, "from": "Acme", "text": "hi"}
+        ) as resp:
             assert resp.status == 202
 
 
@@ -173,8 +184,14 @@ async def test_smpp_submission_to_an_opted_out_number_gets_roptedout(stack_facto
         assert bound.status == Status.ESME_ROK
 
         def submit(dest: str) -> Any:
-            return P.SubmitSm(source_addr_ton=5, source_addr="Demo", dest_addr_ton=1,
-                              dest_addr_npi=1, destination_addr=dest, short_message=b"hi")
+            return P.SubmitSm(
+                source_addr_ton=5,
+                source_addr="Demo",
+                dest_addr_ton=1,
+                dest_addr_npi=1,
+                destination_addr=dest,
+                short_message=b"hi",
+            )
 
         refused = await client.request(submit(NUMBER))
         assert refused.status == Status.ESME_ROPTEDOUT == 0x401

@@ -18,25 +18,46 @@ UTC = dt.UTC
 DAY = dt.timedelta(days=1)
 
 
-async def add_row(pool: asyncpg.Pool, account_id: int, accepted_at: dt.datetime, *,
-                  destination: str | None = "4512345678", source: str | None = "Acme",
-                  body: str | None = "hello there", userref: str | None = "ref-1",
-                  cls: str = "standard", msg_id: str | None = None) -> str:
+async def add_row(
+    pool: asyncpg.Pool,
+    account_id: int,
+    accepted_at: dt.datetime,
+    *,
+    destination: str | None = "4512345678",
+    source: str | None = "Acme",
+    body: str | None = "hello there",
+    userref: str | None = "ref-1",
+    cls: str = "standard",
+    msg_id: str | None = None,
+) -> str:
     msg_id = msg_id or secrets.token_hex(10)
     await pool.execute(
         "INSERT INTO traffic_log (id, account_id, class, ingress, source, destination, country,"
         " carrier, parts, data_coding, body, userref, accepted_at)"
         " VALUES ($1, $2, $3, 'http', $4, $5, 'DK', 'sim-eu', 1, 0, $6, $7, $8)",
-        msg_id, account_id, cls, source, destination, body, userref, accepted_at,
+        msg_id,
+        account_id,
+        cls,
+        source,
+        destination,
+        body,
+        userref,
+        accepted_at,
     )
     return msg_id
 
 
-async def add_event(pool: asyncpg.Pool, msg_id: str, account_id: int, at: dt.datetime,
-                    status: str = "delivered") -> None:
+async def add_event(
+    pool: asyncpg.Pool, msg_id: str, account_id: int, at: dt.datetime, status: str = "delivered"
+) -> None:
     await pool.execute(
         "INSERT INTO delivery_events (message_id, account_id, status, carrier, at)"
-        " VALUES ($1, $2, $3, 'sim-eu', $4)", msg_id, account_id, status, at)
+        " VALUES ($1, $2, $3, 'sim-eu', $4)",
+        msg_id,
+        account_id,
+        status,
+        at,
+    )
 
 
 async def row(pool: asyncpg.Pool, msg_id: str) -> Any:
@@ -54,8 +75,16 @@ async def test_old_rows_are_anonymised_exactly_and_fresh_rows_untouched(db: asyn
     acct = await create_account(db, "shop")
     old = await add_row(db, acct, now - 31 * DAY)
     odd = await add_row(db, acct, now - 31 * DAY, destination="14155552671")
-    secret = await add_row(db, acct, now - 31 * DAY, destination=None, source=None, body=None,
-                           userref=None, cls="secret")
+    secret = await add_row(
+        db,
+        acct,
+        now - 31 * DAY,
+        destination=None,
+        source=None,
+        body=None,
+        userref=None,
+        cls="secret",
+    )
     fresh = await add_row(db, acct, now - DAY)
     edge = await add_row(db, acct, now - 30 * DAY + dt.timedelta(hours=2))
 
@@ -73,7 +102,11 @@ async def test_old_rows_are_anonymised_exactly_and_fresh_rows_untouched(db: asyn
     for untouched in (fresh, edge):
         f = await row(db, untouched)
         assert (f["destination"], f["source"], f["body"], f["userref"]) == (
-            "4512345678", "Acme", "hello there", "ref-1")
+            "4512345678",
+            "Acme",
+            "hello there",
+            "ref-1",
+        )
         assert f["anonymised_at"] is None
 
     # Idempotent: a second pass (even later) changes nothing already done.
@@ -113,8 +146,7 @@ async def test_rows_and_events_are_deleted_after_the_purge_window(db: asyncpg.Po
     report = await run_retention(db, now)
     assert report.purged_messages == 1 and report.purged_events == 1
     assert await row(db, gone) is None
-    assert not await db.fetchval("SELECT count(*) FROM delivery_events WHERE message_id = $1",
-                                 gone)
+    assert not await db.fetchval("SELECT count(*) FROM delivery_events WHERE message_id = $1", gone)
     assert (await row(db, kept))["destination"] == "45123"  # anonymised, not deleted
     assert (await row(db, long_kept))["destination"] == "45123"
 
@@ -137,7 +169,8 @@ async def test_old_day_partitions_are_dropped_young_ones_kept(db: asyncpg.Pool) 
             names.append(name)
             await db.execute(
                 f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} FOR VALUES"
-                f" FROM ('{day.isoformat()}') TO ('{(day + DAY).isoformat()}')")
+                f" FROM ('{day.isoformat()}') TO ('{(day + DAY).isoformat()}')"
+            )
     old_ts = dt.datetime.combine(old_day, dt.time(12), UTC)
     old_id = await add_row(db, acct, old_ts)
     await add_event(db, old_id, acct, old_ts)
@@ -146,8 +179,12 @@ async def test_old_day_partitions_are_dropped_young_ones_kept(db: asyncpg.Pool) 
     report = await run_retention(db, now)
     old_parts = [f"traffic_log_{old_day:%Y%m%d}", f"delivery_events_{old_day:%Y%m%d}"]
     assert sorted(report.dropped_partitions) == sorted(old_parts)
-    existing = {r["relname"] for r in await db.fetch(
-        "SELECT relname FROM pg_class WHERE relname = ANY($1::text[])", names)}
+    existing = {
+        r["relname"]
+        for r in await db.fetch(
+            "SELECT relname FROM pg_class WHERE relname = ANY($1::text[])", names
+        )
+    }
     assert existing == set(names) - set(old_parts)
     assert await row(db, old_id) is None
     assert (await row(db, young_id))["anonymised_at"] is None
@@ -158,12 +195,17 @@ async def test_audit_rows_are_kept_two_years_then_deleted(db: asyncpg.Pool) -> N
     now = dt.datetime.now(UTC)
     actor = f"test:{secrets.token_hex(4)}"
     for age in (2 * 365 + 10, 2 * 365 - 10, 1):
-        await db.execute("INSERT INTO audit_log (at, actor, action) VALUES ($1, $2, $3)",
-                         now - age * DAY, actor, f"age-{age}")
+        await db.execute(
+            "INSERT INTO audit_log (at, actor, action) VALUES ($1, $2, $3)",
+            now - age * DAY,
+            actor,
+            f"age-{age}",
+        )
     report = await run_retention(db, now)
     assert report.audit_deleted >= 1
-    left = {r["action"] for r in await db.fetch(
-        "SELECT action FROM audit_log WHERE actor = $1", actor)}
+    left = {
+        r["action"] for r in await db.fetch("SELECT action FROM audit_log WHERE actor = $1", actor)
+    }
     assert left == {f"age-{2 * 365 - 10}", "age-1"}
     # A clock running ahead cannot make retention fight the table's trigger.
     await run_retention(db, now + 365 * DAY)
@@ -177,7 +219,8 @@ async def test_batches_are_safe_under_concurrent_inserts(db: asyncpg.Pool) -> No
         "INSERT INTO traffic_log (id, account_id, class, ingress, source, destination, country,"
         " parts, data_coding, body, accepted_at) VALUES ($1, $2, 'standard', 'smpp', 'A',"
         " '4512345678', 'DK', 1, 0, 'x', $3)",
-        [(f"old{i:05d}", acct, now - 40 * DAY + dt.timedelta(seconds=i)) for i in range(2000)])
+        [(f"old{i:05d}", acct, now - 40 * DAY + dt.timedelta(seconds=i)) for i in range(2000)],
+    )
 
     async def writer() -> None:
         for i in range(20):
@@ -185,7 +228,8 @@ async def test_batches_are_safe_under_concurrent_inserts(db: asyncpg.Pool) -> No
                 "INSERT INTO traffic_log (id, account_id, class, ingress, destination, country,"
                 " parts, data_coding, body, accepted_at) VALUES ($1, $2, 'standard', 'http',"
                 " '4512345678', 'DK', 1, 0, 'y', $3)",
-                [(f"new{i:02d}{j:03d}", acct, now) for j in range(50)])
+                [(f"new{i:02d}{j:03d}", acct, now) for j in range(50)],
+            )
             await asyncio.sleep(0)
 
     report, _ = await asyncio.gather(run_retention(db, now, batch=97), writer())
@@ -193,7 +237,8 @@ async def test_batches_are_safe_under_concurrent_inserts(db: asyncpg.Pool) -> No
     counts = await db.fetchrow(
         "SELECT count(*) FILTER (WHERE anonymised_at IS NOT NULL AND destination = '45123') AS a,"
         " count(*) FILTER (WHERE anonymised_at IS NULL AND destination = '4512345678') AS f"
-        " FROM traffic_log")
+        " FROM traffic_log"
+    )
     assert (counts["a"], counts["f"]) == (2000, 1000)
 
 

@@ -31,10 +31,18 @@ def test_country_lookup_and_cache() -> None:
     assert len(c._cache) == 4
 
 
-@pytest.mark.parametrize("raw,want", [
-    ("+4512345678", "4512345678"), ("004512345678", "4512345678"), ("4512345678", "4512345678"),
-    ("+45 1234", None), ("12ab", None), ("0123456789", None), ("+1234567890123456", None),
-])
+@pytest.mark.parametrize(
+    "raw,want",
+    [
+        ("+4512345678", "4512345678"),
+        ("004512345678", "4512345678"),
+        ("4512345678", "4512345678"),
+        ("+45 1234", None),
+        ("12ab", None),
+        ("0123456789", None),
+        ("+1234567890123456", None),
+    ],
+)
 def test_normalise_e164(raw: str, want: str | None) -> None:
     assert normalise_e164(raw) == want
 
@@ -60,8 +68,9 @@ def test_country_prefix_default_and_blocked() -> None:
 
 
 def test_priority_then_weight_distribution_over_10k() -> None:
-    t = table(countries={"DK": [RouteEntry("a", 1, 3), RouteEntry("b", 1, 1),
-                                RouteEntry("backup", 2, 1)]})
+    t = table(
+        countries={"DK": [RouteEntry("a", 1, 3), RouteEntry("b", 1, 1), RouteEntry("backup", 2, 1)]}
+    )
     rng = random.Random(42)
     firsts = Counter(t.resolve("4512345678", "DK", rng).carriers[0] for _ in range(10_000))
     assert firsts["backup"] == 0  # lower priority never first
@@ -113,7 +122,9 @@ async def test_failover_moves_queue_and_traffic_returns_on_recovery(stack_factor
         # New traffic goes to the backup while the primary is down ...
         r = await esme.submit("+4512345678", "during-outage")
         assert r.status == 0
-        await _wait(lambda: "during-outage" in {m.payload.decode() for m in stack.sims["backup"].received})
+        await _wait(
+            lambda: "during-outage" in {m.payload.decode() for m in stack.sims["backup"].received}
+        )
         # ... and returns to the primary once it is back on the same port.
         revived = CarrierSimulator(SimConfig(port=primary_port, name="primary"))
         await revived.start()
@@ -160,8 +171,10 @@ async def test_throttled_carrier_gets_everything_without_head_of_line_blocking(
         acks = await asyncio.gather(*(esme.submit("+14155552671", f"t{i:03d}") for i in range(n)))
         assert all(a.status == 0 for a in acks)
         sim = stack.sims["flaky"]
-        await _wait(lambda: {m.payload.decode() for m in sim.received} == {f"t{i:03d}" for i in range(n)},
-                    timeout=30)
+        await _wait(
+            lambda: {m.payload.decode() for m in sim.received} == {f"t{i:03d}" for i in range(n)},
+            timeout=30,
+        )
         throttled = metrics.CARRIER_THROTTLED.labels(carrier="flaky")._value.get() - before
         assert throttled > 20  # about 20% of the first attempts
         order = [int(m.payload.decode()[1:]) for m in sim.received]
@@ -190,14 +203,20 @@ async def test_account_rate_limit_answers_throttled(stack_factory: Any, db: Any)
 
 
 def test_account_overrides_come_first_and_fall_back_to_global() -> None:
-    cfg = parse_config({
-        "carriers": [{"name": "a"}, {"name": "b"}, {"name": "c"}],
-        "routes": {
-            "default": ["a"], "countries": {"DK": ["a"]},
-            "accounts": {"bank": {"countries": {"DK": ["b"]}, "blocked": ["+4599"]},
-                         "shop": {"default": ["c"]}},
+    cfg = parse_config(
+        {
+            "carriers": [{"name": "a"}, {"name": "b"}, {"name": "c"}],
+            "routes": {
+                "default": ["a"],
+                "countries": {"DK": ["a"]},
+                "accounts": {
+                    "bank": {"countries": {"DK": ["b"]}, "blocked": ["+4599"]},
+                    "shop": {"default": ["c"]},
+                },
+            },
         },
-    }, {})
+        {},
+    )
     t = RouteTable.from_config(cfg.routes)
     rng = random.Random(0)
     assert t.resolve("4512345678", "DK", rng, "bank").carriers == ["b"]
@@ -209,5 +228,10 @@ def test_account_overrides_come_first_and_fall_back_to_global() -> None:
         t.resolve("4599123456", "DK", rng, "bank")
     assert t.resolve("4599123456", "DK", rng, "shop").carriers == ["c"]
     with pytest.raises(ConfigError, match=r"routes.accounts.bank.countries.DK\[0\].carrier"):
-        parse_config({"carriers": [{"name": "a"}],
-                      "routes": {"accounts": {"bank": {"countries": {"DK": ["zz"]}}}}}, {})
+        parse_config(
+            {
+                "carriers": [{"name": "a"}],
+                "routes": {"accounts": {"bank": {"countries": {"DK": ["zz"]}}}},
+            },
+            {},
+        )

@@ -28,8 +28,7 @@ SECRET_TLV = {0x1400: b"\x01"}
 
 
 async def all_table_text(db: asyncpg.Pool) -> str:
-    tables = await db.fetch(
-        "SELECT schemaname, relname FROM pg_stat_user_tables ORDER BY 1, 2")
+    tables = await db.fetch("SELECT schemaname, relname FROM pg_stat_user_tables ORDER BY 1, 2")
     chunks = []
     for t in tables:
         rows = await db.fetch(f'SELECT x::text AS t FROM "{t["schemaname"]}"."{t["relname"]}" x')
@@ -38,8 +37,11 @@ async def all_table_text(db: asyncpg.Pool) -> str:
 
 
 def grep_dir(path: Path, needles: list[bytes]) -> list[str]:
-    r = subprocess.run(["grep", "-rlaF", *sum((["-e", n.decode()] for n in needles), []), str(path)],
-                       capture_output=True, timeout=120)
+    r = subprocess.run(
+        ["grep", "-rlaF", *sum((["-e", n.decode()] for n in needles), []), str(path)],
+        capture_output=True,
+        timeout=120,
+    )
     return r.stdout.decode().split()
 
 
@@ -53,15 +55,19 @@ async def test_secret_messages_leave_no_trace(
     # (timestamps in the table text have 6-digit fractions).
     numbers = [f"45{secrets.randbelow(10**8):08d}" for _ in range(12)]
     # A throttling carrier for most, a rejecting one for DE numbers.
-    flaky = CarrierSimulator(SimConfig(port=0, name="flaky", throttle_ratio=0.3, seed=3,
-                                       dlr_delay=0.3))
+    flaky = CarrierSimulator(
+        SimConfig(port=0, name="flaky", throttle_ratio=0.3, seed=3, dlr_delay=0.3)
+    )
     rejecting = CarrierSimulator(SimConfig(port=0, name="rejecting", reject_ratio=1.0))
     pf, pr = await flaky.start(), await rejecting.start()
     ports = free_ports()
     cfg = tmp_path / "router.toml"
-    cfg.write_text(listen_toml(ports) + carrier_toml("flaky", pf, tps=20.0)
-                   + carrier_toml("rejecting", pr)
-                   + '[routes]\ndefault = ["flaky"]\n[routes.countries]\nDE = ["rejecting"]\n')
+    cfg.write_text(
+        listen_toml(ports)
+        + carrier_toml("flaky", pf, tps=20.0)
+        + carrier_toml("rejecting", pr)
+        + '[routes]\ndefault = ["flaky"]\n[routes.countries]\nDE = ["rejecting"]\n'
+    )
     log = tmp_path / "router.log"
     os.environ["ROUTER_SPOOL_KEY"] = secrets.token_hex(32)
     proc = await start_router(cfg, database_url, ports["ops"], log)
@@ -70,8 +76,9 @@ async def test_secret_messages_leave_no_trace(
         acked = []
         for i, (marker, number) in enumerate(zip(markers, numbers, strict=True)):
             dest = f"+4930{number[2:]}" if i % 4 == 0 else f"+{number}"
-            r = await esme.submit(dest, f"{marker} one-time code", source_addr=f"S{run}",
-                                  tlvs=dict(SECRET_TLV))
+            r = await esme.submit(
+                dest, f"{marker} one-time code", source_addr=f"S{run}", tlvs=dict(SECRET_TLV)
+            )
             assert r.status == 0
             acked.append(r.message_id)  # type: ignore[attr-defined]
         # Restart while the slow carrier still has some of them queued.

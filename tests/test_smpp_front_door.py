@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import smpplib.client
 import smpplib.consts
 import smpplib.exceptions
@@ -111,7 +110,8 @@ class Raw:
         try:
             head = await asyncio.wait_for(self.reader.readexactly(4), timeout)
             rest = await asyncio.wait_for(
-                self.reader.readexactly(int.from_bytes(head, "big") - 4), timeout)
+                self.reader.readexactly(int.from_bytes(head, "big") - 4), timeout
+            )
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
         return decode(head + rest)
@@ -163,8 +163,9 @@ class Raw:
             pass
 
 
-async def bound_raw(port: int, bind_cls: type = BindTransceiver, system_id: str = "acme",
-                    password: str = "acme-pw1") -> Raw:
+async def bound_raw(
+    port: int, bind_cls: type = BindTransceiver, system_id: str = "acme", password: str = "acme-pw1"
+) -> Raw:
     raw = await Raw.open(port)
     resp = await raw.call(bind_cls(system_id=system_id, password=password))
     assert resp.status == Status.ESME_ROK, hex(resp.status)
@@ -185,8 +186,9 @@ class Smpplib:
     """An smpplib client; its blocking read loop runs in a thread."""
 
     def __init__(self, port: int, system_id: str = "acme", password: str = "acme-pw1") -> None:
-        self.client = smpplib.client.Client("127.0.0.1", port, timeout=10,
-                                            allow_unknown_opt_params=True)
+        self.client = smpplib.client.Client(
+            "127.0.0.1", port, timeout=10, allow_unknown_opt_params=True
+        )
         self.resps: list[Any] = []
         self.delivers: list[Any] = []
         self.client.set_message_sent_handler(lambda pdu: self.resps.append(pdu))
@@ -244,7 +246,7 @@ class Smpplib:
 
 
 GSM_TEXT = "Hello from Acme, your code is 1234"
-UCS2_TEXT = "Grüße aus Kopenhagen \U0001F600"
+UCS2_TEXT = "Grüße aus Kopenhagen \U0001f600"
 LONG_TEXT = ("Part text " * 40)[:400]  # 400 GSM characters: 3 parts of <= 153
 
 
@@ -394,8 +396,12 @@ async def test_max_binds_exceeded_rbindfail(stack_factory: Any, db: Any) -> None
         # Once the first bind goes, the slot is free again (same connection retries).
         assert status_of(await first.call(Unbind())) == "ESME_ROK"
         assert await first.closed_by_peer()
-        await until(lambda: stack.router.smpp.bind_count(
-            stack.router.accounts.by_system_id["solo"].id) == 0, what="bind released")
+        await until(
+            lambda: (
+                stack.router.smpp.bind_count(stack.router.accounts.by_system_id["solo"].id) == 0
+            ),
+            what="bind released",
+        )
         resp = await second.call(BindTransceiver(system_id="solo", password="solo-pw1"))
         assert status_of(resp) == "ESME_ROK"
     finally:
@@ -415,8 +421,10 @@ async def test_submit_before_bind_rinvbndsts_then_bind_works(stack_factory: Any)
         assert status_of(resp) == "ESME_RINVBNDSTS"
         resp = await raw.call(QuerySm(message_id="x"))
         assert status_of(resp) == "ESME_RINVBNDSTS"
-        assert status_of(await raw.call(BindTransmitter(system_id="acme", password="acme-pw1"))) \
+        assert (
+            status_of(await raw.call(BindTransmitter(system_id="acme", password="acme-pw1")))
             == "ESME_ROK"
+        )
         assert status_of(await raw.call(sm())) == "ESME_ROK"
     finally:
         await raw.close()
@@ -435,15 +443,18 @@ async def test_submit_on_receiver_bind_rinvbndsts_and_bind_stays(stack_factory: 
         assert (await rx.request(EnquireLink())).status == Status.ESME_ROK
         ok = await tx.submit(DK, "from the transmitter")
         assert ok.status == Status.ESME_ROK
-        await until(lambda: ok.message_id in rx.receipts,  # type: ignore[attr-defined]
-                    what="receipt on the receiver")
+        await until(
+            lambda: ok.message_id in rx.receipts,  # type: ignore[attr-defined]
+            what="receipt on the receiver",
+        )
     finally:
         rx.close()
         tx.close()
 
 
 async def test_unknown_command_id_generic_nack_rinvcmdid_then_submit_works(
-        stack_factory: Any) -> None:
+    stack_factory: Any,
+) -> None:
     stack = await stack_factory()
     raw = await bound_raw(stack.smpp_port)
     try:
@@ -533,27 +544,32 @@ def _future(seconds: float) -> str:
 
 SUBMIT_ERRORS: dict[str, tuple[Callable[[], SubmitSm], str]] = {
     "destination with letters": (lambda: sm(dest="12ab"), "ESME_RINVDSTADR"),
-    "destination national TON 2": (lambda: sm(dest="12345678", dest_addr_ton=2),
-                                   "ESME_RINVDSTADR"),
+    "destination national TON 2": (lambda: sm(dest="12345678", dest_addr_ton=2), "ESME_RINVDSTADR"),
     "alphanumeric sender of 12": (lambda: sm(source_addr="AcmeCorpShop"), "ESME_RINVSRCADR"),
     "no sender": (lambda: sm(source_addr="", source_addr_ton=0), "ESME_RINVSRCADR"),
-    "numeric sender of 16 digits": (lambda: sm(source_addr="1234567890123456", source_addr_ton=1),
-                                    "ESME_RINVSRCADR"),
+    "numeric sender of 16 digits": (
+        lambda: sm(source_addr="1234567890123456", source_addr_ton=1),
+        "ESME_RINVSRCADR",
+    ),
     "empty message": (lambda: sm(text=""), "ESME_RINVMSGLEN"),
     "validity not a time": (lambda: sm(validity_period="tomorrow"), "ESME_RINVEXPIRY"),
     "validity month 13": (lambda: sm(validity_period="261301000000000+"), "ESME_RINVEXPIRY"),
-    "validity in the past": (lambda: sm(validity_period="000101000000000+"),
-                             "ESME_RINVEXPIRY"),
-    "schedule in 1 h (relative)": (lambda: sm(schedule_delivery_time="000000010000000R"),
-                                   "ESME_RINVSCHED"),
-    "schedule tomorrow (absolute)": (lambda: sm(schedule_delivery_time=_future(86400)),
-                                     "ESME_RINVSCHED"),
+    "validity in the past": (lambda: sm(validity_period="000101000000000+"), "ESME_RINVEXPIRY"),
+    "schedule in 1 h (relative)": (
+        lambda: sm(schedule_delivery_time="000000010000000R"),
+        "ESME_RINVSCHED",
+    ),
+    "schedule tomorrow (absolute)": (
+        lambda: sm(schedule_delivery_time=_future(86400)),
+        "ESME_RINVSCHED",
+    ),
     "schedule garbage": (lambda: sm(schedule_delivery_time="soon"), "ESME_RINVSCHED"),
     "registered_delivery 3": (lambda: sm(registered_delivery=3), "ESME_RINVREGDLVFLG"),
-    "message class TLV 7": (lambda: sm(tlvs={MESSAGE_CLASS_TAG: b"\x07"}),
-                            "ESME_RINVOPTPARAMVAL"),
+    "message class TLV 7": (lambda: sm(tlvs={MESSAGE_CLASS_TAG: b"\x07"}), "ESME_RINVOPTPARAMVAL"),
     "short_message and message_payload": (
-        lambda: sm(text="hi", tlvs={Tag.MESSAGE_PAYLOAD: b"hello"}), "ESME_RINVPARLEN"),
+        lambda: sm(text="hi", tlvs={Tag.MESSAGE_PAYLOAD: b"hello"}),
+        "ESME_RINVPARLEN",
+    ),
 }
 
 
@@ -565,10 +581,14 @@ async def test_every_submit_error_status_and_bind_stays_usable(stack_factory: An
         got = {name: status_of(await raw.response(seq)) for name, seq in seqs.items()}
         assert got == {name: want for name, (_, want) in SUBMIT_ERRORS.items()}
         # Valid edge cases next to the refused ones are accepted.
-        for ok in (sm(validity_period="000001000000000R"), sm(validity_period=_future(3600)),
-                   sm(schedule_delivery_time="000101000000000+"),  # in the past: send now
-                   sm(tlvs={MESSAGE_CLASS_TAG: b"\x00"}), sm(registered_delivery=2),
-                   sm(dest="004512345678", dest_addr_ton=0)):
+        for ok in (
+            sm(validity_period="000001000000000R"),
+            sm(validity_period=_future(3600)),
+            sm(schedule_delivery_time="000101000000000+"),  # in the past: send now
+            sm(tlvs={MESSAGE_CLASS_TAG: b"\x00"}),
+            sm(registered_delivery=2),
+            sm(dest="004512345678", dest_addr_ton=0),
+        ):
             resp = await raw.call(ok)
             assert status_of(resp) == "ESME_ROK"
     finally:
@@ -583,6 +603,7 @@ async def test_window_overflow_throttles_only_the_flooding_bind(stack_factory: A
     flood, _ = await connect(stack.smpp_port, window=64)
     calm, _ = await connect(stack.smpp_port, window=64)
     try:
+
         async def calm_submits() -> list[int]:
             out = []
             for i in range(10):
@@ -609,8 +630,12 @@ async def test_window_overflow_throttles_only_the_flooding_bind(stack_factory: A
 
 
 async def test_query_sm_own_delivered_message_and_other_accounts_id(stack_factory: Any) -> None:
-    stack = await stack_factory(sims={"sim-eu": SimConfig(port=0, dlr_delay=0.05),
-                                      "sim-world": SimConfig(port=0, dlr_delay=30)})
+    stack = await stack_factory(
+        sims={
+            "sim-eu": SimConfig(port=0, dlr_delay=0.05),
+            "sim-world": SimConfig(port=0, dlr_delay=30),
+        }
+    )
     acme, _ = await connect(stack.smpp_port)
     demo, resp = await connect(stack.smpp_port, system_id="demo", password="demo-pass")
     try:
@@ -650,8 +675,12 @@ async def test_query_sm_own_delivered_message_and_other_accounts_id(stack_factor
 
 
 async def test_registered_delivery_none_and_failure_only(stack_factory: Any) -> None:
-    stack = await stack_factory(sims={"sim-eu": SimConfig(port=0, reject_ratio=1.0),
-                                      "sim-world": SimConfig(port=0, dlr_delay=0.05)})
+    stack = await stack_factory(
+        sims={
+            "sim-eu": SimConfig(port=0, reject_ratio=1.0),
+            "sim-world": SimConfig(port=0, dlr_delay=0.05),
+        }
+    )
     engine = stack.router.engine
     esme, _ = await connect(stack.smpp_port)
     try:
@@ -662,8 +691,10 @@ async def test_registered_delivery_none_and_failure_only(stack_factory: Any) -> 
         final = (MsgStatus.DELIVERED, MsgStatus.FAILED)
 
         def settled() -> bool:
-            return all((d := engine.lookup(m)) is not None and d.status in final
-                       for m in (none_ok, fail_ok, fail_bad, none_bad))
+            return all(
+                (d := engine.lookup(m)) is not None and d.status in final
+                for m in (none_ok, fail_ok, fail_bad, none_bad)
+            )
 
         await until(settled, what="all four final")
         assert engine.lookup(none_ok).status is MsgStatus.DELIVERED
@@ -686,8 +717,9 @@ async def test_message_payload_300_chars_becomes_two_udh_segments(stack_factory:
     text = "".join(chr(ord("a") + i % 26) for i in range(300))
     esme, _ = await connect(stack.smpp_port)
     try:
-        resp = await esme.request(sm(US, short_message=b"",
-                                     tlvs={Tag.MESSAGE_PAYLOAD: text.encode()}))
+        resp = await esme.request(
+            sm(US, short_message=b"", tlvs={Tag.MESSAGE_PAYLOAD: text.encode()})
+        )
         assert status_of(resp) == "ESME_ROK"
         await until(lambda: world.received_count() == 2, what="two segments at the carrier")
         await asyncio.sleep(0.1)
@@ -704,10 +736,17 @@ async def test_message_payload_300_chars_becomes_two_udh_segments(stack_factory:
         assert b"sub:002 dlvrd:002" in esme.receipts[mid].short_message
 
         # data_sm carries its text in message_payload too.
-        dresp = await esme.request(DataSm(
-            source_addr_ton=5, source_addr="Acme", dest_addr_ton=1, dest_addr_npi=1,
-            destination_addr=US, registered_delivery=1,
-            tlvs={Tag.MESSAGE_PAYLOAD: text.encode()}))
+        dresp = await esme.request(
+            DataSm(
+                source_addr_ton=5,
+                source_addr="Acme",
+                dest_addr_ton=1,
+                dest_addr_npi=1,
+                destination_addr=US,
+                registered_delivery=1,
+                tlvs={Tag.MESSAGE_PAYLOAD: text.encode()},
+            )
+        )
         assert dresp.command_id == CommandId.DATA_SM_RESP
         assert status_of(dresp) == "ESME_ROK"
         await until(lambda: world.received_count() == 4, what="data_sm segments")
@@ -719,12 +758,14 @@ async def test_message_payload_300_chars_becomes_two_udh_segments(stack_factory:
 
 
 async def test_secret_class_tlv_leaves_no_personal_data_in_traffic_log(
-        stack_factory: Any, db: Any) -> None:
+    stack_factory: Any, db: Any
+) -> None:
     stack = await stack_factory()
     esme, _ = await connect(stack.smpp_port)
     try:
-        secret = await esme.submit(DK, "your one-time code 998877",
-                                   tlvs={MESSAGE_CLASS_TAG: b"\x01"})
+        secret = await esme.submit(
+            DK, "your one-time code 998877", tlvs={MESSAGE_CLASS_TAG: b"\x01"}
+        )
         plain = await esme.submit(DK, "ordinary text")
         assert secret.status == plain.status == Status.ESME_ROK
         sid = secret.message_id  # type: ignore[attr-defined]
@@ -733,17 +774,21 @@ async def test_secret_class_tlv_leaves_no_personal_data_in_traffic_log(
         deadline = time.monotonic() + 5
         while len(rows) < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-            rows = {r["id"]: r for r in await db.fetch(
-                "SELECT id, class, source, destination, body, country, parts FROM traffic_log"
-                " WHERE id = ANY($1)", [sid, pid])}
+            rows = {
+                r["id"]: r
+                for r in await db.fetch(
+                    "SELECT id, class, source, destination, body, country, parts FROM traffic_log"
+                    " WHERE id = ANY($1)",
+                    [sid, pid],
+                )
+            }
         assert set(rows) == {sid, pid}
         s = rows[sid]
         assert s["class"] == "secret"
         assert (s["source"], s["destination"], s["body"]) == (None, None, None)
         assert s["country"] == "DK" and s["parts"] == 1  # routing facts stay
         p = rows[pid]
-        assert (p["source"], p["destination"], p["body"]) == ("Acme", "4512345678",
-                                                              "ordinary text")
+        assert (p["source"], p["destination"], p["body"]) == ("Acme", "4512345678", "ordinary text")
         # It is still delivered and receipted like any other message.
         await until(lambda: sid in esme.receipts, what="receipt for the secret message")
     finally:
@@ -780,8 +825,10 @@ async def test_receipt_kept_until_a_receiver_binds(stack_factory: Any) -> None:
     tx, _ = await connect(stack.smpp_port, bind_cls=BindTransmitter)
     resp = await tx.submit(DK, "receipt later")
     mid = resp.message_id  # type: ignore[attr-defined]
-    await until(lambda: (d := engine.lookup(mid)) is not None and d.status.final,
-                what="delivered at the carrier")
+    await until(
+        lambda: (d := engine.lookup(mid)) is not None and d.status.final,
+        what="delivered at the carrier",
+    )
     await asyncio.sleep(0.1)
     assert tx.delivers == []  # never to a transmitter
     await tx.unbind(timeout=2)
@@ -821,7 +868,7 @@ async def test_oversized_short_message_is_split_or_refused(stack_factory: Any) -
             await until(lambda b=before: eu.received_count() > b, what="carrier submit")
             await asyncio.sleep(0.1)
             for m in eu.received[before:]:
-                body = m.payload[1 + m.payload[0]:] if m.esm_class & 0x40 else m.payload
+                body = m.payload[1 + m.payload[0] :] if m.esm_class & 0x40 else m.payload
                 assert len(body) <= limit, f"data_coding {dc}: {len(body)} > {limit} in one SMS"
     finally:
         await raw.close()
@@ -837,8 +884,10 @@ async def test_unbind_answers_in_flight_submits_first(stack_factory: Any) -> Non
         seen: list[tuple[int, int, int]] = []
         while (pdu := await raw.read(3)) is not None:
             seen.append((pdu.command_id, pdu.sequence, pdu.status))
-        await until(lambda: stack.sims["sim-eu"].received_count() == 1,
-                    what="the message went to the carrier")
+        await until(
+            lambda: stack.sims["sim-eu"].received_count() == 1,
+            what="the message went to the carrier",
+        )
         assert (CommandId.SUBMIT_SM_RESP, 10, Status.ESME_ROK) in seen, seen
         assert seen[-1] == (CommandId.UNBIND_RESP, 11, Status.ESME_ROK)
     finally:
@@ -846,8 +895,9 @@ async def test_unbind_answers_in_flight_submits_first(stack_factory: Any) -> Non
 
 
 async def test_router_enquires_an_idle_bind_and_closes_dead_ones(stack_factory: Any) -> None:
-    stack = await stack_factory(smpp=SmppIngressConfig(enquire_interval=0.4,
-                                                       inactivity_timeout=1.5))
+    stack = await stack_factory(
+        smpp=SmppIngressConfig(enquire_interval=0.4, inactivity_timeout=1.5)
+    )
     port = stack.smpp_port
     live = await bound_raw(port)
     unbound = await Raw.open(port)
@@ -877,8 +927,9 @@ async def test_kept_receipts_are_bounded_and_expire(stack_factory: Any) -> None:
     tx, _ = await connect(stack.smpp_port, bind_cls=BindTransmitter)
     try:
         ids = [(await tx.submit(DK, f"kept {i}")).message_id for i in range(3)]  # type: ignore[attr-defined]
-        await until(lambda: all(stack.router.engine.lookup(m).status.final for m in ids),
-                    what="all final")
+        await until(
+            lambda: all(stack.router.engine.lookup(m).status.final for m in ids), what="all final"
+        )
         kept = [p.pdu.tlv_str(Tag.RECEIPTED_MESSAGE_ID) for p in door.pending[acme]]
         assert len(kept) == 2 and set(kept) <= set(ids)  # the buffer drops the oldest
         await asyncio.sleep(0.7)  # older than receipt_retention

@@ -30,8 +30,10 @@ DK = "+4512345678"
 def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < FD_NEEDED:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {FD_NEEDED}: 1,000 binds need "
-                    "2,000 descriptors in this process (client and router ends)")
+        pytest.skip(
+            f"RLIMIT_NOFILE hard limit {hard} < {FD_NEEDED}: 1,000 binds need "
+            "2,000 descriptors in this process (client and router ends)"
+        )
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -59,15 +61,20 @@ async def test_thousand_binds_at_once(stack_factory: Any, db: Any) -> None:
     assert resp.status == Status.ESME_ROK
     esmes: list[esme.TestEsme] = [first]
     try:
-        results = await asyncio.wait_for(asyncio.gather(
-            *(connect(port, system_id="bulk", password="bulk-pw1") for _ in range(BINDS - 1)),
-            return_exceptions=True), 45)
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(connect(port, system_id="bulk", password="bulk-pw1") for _ in range(BINDS - 1)),
+                return_exceptions=True,
+            ),
+            45,
+        )
         errors = [r for r in results if isinstance(r, BaseException)]
         esmes += [r[0] for r in results if not isinstance(r, BaseException)]
         statuses = [r[1].status for r in results if not isinstance(r, BaseException)]
         assert not errors, f"{len(errors)} connects failed, first: {errors[0]!r}"
-        assert statuses.count(Status.ESME_ROK) == BINDS - 1, \
-            {Status(s).name: statuses.count(s) for s in set(statuses)}
+        assert statuses.count(Status.ESME_ROK) == BINDS - 1, {
+            Status(s).name: statuses.count(s) for s in set(statuses)
+        }
         assert door.bind_count(account) == BINDS
         assert all(e.session.bound for e in esmes)
         bound_in = time.monotonic() - started
@@ -75,7 +82,8 @@ async def test_thousand_binds_at_once(stack_factory: Any, db: Any) -> None:
         # All still alive: a sample submits, every 50th bind.
         sample = esmes[::50]
         resps = await asyncio.wait_for(
-            asyncio.gather(*(e.submit(DK, f"scale {i}") for i, e in enumerate(sample))), 15)
+            asyncio.gather(*(e.submit(DK, f"scale {i}") for i, e in enumerate(sample))), 15
+        )
         assert [r.status for r in resps] == [Status.ESME_ROK] * len(sample)
         assert len({r.message_id for r in resps}) == len(sample)  # type: ignore[attr-defined]
         assert bound_in < 40, f"1,000 binds took {bound_in:.1f} s"
@@ -97,7 +105,7 @@ async def test_slowloris_bind_does_not_slow_a_normal_client(stack_factory: Any) 
 
     async def dribble() -> None:
         for i in range(len(bind)):
-            writer.write(bind[i:i + 1])
+            writer.write(bind[i : i + 1])
             await writer.drain()
             await asyncio.sleep(0.2)
 
@@ -134,7 +142,8 @@ async def test_slowloris_bind_does_not_slow_a_normal_client(stack_factory: Any) 
 
 
 async def test_concurrent_binds_share_one_password_verification(
-        stack_factory: Any, db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack_factory: Any, db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await create_account(db, "herd", system_id="herd", password="herd-pw1", max_binds=100)
     stack = await stack_factory()
     calls = 0
@@ -148,7 +157,8 @@ async def test_concurrent_binds_share_one_password_verification(
     monkeypatch.setattr(accounts_mod, "_safe_verify", counting)
     n = 6
     results = await asyncio.gather(
-        *(connect(stack.smpp_port, system_id="herd", password="herd-pw1") for _ in range(n)))
+        *(connect(stack.smpp_port, system_id="herd", password="herd-pw1") for _ in range(n))
+    )
     try:
         assert [r[1].status for r in results] == [Status.ESME_ROK] * n
         assert calls <= 2, f"{n} concurrent binds ran argon2 {calls} times"

@@ -86,14 +86,18 @@ async def test_log_rows_wait_out_a_30s_outage_and_none_is_lost(
     parts = urlsplit(database_url)
     proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     pport = await proxy.start()
-    stack = await stack_factory(database_url=via(database_url, pport),
-                                delivery_guarantee="in-memory")
+    stack = await stack_factory(
+        database_url=via(database_url, pport), delivery_guarantee="in-memory"
+    )
     dropped_before = metrics.TRAFFIC_LOG_DROPPED._value.get()
     esme, _ = await connect(stack.smpp_port)
     ids: list[str] = []
     try:
+
         async def burst(tag: str, n: int) -> None:
-            acks = await asyncio.gather(*(esme.submit("+4512345678", f"{tag}{i}") for i in range(n)))
+            acks = await asyncio.gather(
+                *(esme.submit("+4512345678", f"{tag}{i}") for i in range(n))
+            )
             assert all(a.status == 0 for a in acks), "messaging must go on"
             ids.extend(a.message_id for a in acks)  # type: ignore[attr-defined]
 
@@ -101,8 +105,11 @@ async def test_log_rows_wait_out_a_30s_outage_and_none_is_lost(
         # Let the writer reach the database once first, so the outage hits
         # the COPY itself (not only its first partition check).
         deadline = time.monotonic() + 10
-        while (await db.fetchval("SELECT count(*) FROM traffic_log WHERE id = ANY($1::text[])", ids)
-               < 50 and time.monotonic() < deadline):
+        while (
+            await db.fetchval("SELECT count(*) FROM traffic_log WHERE id = ANY($1::text[])", ids)
+            < 50
+            and time.monotonic() < deadline
+        ):
             await asyncio.sleep(0.05)
         proxy.cut()
         t0 = time.monotonic()
@@ -116,14 +123,18 @@ async def test_log_rows_wait_out_a_30s_outage_and_none_is_lost(
         proxy.restore()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            n = await db.fetchval("SELECT count(*) FROM traffic_log WHERE id = ANY($1::text[])", ids)
+            n = await db.fetchval(
+                "SELECT count(*) FROM traffic_log WHERE id = ANY($1::text[])", ids
+            )
             if n == len(ids) and tlog.depth == 0:
                 break
             await asyncio.sleep(0.2)
         assert n == len(ids), f"{len(ids) - n} traffic-log rows lost"
         delivered = await db.fetchval(
             "SELECT count(DISTINCT message_id) FROM delivery_events"
-            " WHERE status = 'delivered' AND message_id = ANY($1::text[])", ids)
+            " WHERE status = 'delivered' AND message_id = ANY($1::text[])",
+            ids,
+        )
         assert delivered == len(ids)
         assert metrics.TRAFFIC_LOG_DROPPED._value.get() == dropped_before
     finally:

@@ -40,8 +40,12 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 def outcome(name: str) -> float:
-    return REGISTRY.get_sample_value("smsrouter_receipts_sent_total",
-                                     {"channel": "webhook", "outcome": name}) or 0.0
+    return (
+        REGISTRY.get_sample_value(
+            "smsrouter_receipts_sent_total", {"channel": "webhook", "outcome": name}
+        )
+        or 0.0
+    )
 
 
 @dataclass
@@ -64,8 +68,13 @@ class Receiver:
 
     async def start(self) -> Receiver:
         async def handle(request: web.Request) -> web.StreamResponse:
-            hit = Hit(request.path, request.query_string, await request.read(),
-                      request.headers.get("X-SMSRouter-Signature", ""), time.monotonic())
+            hit = Hit(
+                request.path,
+                request.query_string,
+                await request.read(),
+                request.headers.get("X-SMSRouter-Signature", ""),
+                time.monotonic(),
+            )
             self.hits.append(hit)
             return await self.behave(hit)
 
@@ -120,14 +129,16 @@ async def senders() -> AsyncIterator[Callable[..., WebhookSender]]:
 def ok() -> Callable[[Hit], Awaitable[web.StreamResponse]]:
     async def behave(hit: Hit) -> web.StreamResponse:
         return web.Response(status=204)
+
     return behave
 
 
 def independent_check(secret: str, hit: Hit) -> None:
     """Verify the signature the way a customer would, without our helpers."""
     parts = dict(p.split("=", 1) for p in hit.signature.split(","))
-    expected = hmac.new(secret.encode(), f"{parts['t']}.".encode() + hit.body,
-                        hashlib.sha256).hexdigest()
+    expected = hmac.new(
+        secret.encode(), f"{parts['t']}.".encode() + hit.body, hashlib.sha256
+    ).hexdigest()
     assert hmac.compare_digest(parts["v1"], expected)
     assert abs(int(parts["t"]) - time.time()) < 60
 
@@ -136,7 +147,8 @@ def independent_check(secret: str, hit: Hit) -> None:
 
 
 async def test_webhook_retried_twice_then_delivered_with_valid_signature(
-        stack_factory: Any, receivers: Any, senders: Any, db: Any) -> None:
+    stack_factory: Any, receivers: Any, senders: Any, db: Any
+) -> None:
     stack = await stack_factory()
 
     async def flaky(hit: Hit) -> web.StreamResponse:
@@ -146,10 +158,20 @@ async def test_webhook_retried_twice_then_delivered_with_valid_signature(
     sender = senders(stack.router.accounts)
     stack.router.engine.sinks[Origin.HTTP] = sender
     before = {k: outcome(k) for k in ("ok", "retry", "failed")}
-    async with aiohttp.ClientSession() as http, http.post(
-            stack.http_url + "/v1/messages", headers=DEMO,
-            json={"to": "+4512345678", "from": "Acme", "text": "hi", "userref": "u-1",
-                  "callback_url": receiver.url + "/hooks/sms?token=abc"}) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            stack.http_url + "/v1/messages",
+            headers=DEMO,
+            json={
+                "to": "+4512345678",
+                "from": "Acme",
+                "text": "hi",
+                "userref": "u-1",
+                "callback_url": receiver.url + "/hooks/sms?token=abc",
+            },
+        ) as resp,
+    ):
         assert resp.status == 202
         mid = (await resp.json())["id"]
     await wait_for(lambda: len(receiver.hits) == 3 and sender.pending == 0)
@@ -176,21 +198,34 @@ async def test_webhook_retried_twice_then_delivered_with_valid_signature(
 
 
 async def test_secret_message_webhook_omits_to_and_uses_account_url(
-        stack_factory: Any, receivers: Any, senders: Any, db: Any) -> None:
-    stack = await stack_factory(sims={"sim-eu": SimConfig(port=0, dlr_delay=0.05,
-                                                          deliver_ratio=0.0),
-                                      "sim-world": SimConfig(port=0, dlr_delay=0.05)})
+    stack_factory: Any, receivers: Any, senders: Any, db: Any
+) -> None:
+    stack = await stack_factory(
+        sims={
+            "sim-eu": SimConfig(port=0, dlr_delay=0.05, deliver_ratio=0.0),
+            "sim-world": SimConfig(port=0, dlr_delay=0.05),
+        }
+    )
     receiver = await receivers(ok())
-    await db.execute("UPDATE accounts SET webhook_url = $1 WHERE name = 'demo'",
-                     receiver.url + "/account-hook")
+    await db.execute(
+        "UPDATE accounts SET webhook_url = $1 WHERE name = 'demo'", receiver.url + "/account-hook"
+    )
     await stack.router.reload()
     sender = senders(stack.router.accounts)
     stack.router.engine.sinks[Origin.HTTP] = sender
     async with aiohttp.ClientSession() as http:
         for cls in ("secret", "standard"):
-            async with http.post(stack.http_url + "/v1/messages", headers=DEMO,
-                                 json={"to": "+4512345678", "from": "Acme", "text": "pin 1234",
-                                       "class": cls, "userref": f"ref-{cls}"}) as resp:
+            async with http.post(
+                stack.http_url + "/v1/messages",
+                headers=DEMO,
+                json={
+                    "to": "+4512345678",
+                    "from": "Acme",
+                    "text": "pin 1234",
+                    "class": cls,
+                    "userref": f"ref-{cls}",
+                },
+            ) as resp:
                 assert resp.status == 202
     await wait_for(lambda: len(receiver.hits) == 2)
     bodies = {json.loads(h.body)["userref"]: json.loads(h.body) for h in receiver.hits}
@@ -207,26 +242,48 @@ async def test_secret_message_webhook_omits_to_and_uses_account_url(
 _ids = iter(range(10**6))
 
 
-def delivery(account_id: int = 1, *, url: str | None = None, secret: bool = False,
-             status: Status = Status.DELIVERED, userref: str | None = "r") -> Delivery:
+def delivery(
+    account_id: int = 1,
+    *,
+    url: str | None = None,
+    secret: bool = False,
+    status: Status = Status.DELIVERED,
+    userref: str | None = "r",
+) -> Delivery:
     now = time.time()
-    msg = Message(id=f"{next(_ids):020x}", account_id=account_id, account=f"a{account_id}",
-                  origin=Origin.HTTP,
-                  msg_class=MessageClass.SECRET if secret else MessageClass.STANDARD,
-                  source="Acme", source_ton=5, source_npi=0, destination="4512345678",
-                  country="DK", data_coding=0, esm_class=0, segments=(b"hi",), text="hi",
-                  registered_delivery=1, accepted_at=now, expires_at=now + 60,
-                  userref=userref, callback_url=url)
+    msg = Message(
+        id=f"{next(_ids):020x}",
+        account_id=account_id,
+        account=f"a{account_id}",
+        origin=Origin.HTTP,
+        msg_class=MessageClass.SECRET if secret else MessageClass.STANDARD,
+        source="Acme",
+        source_ton=5,
+        source_npi=0,
+        destination="4512345678",
+        country="DK",
+        data_coding=0,
+        esm_class=0,
+        segments=(b"hi",),
+        text="hi",
+        registered_delivery=1,
+        accepted_at=now,
+        expires_at=now + 60,
+        userref=userref,
+        callback_url=url,
+    )
     return Delivery(msg, status=status, carrier="sim", updated_at=now)
 
 
 def accounts(**urls: str | None) -> Any:
-    return SimpleNamespace(by_id={int(k[1:]): SimpleNamespace(webhook_url=v)
-                                  for k, v in urls.items()})
+    return SimpleNamespace(
+        by_id={int(k[1:]): SimpleNamespace(webhook_url=v) for k, v in urls.items()}
+    )
 
 
 async def test_gives_up_after_max_attempts_and_never_logs_query_or_number(
-        receivers: Any, senders: Any) -> None:
+    receivers: Any, senders: Any
+) -> None:
     async def broken(hit: Hit) -> web.StreamResponse:
         return web.Response(status=503)
 
@@ -258,8 +315,9 @@ async def test_timeout_is_retried(receivers: Any, senders: Any) -> None:
     await wait_for(lambda: sender.pending == 0 and len(receiver.hits) == 2)
 
 
-async def test_non_final_and_repeated_statuses_send_one_webhook(receivers: Any,
-                                                                senders: Any) -> None:
+async def test_non_final_and_repeated_statuses_send_one_webhook(
+    receivers: Any, senders: Any
+) -> None:
     receiver = await receivers(ok())
     sender = senders(accounts())
     d = delivery(url=receiver.url + "/h", status=Status.SUBMITTED)
@@ -285,8 +343,12 @@ async def test_a_slow_customer_does_not_starve_another(receivers: Any, senders: 
 
     slow = await receivers(stuck)
     fast = await receivers(ok())
-    sender = senders(accounts(a1=slow.url + "/slow", a2=fast.url + "/fast"),
-                     per_account=2, max_concurrency=3, timeout=5.0)
+    sender = senders(
+        accounts(a1=slow.url + "/slow", a2=fast.url + "/fast"),
+        per_account=2,
+        max_concurrency=3,
+        timeout=5.0,
+    )
     for _ in range(20):
         sender.deliver(delivery(account_id=1))
     for _ in range(5):
@@ -306,8 +368,7 @@ async def test_pending_is_bounded_and_drops_the_oldest(receivers: Any, senders: 
         return web.Response(status=200)
 
     receiver = await receivers(stuck)
-    sender = senders(accounts(a1=receiver.url + "/h"), per_account=1, max_pending=3,
-                     timeout=5.0)
+    sender = senders(accounts(a1=receiver.url + "/h"), per_account=1, max_pending=3, timeout=5.0)
     before = outcome("dropped")
     refs = [f"r{i}" for i in range(6)]
     sender.deliver(delivery(userref=refs[0]))
@@ -322,8 +383,7 @@ async def test_pending_is_bounded_and_drops_the_oldest(receivers: Any, senders: 
     assert got == ["r0", "r4", "r5"]
 
 
-async def test_private_targets_are_refused_unless_allowed(receivers: Any,
-                                                          senders: Any) -> None:
+async def test_private_targets_are_refused_unless_allowed(receivers: Any, senders: Any) -> None:
     receiver = await receivers(ok())
     sender = senders(accounts(), allow_private_targets=False)
     before = outcome("failed")

@@ -116,8 +116,13 @@ class AccountStore:
         by_prefix: dict[str, list[ApiKey]] = {}
         for k in keys:
             by_prefix.setdefault(k["prefix"], []).append(
-                ApiKey(k["id"], k["account_id"], k["prefix"], k["key_hash"],
-                       frozenset(k["permissions"]))
+                ApiKey(
+                    k["id"],
+                    k["account_id"],
+                    k["prefix"],
+                    k["key_hash"],
+                    frozenset(k["permissions"]),
+                )
             )
         self.by_id = by_id
         self.by_system_id = {a.system_id: a for a in by_id.values() if a.system_id}
@@ -198,7 +203,11 @@ async def create_account(
     row = await conn.fetchrow(
         "INSERT INTO accounts (name, system_id, password_hash, default_class, max_binds)"
         " VALUES ($1, $2, $3, $4, $5) RETURNING id",
-        name, system_id, pw_hash, default_class, max_binds,
+        name,
+        system_id,
+        pw_hash,
+        default_class,
+        max_binds,
     )
     assert row is not None
     return int(row["id"])
@@ -214,7 +223,10 @@ async def add_api_key(
     row = await conn.fetchrow(
         "INSERT INTO api_keys (account_id, prefix, key_hash, permissions)"
         " VALUES ($1, $2, $3, $4) RETURNING id",
-        account_id, key[:API_KEY_PREFIX_LEN], hash_secret(key), list(permissions),
+        account_id,
+        key[:API_KEY_PREFIX_LEN],
+        hash_secret(key),
+        list(permissions),
     )
     assert row is not None
     return int(row["id"]), key
@@ -229,6 +241,7 @@ async def ensure_demo_account(pool: asyncpg.Pool) -> None:
         account_id = await create_account(conn, "demo", system_id="demo", password="demo-pass")
         await add_api_key(conn, account_id, "demo-key", ("send", "read", "admin"))
         await conn.execute(
-            "INSERT INTO audit_log (actor, action, account_id) VALUES ('system', 'demo_account_created', $1)",
+            "INSERT INTO audit_log (actor, action, account_id)"
+            " VALUES ('system', 'demo_account_created', $1)",
             account_id,
         )

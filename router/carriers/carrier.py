@@ -28,7 +28,7 @@ from ..smpp.pdu import (
     SubmitSm,
 )
 from ..smpp.session import Role, SmppSession
-from ..smpp.transport import SmppProtocol
+from ..smpp.transport import ResponseCallback, SmppProtocol
 from .correlate import Correlator
 from .ratelimit import TokenBucket
 from .receipt import CarrierReceipt, is_receipt, parse_receipt
@@ -179,16 +179,19 @@ class Carrier:
     def start(self) -> None:
         self._stopping = False
         for i in range(self.cfg.sessions):
-            self._tasks.append(asyncio.create_task(self._maintain(i), name=f"carrier-{self.name}-{i}"))
+            self._tasks.append(
+                asyncio.create_task(self._maintain(i), name=f"carrier-{self.name}-{i}")
+            )
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Unbind every session after in-flight submits are answered (or timeout)."""
         self._stopping = True
         deadline = self.clock() + timeout
-        while self.in_flight and self.clock() < deadline:
+        while self.in_flight and self.clock() < deadline:  # noqa: ASYNC110 (bounded drain)
             await asyncio.sleep(0.05)
-        await asyncio.gather(*(s.unbind(timeout=1.0) for s in list(self.sessions)),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(s.unbind(timeout=1.0) for s in list(self.sessions)), return_exceptions=True
+        )
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -206,10 +209,13 @@ class Carrier:
             first = False
             proto: CarrierSession | None = None
             try:
-                _, proto = await asyncio.wait_for(
-                    loop.create_connection(lambda: CarrierSession(self), self.cfg.host, self.cfg.port),
+                _, session = await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: CarrierSession(self), self.cfg.host, self.cfg.port
+                    ),
                     timeout=10,
                 )
+                proto = session
                 bind = _BIND_PDU[self.cfg.bind](
                     system_id=self.cfg.system_id,
                     password=self.cfg.password,
@@ -217,8 +223,12 @@ class Carrier:
                 )
                 resp = await asyncio.wait_for(proto.request(bind), timeout=10)
                 if resp.status != Status.ESME_ROK:
-                    log.warning("carrier_bind_refused", carrier=self.name, session=index,
-                                status=f"0x{resp.status:08X}")
+                    log.warning(
+                        "carrier_bind_refused",
+                        carrier=self.name,
+                        session=index,
+                        status=f"0x{resp.status:08X}",
+                    )
                     proto.close()
                 else:
                     delay = self.cfg.reconnect_min
@@ -229,8 +239,12 @@ class Carrier:
                     assert proto.closed is not None
                     await proto.closed
             except (OSError, TimeoutError, ConnectionError) as exc:
-                log.warning("carrier_connect_failed", carrier=self.name, session=index,
-                            error=type(exc).__name__)
+                log.warning(
+                    "carrier_connect_failed",
+                    carrier=self.name,
+                    session=index,
+                    error=type(exc).__name__,
+                )
                 if proto is not None:
                     proto.close()
             except asyncio.CancelledError:
@@ -313,11 +327,17 @@ class Carrier:
             sub.attempts += 1
             self.in_flight += 1
             sent_at = now
-            sess.send_request(pdu, lambda resp, req, sub=sub, t=sent_at: self._on_resp(sub, resp, t))
+            sess.send_request(pdu, self._resp_callback(sub, sent_at))
         if retry:
             self._schedule_pump(max(0.001, retry[0][0] - now))
         self._m_queue.set(self.backlog)
         self._m_inflight.set(self.in_flight)
+
+    def _resp_callback(self, sub: Submission, sent_at: float) -> ResponseCallback:
+        def done(resp: Pdu | None, request: Pdu) -> None:
+            self._on_resp(sub, resp, sent_at)
+
+        return done
 
     def _submit_pdu(self, sub: Submission) -> SubmitSm:
         msg = sub.delivery.message
@@ -363,10 +383,16 @@ class Carrier:
             self.events.on_submit_failed(sub, self.name, resp.status, "rejected by carrier")
         self._schedule_pump()
 
-    def _retry_later(self, sub: Submission, now: float, reason: str, delay: float | None = None) -> None:
+    def _retry_later(
+        self, sub: Submission, now: float, reason: str, delay: float | None = None
+    ) -> None:
         if sub.attempts >= self.cfg.max_attempts:
-            self.events.on_submit_failed(sub, self.name, Status.ESME_RSUBMITFAIL,
-                                         f"gave up after {sub.attempts} attempts ({reason})")
+            self.events.on_submit_failed(
+                sub,
+                self.name,
+                Status.ESME_RSUBMITFAIL,
+                f"gave up after {sub.attempts} attempts ({reason})",
+            )
             return
         self._m_retries.inc()
         if delay is None:

@@ -75,8 +75,9 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={mac.hexdigest()}"
 
 
-def verify_signature(secret: str, header: str, body: bytes, now: float,
-                     tolerance: float = 300.0) -> bool:
+def verify_signature(
+    secret: str, header: str, body: bytes, now: float, tolerance: float = 300.0
+) -> bool:
     """What a receiver does: check the MAC and that ``t`` is recent."""
     fields = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
     try:
@@ -105,8 +106,9 @@ class _PublicResolver(AbstractResolver):
     def __init__(self) -> None:
         self._inner = DefaultResolver()
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         found = await self._inner.resolve(host, port, family)
         public = [r for r in found if not _private(r["host"])]
         if not public:
@@ -143,8 +145,7 @@ class _Job:
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class WebhookSender:
@@ -177,9 +178,10 @@ class WebhookSender:
             master_secret = env.get(SECRET_ENV) or None
         if master_secret is None:
             master_secret = secrets.token_hex(32)
-            log.warning("webhook_signing_key_generated",
-                        hint=f"set {SECRET_ENV} so signatures survive restarts and agree "
-                             "across nodes")
+            log.warning(
+                "webhook_signing_key_generated",
+                hint=f"set {SECRET_ENV} so signatures survive restarts and agree across nodes",
+            )
         self._master = master_secret.encode() if isinstance(master_secret, str) else master_secret
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
@@ -213,11 +215,13 @@ class WebhookSender:
         """Start sending (call inside the running loop)."""
         self._wake = asyncio.Event()
         connector = aiohttp.TCPConnector(
-            limit=self.max_concurrency, limit_per_host=self.per_host,
+            limit=self.max_concurrency,
+            limit_per_host=self.per_host,
             resolver=None if self.allow_private_targets else _PublicResolver(),
         )
         self._session = aiohttp.ClientSession(
-            connector=connector, headers={"User-Agent": "sms-router-webhooks/1"},
+            connector=connector,
+            headers={"User-Agent": "sms-router-webhooks/1"},
             timeout=aiohttp.ClientTimeout(total=self.timeout),
         )
         self._runner = asyncio.get_running_loop().create_task(self._run())
@@ -281,11 +285,20 @@ class WebhookSender:
         payload: dict[str, Any] = {"id": msg.id, "userref": msg.userref}
         if not msg.secret:
             payload["to"] = "+" + msg.destination
-        payload.update(status=delivery.status.value, error=delivery.error,
-                       time=_iso(delivery.updated_at or self.wall()))
-        job = _Job(seq=next(self._seq), message_id=msg.id, account_id=msg.account_id, url=url,
-                   host=host, body=json.dumps(payload, separators=(",", ":")).encode(),
-                   created=self.clock())
+        payload.update(
+            status=delivery.status.value,
+            error=delivery.error,
+            time=_iso(delivery.updated_at or self.wall()),
+        )
+        job = _Job(
+            seq=next(self._seq),
+            message_id=msg.id,
+            account_id=msg.account_id,
+            url=url,
+            host=host,
+            body=json.dumps(payload, separators=(",", ":")).encode(),
+            created=self.clock(),
+        )
         if len(self._pending) >= self.max_pending and not self._drop_oldest():
             self._count("dropped")
             return
@@ -376,8 +389,13 @@ class WebhookSender:
                 return
             status, retry_after = await self._post(job)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            log.info("webhook_attempt_failed", host=job.host, id=job.message_id,
-                     error=type(exc).__name__, attempt=job.attempts + 1)
+            log.info(
+                "webhook_attempt_failed",
+                host=job.host,
+                id=job.message_id,
+                error=type(exc).__name__,
+                attempt=job.attempts + 1,
+            )
         finally:
             job.in_flight = False
             self._in_flight -= 1
@@ -399,8 +417,13 @@ class WebhookSender:
         if retry_after is not None:
             delay = min(max(delay, retry_after), self.max_backoff)
         if job.attempts >= self.max_attempts or self.clock() + delay - job.created > self.max_age:
-            log.warning("webhook_given_up", host=job.host, id=job.message_id,
-                        attempts=job.attempts, status=status)
+            log.warning(
+                "webhook_given_up",
+                host=job.host,
+                id=job.message_id,
+                attempts=job.attempts,
+                status=status,
+            )
             self._finish(job, "failed")
             return
         self._count("retry")
@@ -409,10 +432,13 @@ class WebhookSender:
     async def _post(self, job: _Job) -> tuple[int, float | None]:
         assert self._session is not None
         t = int(self.wall())
-        headers = {"Content-Type": "application/json",
-                   SIGNATURE_HEADER: sign(self.secret_for(job.account_id), t, job.body)}
-        async with self._session.post(job.url, data=job.body, headers=headers,
-                                      allow_redirects=False) as resp:
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(self.secret_for(job.account_id), t, job.body),
+        }
+        async with self._session.post(
+            job.url, data=job.body, headers=headers, allow_redirects=False
+        ) as resp:
             with contextlib.suppress(aiohttp.ClientError):
                 await resp.content.readany()  # a token read; the body is not needed
             retry_after: float | None = None

@@ -92,8 +92,13 @@ def _guarded(handler: Handler) -> Handler:
             status = api.PROBLEM_TYPES.get(exc.slug, (422, ""))[0]
             return problem(status, exc.slug, exc.detail, field=exc.field)
         except (web.HTTPServiceUnavailable, *_DB_ERRORS):
-            return problem(503, "database-unavailable", "the database cannot be reached now",
-                           headers={"Retry-After": "5"}, title="Database unavailable")
+            return problem(
+                503,
+                "database-unavailable",
+                "the database cannot be reached now",
+                headers={"Retry-After": "5"},
+                title="Database unavailable",
+            )
 
     return wrapper
 
@@ -108,8 +113,15 @@ async def _require(request: web.Request, permission: str, action: str) -> tuple[
             found = await request.app[ACCOUNTS].authenticate_key(token)
             pool = request.app[ADMIN].pool_getter()
             if found is not None and pool is not None:
-                await audit(pool, _actor(found[1]), "denied", found[0].id, attempted=action,
-                            permission=permission, path=request.path)
+                await audit(
+                    pool,
+                    _actor(found[1]),
+                    "denied",
+                    found[0].id,
+                    attempted=action,
+                    permission=permission,
+                    path=request.path,
+                )
         raise
 
 
@@ -128,12 +140,12 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
 def _msisdn(value: Any) -> str:
     digits = normalise_e164(value) if isinstance(value, str) else None
     if digits is None:
-        raise Invalid("invalid-field", "msisdn: an international number in E.164 format",
-                         "msisdn")
+        raise Invalid("invalid-field", "msisdn: an international number in E.164 format", "msisdn")
     return digits
 
 
 # ---------------------------------------------------------------- traffic
+
 
 def _time(value: str, name: str) -> dt.datetime:
     try:
@@ -153,8 +165,9 @@ def _decode_cursor(value: str) -> tuple[dt.datetime, str]:
         at, message_id = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
         return dt.datetime.fromisoformat(at), str(message_id)
     except (ValueError, TypeError, binascii.Error):
-        raise Invalid("invalid-field", "cursor: not a cursor from a previous page",
-                         "cursor") from None
+        raise Invalid(
+            "invalid-field", "cursor: not a cursor from a previous page", "cursor"
+        ) from None
 
 
 @dataclass(slots=True)
@@ -180,8 +193,9 @@ class TrafficQuery:
             out.end = _time(q["to"], "to")
         if "status" in q:
             if q["status"] not in _STATUSES:
-                raise Invalid("invalid-field", "status: one of " + ", ".join(sorted(_STATUSES)),
-                                 "status")
+                raise Invalid(
+                    "invalid-field", "status: one of " + ", ".join(sorted(_STATUSES)), "status"
+                )
             out.status = q["status"]
         if "country" in q:
             cc = q["country"].upper()
@@ -200,8 +214,7 @@ class TrafficQuery:
             except ValueError:
                 out.limit = 0
             if not 1 <= out.limit <= MAX_LIMIT:
-                raise Invalid("invalid-field", f"limit: an integer from 1 to {MAX_LIMIT}",
-                                 "limit")
+                raise Invalid("invalid-field", f"limit: an integer from 1 to {MAX_LIMIT}", "limit")
         return out
 
     def sql(self, account_id: int) -> tuple[str, list[Any]]:
@@ -258,12 +271,22 @@ def _traffic_row(r: asyncpg.Record) -> dict[str, Any]:
         return v.isoformat() if v is not None else None
 
     return {
-        "id": r["id"], "class": r["class"], "ingress": r["ingress"], "from": r["source"],
-        "to": r["destination"], "country": r["country"], "carrier": r["carrier"],
-        "parts": r["parts"], "data_coding": r["data_coding"], "text": r["body"],
-        "userref": r["userref"], "accepted_at": iso(r["accepted_at"]),
-        "anonymised_at": iso(r["anonymised_at"]), "status": r["status"],
-        "status_at": iso(r["status_at"]), "error": r["error"],
+        "id": r["id"],
+        "class": r["class"],
+        "ingress": r["ingress"],
+        "from": r["source"],
+        "to": r["destination"],
+        "country": r["country"],
+        "carrier": r["carrier"],
+        "parts": r["parts"],
+        "data_coding": r["data_coding"],
+        "text": r["body"],
+        "userref": r["userref"],
+        "accepted_at": iso(r["accepted_at"]),
+        "anonymised_at": iso(r["anonymised_at"]),
+        "status": r["status"],
+        "status_at": iso(r["status_at"]),
+        "error": r["error"],
     }
 
 
@@ -277,14 +300,22 @@ async def get_traffic(request: web.Request) -> web.StreamResponse:
     rows = await pool.fetch(sql, *args)
     more = len(rows) > query.limit
     rows = rows[: query.limit]
-    await audit(pool, _actor(key), "traffic.read", account.id,
-                filter=query.audit_filter(state.audit_key), rows=len(rows))
+    await audit(
+        pool,
+        _actor(key),
+        "traffic.read",
+        account.id,
+        filter=query.audit_filter(state.audit_key),
+        rows=len(rows),
+    )
     cursor = _encode_cursor(rows[-1]["accepted_at"], rows[-1]["id"]) if more else None
-    return web.json_response({"messages": [_traffic_row(r) for r in rows],
-                              "next_cursor": cursor}, headers=NO_STORE)
+    return web.json_response(
+        {"messages": [_traffic_row(r) for r in rows], "next_cursor": cursor}, headers=NO_STORE
+    )
 
 
 # ---------------------------------------------------------------- DSR
+
 
 @_guarded
 async def dsr_export(request: web.Request) -> web.StreamResponse:
@@ -296,11 +327,21 @@ async def dsr_export(request: web.Request) -> web.StreamResponse:
     fmt = params.get("format", "json")
     if fmt not in ("json", "csv"):
         raise Invalid("invalid-field", "format: 'json' or 'csv'", "format")
-    result = await dsr.export(_pool(request), account.id, digits, actor=_actor(key),
-                              audit_key=request.app[ADMIN].audit_key, fmt=fmt)
+    result = await dsr.export(
+        _pool(request),
+        account.id,
+        digits,
+        actor=_actor(key),
+        audit_key=request.app[ADMIN].audit_key,
+        fmt=fmt,
+    )
     if isinstance(result, str):
-        return web.Response(text=result, content_type="text/csv", charset="utf-8", headers={
-            **NO_STORE, "Content-Disposition": 'attachment; filename="export.csv"'})
+        return web.Response(
+            text=result,
+            content_type="text/csv",
+            charset="utf-8",
+            headers={**NO_STORE, "Content-Disposition": 'attachment; filename="export.csv"'},
+        )
     return web.json_response({"messages": result}, headers=NO_STORE)
 
 
@@ -308,12 +349,18 @@ async def dsr_export(request: web.Request) -> web.StreamResponse:
 async def dsr_erase(request: web.Request) -> web.StreamResponse:
     account, key = await _require(request, "admin", "dsr.erase")
     digits = _msisdn((await _json_object(request)).get("msisdn"))
-    n = await dsr.erase(_pool(request), account.id, digits, actor=_actor(key),
-                        audit_key=request.app[ADMIN].audit_key)
+    n = await dsr.erase(
+        _pool(request),
+        account.id,
+        digits,
+        actor=_actor(key),
+        audit_key=request.app[ADMIN].audit_key,
+    )
     return web.json_response({"erased": n})
 
 
 # ---------------------------------------------------------------- opt-out
+
 
 @_guarded
 async def optout_list(request: web.Request) -> web.StreamResponse:
@@ -323,16 +370,29 @@ async def optout_list(request: web.Request) -> web.StreamResponse:
     if "msisdn" in request.query:
         digits = _msisdn(request.query["msisdn"])
         found = await pool.fetchval(
-            "SELECT true FROM opt_out WHERE account_id = $1 AND msisdn = $2", account.id, digits)
-        await audit(pool, _actor(key), "opt_out.check", account.id,
-                    msisdn_hash=msisdn_hash(digits, state.audit_key))
+            "SELECT true FROM opt_out WHERE account_id = $1 AND msisdn = $2", account.id, digits
+        )
+        await audit(
+            pool,
+            _actor(key),
+            "opt_out.check",
+            account.id,
+            msisdn_hash=msisdn_hash(digits, state.audit_key),
+        )
         return web.json_response({"opted_out": bool(found)})
-    rows = await pool.fetch("SELECT msisdn, created_at FROM opt_out WHERE account_id = $1"
-                            " ORDER BY created_at, msisdn", account.id)
+    rows = await pool.fetch(
+        "SELECT msisdn, created_at FROM opt_out WHERE account_id = $1 ORDER BY created_at, msisdn",
+        account.id,
+    )
     await audit(pool, _actor(key), "opt_out.list", account.id, rows=len(rows))
     return web.json_response(
-        {"numbers": [{"msisdn": r["msisdn"], "created_at": r["created_at"].isoformat()}
-                     for r in rows]}, headers=NO_STORE)
+        {
+            "numbers": [
+                {"msisdn": r["msisdn"], "created_at": r["created_at"].isoformat()} for r in rows
+            ]
+        },
+        headers=NO_STORE,
+    )
 
 
 @_guarded
@@ -351,8 +411,9 @@ async def optout_remove(request: web.Request) -> web.StreamResponse:
         raw = (await _json_object(request)).get("msisdn")
     digits = _msisdn(raw)
     try:
-        removed = await request.app[ADMIN].optout.remove(_pool(request), account.id, digits,
-                                                         _actor(key))
+        removed = await request.app[ADMIN].optout.remove(
+            _pool(request), account.id, digits, _actor(key)
+        )
     except InvalidNumber as exc:
         raise Invalid("invalid-field", str(exc), "msisdn") from None
     if not removed:
@@ -360,8 +421,13 @@ async def optout_remove(request: web.Request) -> web.StreamResponse:
     return web.Response(status=204)
 
 
-def add_admin_routes(app: web.Application, pool_getter: PoolGetter, accounts: AccountStore,
-                     optout: OptOutList, audit_key: bytes) -> None:
+def add_admin_routes(
+    app: web.Application,
+    pool_getter: PoolGetter,
+    accounts: AccountStore,
+    optout: OptOutList,
+    audit_key: bytes,
+) -> None:
     """Mount the traffic and privacy endpoints on the public API app.
 
     ``app`` must be the one from ``make_api`` (``_authenticate`` reads its

@@ -49,8 +49,20 @@ _SENDER_NUMERIC = re.compile(api.SENDER_NUMERIC_PATTERN[1:-1])
 _CALLBACK = re.compile(api.CALLBACK_URL_PATTERN[1:-1])
 _IDEMPOTENCY_KEY = re.compile(api.IDEMPOTENCY_KEY_PATTERN[1:-1])
 _MESSAGE_ID = re.compile(api.MESSAGE_ID_PATTERN[1:-1])
-_FIELDS = frozenset({"to", "from", "text", "class", "userref", "callback_url", "validity_seconds",
-                     "send_at", "max_parts", "labels"})
+_FIELDS = frozenset(
+    {
+        "to",
+        "from",
+        "text",
+        "class",
+        "userref",
+        "callback_url",
+        "validity_seconds",
+        "send_at",
+        "max_parts",
+        "labels",
+    }
+)
 _ENCODINGS = {0x00: "gsm7", 0x08: "ucs2"}
 _MAX_KEY_LEN = 512  # longer bearer tokens are refused before any hashing
 _YIELD_EVERY = 1000  # accepts between event-loop yields in a large batch
@@ -59,9 +71,16 @@ _YIELD_EVERY = 1000  # accepts between event-loop yields in a large batch
 # ------------------------------------------------------------------ problems
 
 
-def problem(status: int, slug: str, detail: str | None = None, *,
-            headers: dict[str, str] | None = None, field: str | None = None,
-            errors: list[dict[str, Any]] | None = None, title: str | None = None) -> web.Response:
+def problem(
+    status: int,
+    slug: str,
+    detail: str | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    field: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    title: str | None = None,
+) -> web.Response:
     body: dict[str, Any] = {
         "type": api.PROBLEM_BASE + slug,
         "title": title or api.PROBLEM_TYPES.get(slug, (status, "Request refused"))[1],
@@ -73,8 +92,7 @@ def problem(status: int, slug: str, detail: str | None = None, *,
         body["field"] = field
     if errors is not None:
         body["errors"] = errors
-    return web.Response(status=status, text=json.dumps(body), content_type=PROBLEM,
-                        headers=headers)
+    return web.Response(status=status, text=json.dumps(body), content_type=PROBLEM, headers=headers)
 
 
 def _slug(reason: str) -> str:
@@ -123,9 +141,16 @@ class IdempotencyStore:
     ``release`` gives the key back when the answer must not be kept.
     """
 
-    def __init__(self, pool: asyncpg.Pool | None = None, *, ttl: float = api.IDEMPOTENCY_TTL,
-                 claim_timeout: float = 30.0, memory_limit: int = 100_000,
-                 wall: Callable[[], float] = time.time, query_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool | None = None,
+        *,
+        ttl: float = api.IDEMPOTENCY_TTL,
+        claim_timeout: float = 30.0,
+        memory_limit: int = 100_000,
+        wall: Callable[[], float] = time.time,
+        query_timeout: float = 2.0,
+    ) -> None:
         self.pool = pool
         self.ttl = ttl
         self.claim_timeout = claim_timeout
@@ -169,7 +194,11 @@ class IdempotencyStore:
                     "  WHERE i.created_at < now() - make_interval(secs => $4)"
                     "     OR (i.status = 0 AND i.created_at < now() - make_interval(secs => $5))"
                     " RETURNING 1",
-                    account_id, key, request_hash, float(self.ttl), float(self.claim_timeout),
+                    account_id,
+                    key,
+                    request_hash,
+                    float(self.ttl),
+                    float(self.claim_timeout),
                     timeout=self.query_timeout,
                 )
                 if row is not None:
@@ -178,12 +207,17 @@ class IdempotencyStore:
                     "SELECT request_hash, status, body::text AS body,"
                     " extract(epoch FROM created_at)::float8 AS created"
                     " FROM idempotency_keys WHERE account_id = $1 AND key = $2",
-                    account_id, key, timeout=self.query_timeout,
+                    account_id,
+                    key,
+                    timeout=self.query_timeout,
                 )
                 if row is not None:
-                    answer = StoredAnswer(row["request_hash"], row["status"],
-                                          json.loads(row["body"]) if row["body"] else None,
-                                          row["created"])
+                    answer = StoredAnswer(
+                        row["request_hash"],
+                        row["status"],
+                        json.loads(row["body"]) if row["body"] else None,
+                        row["created"],
+                    )
                     if answer.status != 0:
                         self._remember(k, answer)
                     return answer
@@ -192,8 +226,9 @@ class IdempotencyStore:
             raise IdempotencyUnavailable from None
         raise IdempotencyUnavailable
 
-    async def put(self, account_id: int, key: str, request_hash: str, status: int,
-                  body: Any) -> None:
+    async def put(
+        self, account_id: int, key: str, request_hash: str, status: int, body: Any
+    ) -> None:
         self._remember((account_id, key), StoredAnswer(request_hash, status, body, self.wall()))
         if self.pool is None:
             return
@@ -201,7 +236,11 @@ class IdempotencyStore:
             await self.pool.execute(
                 "UPDATE idempotency_keys SET status = $4, body = $5::jsonb"
                 " WHERE account_id = $1 AND key = $2 AND request_hash = $3",
-                account_id, key, request_hash, status, json.dumps(body),
+                account_id,
+                key,
+                request_hash,
+                status,
+                json.dumps(body),
                 timeout=self.query_timeout,
             )
         except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
@@ -216,7 +255,9 @@ class IdempotencyStore:
         try:
             await self.pool.execute(
                 "DELETE FROM idempotency_keys WHERE account_id = $1 AND key = $2 AND status = 0",
-                account_id, key, timeout=self.query_timeout,
+                account_id,
+                key,
+                timeout=self.query_timeout,
             )
         except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
             log.warning("idempotency_store_error", error=type(exc).__name__)
@@ -285,9 +326,9 @@ OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 
 
 @web.middleware
-async def errors_middleware(request: web.Request,
-                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                            ) -> web.StreamResponse:
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     try:
@@ -296,7 +337,8 @@ async def errors_middleware(request: web.Request,
         if exc.status < 400:
             raise
         slug = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}.get(
-            exc.status, "invalid-json" if exc.status == 400 else "internal-error")
+            exc.status, "invalid-json" if exc.status == 400 else "internal-error"
+        )
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         resp = problem(exc.status, slug, headers=headers, title=exc.reason)
     except Exception as exc:  # never a stack trace to the client, never the payload to the log
@@ -318,17 +360,33 @@ async def _authenticate(request: web.Request, *permissions: str) -> tuple[Accoun
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token or len(token) > _MAX_KEY_LEN:
-        raise BadRequest(problem(401, "unauthorized", "send 'Authorization: Bearer <API key>'",
-                                 headers={"WWW-Authenticate": _CHALLENGE}))
+        raise BadRequest(
+            problem(
+                401,
+                "unauthorized",
+                "send 'Authorization: Bearer <API key>'",
+                headers={"WWW-Authenticate": _CHALLENGE},
+            )
+        )
     found = await request.app[ACCOUNTS].authenticate_key(token)
     if found is None:
         challenge = _CHALLENGE + ', error="invalid_token"'
-        raise BadRequest(problem(401, "unauthorized", "the API key is not valid",
-                                 headers={"WWW-Authenticate": challenge}))
+        raise BadRequest(
+            problem(
+                401,
+                "unauthorized",
+                "the API key is not valid",
+                headers={"WWW-Authenticate": challenge},
+            )
+        )
     if not permissions or found[1].permissions.isdisjoint(permissions):
-        raise BadRequest(problem(403, "forbidden",
-                                 "this key lacks the " + " or ".join(f"'{p}'" for p in permissions)
-                                 + " permission"))
+        raise BadRequest(
+            problem(
+                403,
+                "forbidden",
+                "this key lacks the " + " or ".join(f"'{p}'" for p in permissions) + " permission",
+            )
+        )
     return found
 
 
@@ -351,9 +409,11 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 async def _read_json(request: web.Request) -> Any:
     cfg = request.app[CONFIG].http
     if request.content_type != "application/json" or (
-            request.charset is not None and request.charset.lower() not in ("utf-8", "utf8")):
-        raise BadRequest(problem(415, "unsupported-media-type",
-                                 "send Content-Type: application/json (UTF-8)"))
+        request.charset is not None and request.charset.lower() not in ("utf-8", "utf8")
+    ):
+        raise BadRequest(
+            problem(415, "unsupported-media-type", "send Content-Type: application/json (UTF-8)")
+        )
     too_large = problem(413, "body-too-large", f"the body exceeds {cfg.max_body} bytes")
     if request.content_length is not None and request.content_length > cfg.max_body:
         raise BadRequest(too_large)
@@ -362,8 +422,9 @@ async def _read_json(request: web.Request) -> Any:
     except web.HTTPRequestEntityTooLarge:
         raise BadRequest(too_large) from None
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
-                          object_pairs_hook=_no_duplicates)
+        return json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicates
+        )
     except UnicodeDecodeError:
         detail = "the body is not UTF-8"
     except json.JSONDecodeError as exc:
@@ -422,19 +483,25 @@ def _check_item(engine: Engine, account: Account, index: int, item: Any) -> Draf
     if isinstance(to, str):
         to = [to]
     if not isinstance(to, list) or not to:
-        raise BadItem("invalid-destination", "to", "a number or a non-empty list of numbers "
-                      "is required")
+        raise BadItem(
+            "invalid-destination", "to", "a number or a non-empty list of numbers is required"
+        )
     recipients: list[str] = []
     for r in to:
         if not isinstance(r, str) or not _E164.fullmatch(r):
-            raise BadItem("invalid-destination", "to",
-                          "expected international numbers in E.164 format (+ and 7-15 digits)")
+            raise BadItem(
+                "invalid-destination",
+                "to",
+                "expected international numbers in E.164 format (+ and 7-15 digits)",
+            )
         recipients.append(r.removeprefix("+"))
     sender = item.get("from")
-    if not isinstance(sender, str) or not (_SENDER_NUMERIC.fullmatch(sender)
-                                           or _SENDER_ALNUM.fullmatch(sender)):
-        raise BadItem("invalid-sender", "from", "a sender id: 1-11 letters/digits, or up to "
-                      "15 digits")
+    if not isinstance(sender, str) or not (
+        _SENDER_NUMERIC.fullmatch(sender) or _SENDER_ALNUM.fullmatch(sender)
+    ):
+        raise BadItem(
+            "invalid-sender", "from", "a sender id: 1-11 letters/digits, or up to 15 digits"
+        )
     try:
         source, ton, npi = check_sender(sender)
     except InvalidField as exc:
@@ -449,17 +516,23 @@ def _check_item(engine: Engine, account: Account, index: int, item: Any) -> Draf
         raise BadItem("invalid-field", "class", "expected 'standard' or 'secret'")
     validity = item.get("validity_seconds", api.VALIDITY_DEFAULT)
     if not _is_int(validity, 1, api.VALIDITY_MAX):
-        raise BadItem("invalid-field", "validity_seconds",
-                      f"an integer from 1 to {api.VALIDITY_MAX}")
+        raise BadItem(
+            "invalid-field", "validity_seconds", f"an integer from 1 to {api.VALIDITY_MAX}"
+        )
     userref = item.get("userref")
-    if userref is not None and (not isinstance(userref, str) or len(userref) > api.USERREF_MAX
-                                or not _clean_string(userref)):
-        raise BadItem("invalid-field", "userref",
-                      f"a string of at most {api.USERREF_MAX} characters")
+    if userref is not None and (
+        not isinstance(userref, str) or len(userref) > api.USERREF_MAX or not _clean_string(userref)
+    ):
+        raise BadItem(
+            "invalid-field", "userref", f"a string of at most {api.USERREF_MAX} characters"
+        )
     callback = item.get("callback_url")
     if callback is not None:
-        if (not isinstance(callback, str) or len(callback) > api.CALLBACK_URL_MAX
-                or not _CALLBACK.fullmatch(callback)):
+        if (
+            not isinstance(callback, str)
+            or len(callback) > api.CALLBACK_URL_MAX
+            or not _CALLBACK.fullmatch(callback)
+        ):
             raise BadItem("invalid-field", "callback_url", "an http(s) URL")
         try:
             if not URL(callback).host:
@@ -468,35 +541,57 @@ def _check_item(engine: Engine, account: Account, index: int, item: Any) -> Draf
             raise BadItem("invalid-field", "callback_url", "an http(s) URL") from None
     max_parts = item.get("max_parts", api.MAX_PARTS_DEFAULT)
     if not _is_int(max_parts, 1, api.MAX_PARTS_LIMIT):
-        raise BadItem("invalid-field", "max_parts",
-                      f"an integer from 1 to {api.MAX_PARTS_LIMIT}")
+        raise BadItem("invalid-field", "max_parts", f"an integer from 1 to {api.MAX_PARTS_LIMIT}")
     labels = item.get("labels")
     if labels is not None:
-        if (not isinstance(labels, dict) or len(labels) > api.LABELS_MAX
-                or not all(isinstance(v, str) and len(v) <= api.LABEL_VALUE_MAX
-                           and 1 <= len(k) <= api.LABEL_KEY_MAX
-                           and _clean_string(k) and _clean_string(v)
-                           for k, v in labels.items())):
-            raise BadItem("invalid-field", "labels",
-                          f"at most {api.LABELS_MAX} pairs of strings (keys 1-"
-                          f"{api.LABEL_KEY_MAX}, values up to {api.LABEL_VALUE_MAX} characters)")
+        if (
+            not isinstance(labels, dict)
+            or len(labels) > api.LABELS_MAX
+            or not all(
+                isinstance(v, str)
+                and len(v) <= api.LABEL_VALUE_MAX
+                and 1 <= len(k) <= api.LABEL_KEY_MAX
+                and _clean_string(k)
+                and _clean_string(v)
+                for k, v in labels.items()
+            )
+        ):
+            raise BadItem(
+                "invalid-field",
+                "labels",
+                f"at most {api.LABELS_MAX} pairs of strings (keys 1-"
+                f"{api.LABEL_KEY_MAX}, values up to {api.LABEL_VALUE_MAX} characters)",
+            )
     try:
         enc = encode_text(text)
         parts = part_count(enc)
     except ValueError:
         raise BadItem("invalid-text", "text", "text cannot be encoded") from None
     if parts > max_parts:
-        raise BadItem("too-many-parts", "text",
-                      f"text needs {parts} parts, more than max_parts={max_parts}")
+        raise BadItem(
+            "too-many-parts", "text", f"text needs {parts} parts, more than max_parts={max_parts}"
+        )
     segments = tuple(split(enc, ref=engine.rng.randrange(256)))
-    return Draft(index=index, recipients=recipients, source=source, ton=ton, npi=npi,
-                 msg_class=MessageClass(cls), enc=enc, segments=segments, text=text,
-                 validity=validity, userref=userref, callback_url=callback,
-                 labels=dict(labels) if labels else None)
+    return Draft(
+        index=index,
+        recipients=recipients,
+        source=source,
+        ton=ton,
+        npi=npi,
+        msg_class=MessageClass(cls),
+        enc=enc,
+        segments=segments,
+        text=text,
+        validity=validity,
+        userref=userref,
+        callback_url=callback,
+        labels=dict(labels) if labels else None,
+    )
 
 
-def _error(index: int, slug: str, field: str | None, detail: str,
-           recipient: int | None = None) -> dict[str, Any]:
+def _error(
+    index: int, slug: str, field: str | None, detail: str, recipient: int | None = None
+) -> dict[str, Any]:
     e: dict[str, Any] = {"index": index}
     if recipient is not None:
         e["recipient"] = recipient
@@ -515,9 +610,14 @@ async def post_messages(request: web.Request) -> web.Response:
         account, _ = await _authenticate(request, "send")
         key = request.headers.get("Idempotency-Key")
         if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
-            raise BadRequest(problem(400, "invalid-idempotency-key",
-                                     f"1-{api.IDEMPOTENCY_KEY_MAX} visible ASCII characters",
-                                     field="Idempotency-Key"))
+            raise BadRequest(
+                problem(
+                    400,
+                    "invalid-idempotency-key",
+                    f"1-{api.IDEMPOTENCY_KEY_MAX} visible ASCII characters",
+                    field="Idempotency-Key",
+                )
+            )
         doc = await _read_json(request)
     except BadRequest as exc:
         return exc.response
@@ -529,25 +629,32 @@ async def post_messages(request: web.Request) -> web.Response:
     try:
         stored = await store.claim(account.id, key, digest)
     except IdempotencyUnavailable:
-        return problem(503, "idempotency-unavailable", "retry later",
-                       headers={"Retry-After": "5"})
+        return problem(503, "idempotency-unavailable", "retry later", headers={"Retry-After": "5"})
     if stored is not None:
         if stored.request_hash != digest:
-            return problem(422, "idempotency-key-reused",
-                           "this Idempotency-Key was used with a different request",
-                           field="Idempotency-Key")
+            return problem(
+                422,
+                "idempotency-key-reused",
+                "this Idempotency-Key was used with a different request",
+                field="Idempotency-Key",
+            )
         if stored.status == 0:
-            return problem(409, "idempotency-key-in-progress",
-                           "the first request with this key is still being handled",
-                           headers={"Retry-After": "1"}, field="Idempotency-Key")
+            return problem(
+                409,
+                "idempotency-key-in-progress",
+                "the first request with this key is still being handled",
+                headers={"Retry-After": "1"},
+                field="Idempotency-Key",
+            )
         return _answer(stored.status, stored.body, {"Idempotent-Replayed": "true"})
     # Shielded: once messages are handed over, the answer must be recorded
     # even if the client goes away, or a retry would send them again.
     return await asyncio.shield(_submit_once(request, account, doc, key, digest))
 
 
-async def _submit_once(request: web.Request, account: Account, doc: Any, key: str,
-                       digest: str) -> web.Response:
+async def _submit_once(
+    request: web.Request, account: Account, doc: Any, key: str, digest: str
+) -> web.Response:
     store = request.app[IDEMPOTENCY]
     kept = False
     try:
@@ -563,20 +670,25 @@ async def _submit_once(request: web.Request, account: Account, doc: Any, key: st
 
 def _answer(status: int, body: dict[str, Any], headers: dict[str, str] | None) -> web.Response:
     content_type = "application/json" if status < 400 else PROBLEM
-    return web.Response(status=status, text=json.dumps(body), content_type=content_type,
-                        headers=headers)
+    return web.Response(
+        status=status, text=json.dumps(body), content_type=content_type, headers=headers
+    )
 
 
 def _problem_body(status: int, slug: str, detail: str, **extra: Any) -> dict[str, Any]:
-    body = {"type": api.PROBLEM_BASE + slug,
-            "title": api.PROBLEM_TYPES.get(slug, (status, "Request refused"))[1],
-            "status": status, "detail": detail}
+    body = {
+        "type": api.PROBLEM_BASE + slug,
+        "title": api.PROBLEM_TYPES.get(slug, (status, "Request refused"))[1],
+        "status": status,
+        "detail": detail,
+    }
     body.update({k: v for k, v in extra.items() if v is not None})
     return body
 
 
-async def _submit(request: web.Request, account: Account,
-                  doc: Any) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+async def _submit(
+    request: web.Request, account: Account, doc: Any
+) -> tuple[int, dict[str, Any], dict[str, str] | None]:
     """Validate, accept, and shape the answer: (status, body, headers).
 
     The body holds ids, part counts, encodings and refusal reasons only, so
@@ -590,23 +702,44 @@ async def _submit(request: web.Request, account: Account,
         extra = set(doc) - {"messages"}
         if extra:
             name = sorted(extra)[0]
-            return 422, _problem_body(422, "invalid-field", f"unknown field '{name}'",
-                                      field=name), None
+            return (
+                422,
+                _problem_body(422, "invalid-field", f"unknown field '{name}'", field=name),
+                None,
+            )
         items = doc["messages"]
         if not isinstance(items, list) or not items:
-            return 422, _problem_body(422, "invalid-field", "messages must be a non-empty list",
-                                      field="messages"), None
+            return (
+                422,
+                _problem_body(
+                    422, "invalid-field", "messages must be a non-empty list", field="messages"
+                ),
+                None,
+            )
     else:
         items = [doc]
-    recipients = sum(len(i["to"]) if isinstance(i, dict) and isinstance(i.get("to"), list) else 1
-                     for i in items)
+    recipients = sum(
+        len(i["to"]) if isinstance(i, dict) and isinstance(i.get("to"), list) else 1 for i in items
+    )
     if recipients > cfg.max_batch or len(items) > cfg.max_batch:
-        return 413, _problem_body(413, "batch-too-large",
-                                  f"at most {cfg.max_batch} recipients per request",
-                                  field="messages" if batch else "to"), None
+        return (
+            413,
+            _problem_body(
+                413,
+                "batch-too-large",
+                f"at most {cfg.max_batch} recipients per request",
+                field="messages" if batch else "to",
+            ),
+            None,
+        )
     if not engine.accepting:
-        return 503, _problem_body(503, "draining", "the router is shutting down; retry "
-                                  "later or on another node"), {"Retry-After": "5"}
+        return (
+            503,
+            _problem_body(
+                503, "draining", "the router is shutting down; retry later or on another node"
+            ),
+            {"Retry-After": "5"},
+        )
     single = not batch and isinstance(doc.get("to"), str)
     drafts: list[Draft] = []
     errors: list[dict[str, Any]] = []
@@ -633,13 +766,25 @@ async def _submit(request: web.Request, account: Account,
                 await asyncio.sleep(0)  # a 10,000-recipient batch must not stall the loop
             secret = d.msg_class is MessageClass.SECRET
             msg = Message(
-                id=new_message_id(), account_id=account.id, account=account.name,
-                origin=Origin.HTTP, msg_class=d.msg_class, source=d.source, source_ton=d.ton,
-                source_npi=d.npi, destination=destination,
-                country=engine.countries.country(destination), data_coding=d.enc.data_coding,
-                esm_class=0x40 if len(d.segments) > 1 else 0, segments=d.segments,
-                text=None if secret else d.text, registered_delivery=1, accepted_at=now,
-                expires_at=now + d.validity, userref=d.userref, callback_url=d.callback_url,
+                id=new_message_id(),
+                account_id=account.id,
+                account=account.name,
+                origin=Origin.HTTP,
+                msg_class=d.msg_class,
+                source=d.source,
+                source_ton=d.ton,
+                source_npi=d.npi,
+                destination=destination,
+                country=engine.countries.country(destination),
+                data_coding=d.enc.data_coding,
+                esm_class=0x40 if len(d.segments) > 1 else 0,
+                segments=d.segments,
+                text=None if secret else d.text,
+                registered_delivery=1,
+                accepted_at=now,
+                expires_at=now + d.validity,
+                userref=d.userref,
+                callback_url=d.callback_url,
             )
             fut: asyncio.Future[Delivery | Rejected] = loop.create_future()
             engine.submit(msg, functools.partial(_settle, fut))
@@ -657,35 +802,68 @@ async def _submit(request: web.Request, account: Account,
                 metrics.THROTTLE_SENT.labels("http", result.reason).inc()
                 if throttled is None or result.http_status == 503:
                     throttled = result
-            errors.append(_error(d.index, _slug(result.reason), "to", result.detail,
-                                 None if single else r))
+            errors.append(
+                _error(d.index, _slug(result.reason), "to", result.detail, None if single else r)
+            )
             refused += 1
             continue
         if d.labels or msg.secret:
             extras.put(msg.id, _Extra(msg.parts, d.labels))
-        accepted.append({"index": d.index, "recipient": r, "id": msg.id, "status": "accepted",
-                         "parts": msg.parts,
-                         "encoding": _ENCODINGS.get(d.enc.data_coding, "other")})
+        accepted.append(
+            {
+                "index": d.index,
+                "recipient": r,
+                "id": msg.id,
+                "status": "accepted",
+                "parts": msg.parts,
+                "encoding": _ENCODINGS.get(d.enc.data_coding, "other"),
+            }
+        )
     errors.sort(key=lambda e: (e["index"], e.get("recipient", -1)))
-    retry_headers = ({"Retry-After": str(max(1, int(throttled.retry_after or 1)))}
-                     if throttled is not None else None)
+    retry_headers = (
+        {"Retry-After": str(max(1, int(throttled.retry_after or 1)))}
+        if throttled is not None
+        else None
+    )
     if not accepted:
         if throttled is not None:
             status = throttled.http_status
-            return status, _problem_body(status, _slug(throttled.reason), throttled.detail,
-                                         errors=None if single else errors), retry_headers
+            return (
+                status,
+                _problem_body(
+                    status,
+                    _slug(throttled.reason),
+                    throttled.detail,
+                    errors=None if single else errors,
+                ),
+                retry_headers,
+            )
         if single or (not batch and len(errors) == 1 and "recipient" not in errors[0]):
             e = errors[0]
-            return 422, _problem_body(422, e["type"].removeprefix(api.PROBLEM_BASE),
-                                      e["detail"], field=e.get("field")), None
-        return 422, _problem_body(422, "batch-rejected", "no message was accepted",
-                                  errors=errors), None
+            return (
+                422,
+                _problem_body(
+                    422, e["type"].removeprefix(api.PROBLEM_BASE), e["detail"], field=e.get("field")
+                ),
+                None,
+            )
+        return (
+            422,
+            _problem_body(422, "batch-rejected", "no message was accepted", errors=errors),
+            None,
+        )
     if single:
         a = accepted[0]
-        return 202, {"id": a["id"], "status": "accepted", "parts": a["parts"],
-                     "encoding": a["encoding"]}, None
-    return 202, {"accepted": len(accepted), "rejected": refused, "messages": accepted,
-                 "errors": errors}, retry_headers
+        return (
+            202,
+            {"id": a["id"], "status": "accepted", "parts": a["parts"], "encoding": a["encoding"]},
+            None,
+        )
+    return (
+        202,
+        {"accepted": len(accepted), "rejected": refused, "messages": accepted, "errors": errors},
+        retry_headers,
+    )
 
 
 def _settle(fut: asyncio.Future[Delivery | Rejected], result: Delivery | Rejected) -> None:
@@ -694,8 +872,7 @@ def _settle(fut: asyncio.Future[Delivery | Rejected], result: Delivery | Rejecte
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def get_message(request: web.Request) -> web.Response:
@@ -710,15 +887,23 @@ async def get_message(request: web.Request) -> web.Response:
         return problem(404, "not-found", "no such message for this account")
     m = d.message
     extra = request.app[EXTRAS].get(m.id)
-    return web.json_response({
-        "id": m.id, "status": d.status.value, "class": m.msg_class.value,
-        "parts": m.parts or (extra.parts if extra else 0),
-        "encoding": _ENCODINGS.get(m.data_coding, "other"), "country": m.country,
-        "carrier": d.carrier, "error": d.error, "userref": m.userref,
-        "labels": extra.labels if extra else None,
-        "accepted_at": _iso(m.accepted_at), "updated_at": _iso(d.updated_at or m.accepted_at),
-        "expires_at": _iso(m.expires_at),
-    })
+    return web.json_response(
+        {
+            "id": m.id,
+            "status": d.status.value,
+            "class": m.msg_class.value,
+            "parts": m.parts or (extra.parts if extra else 0),
+            "encoding": _ENCODINGS.get(m.data_coding, "other"),
+            "country": m.country,
+            "carrier": d.carrier,
+            "error": d.error,
+            "userref": m.userref,
+            "labels": extra.labels if extra else None,
+            "accepted_at": _iso(m.accepted_at),
+            "updated_at": _iso(d.updated_at or m.accepted_at),
+            "expires_at": _iso(m.expires_at),
+        }
+    )
 
 
 async def get_openapi(request: web.Request) -> web.Response:
@@ -728,8 +913,9 @@ async def get_openapi(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------- app
 
 
-def _idempotency_context(pool: asyncpg.Pool | None, database_url: str | None,
-                         purge_every: float) -> Callable[[web.Application], AsyncIterator[None]]:
+def _idempotency_context(
+    pool: asyncpg.Pool | None, database_url: str | None, purge_every: float
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         own: asyncpg.Pool | None = None
         store = app[IDEMPOTENCY]
@@ -763,10 +949,15 @@ def _idempotency_context(pool: asyncpg.Pool | None, database_url: str | None,
     return ctx
 
 
-def make_api(cfg: Config, engine: Engine, accounts: AccountStore, *,
-             pool: asyncpg.Pool | None = None,
-             idempotency: IdempotencyStore | None = None,
-             purge_every: float = 3600.0) -> web.Application:
+def make_api(
+    cfg: Config,
+    engine: Engine,
+    accounts: AccountStore,
+    *,
+    pool: asyncpg.Pool | None = None,
+    idempotency: IdempotencyStore | None = None,
+    purge_every: float = 3600.0,
+) -> web.Application:
     """The HTTP API application. Pass the router's ``pool`` so idempotency
     keys are shared through PostgreSQL; without one (and without a store),
     the app opens a small pool of its own from ``cfg.database_url``."""

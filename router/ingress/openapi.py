@@ -72,7 +72,8 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "not-durable": (503, "The message could not be stored; retry"),
 }
 
-_DESCRIPTION = f"""\
+_DESCRIPTION = (
+    f"""\
 Submit SMS and read their status.
 
 **Authentication**: `Authorization: Bearer <API key>`. A missing or unknown key
@@ -117,8 +118,11 @@ kept: a refused request may be retried with the same key.
 
 **Errors** are `application/problem+json` (RFC 9457) with a stable `type`
 `{PROBLEM_BASE}<slug>`, and `field` naming the field at fault. Slugs:
-""" + "\n".join(f"- `{slug}` ({status}): {title}"
-                for slug, (status, title) in PROBLEM_TYPES.items()) + """
+"""
+    + "\n".join(
+        f"- `{slug}` ({status}): {title}" for slug, (status, title) in PROBLEM_TYPES.items()
+    )
+    + """
 
 **Scheduling** (`send_at`) is not supported yet: any `send_at` answers 422
 `unsupported`.
@@ -135,13 +139,15 @@ exponential backoff (30 s doubling to 1 h) for up to 24 hours.
 kept in memory only (returned by GET while the router remembers the
 message) and are never logged or stored.
 """
+)
 
 
 def _problem_response(description: str, *, headers: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "description": description,
-        "content": {"application/problem+json": {
-            "schema": {"$ref": "#/components/schemas/Problem"}}},
+        "content": {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        },
     }
     if headers:
         out["headers"] = headers
@@ -170,12 +176,17 @@ def _schemas(max_batch: int) -> dict[str, Any]:
         "required": ["index", "type", "detail"],
         "additionalProperties": False,
         "properties": {
-            "index": {"type": "integer", "minimum": 0,
-                      "description": "Position of the item in `messages` "
-                                     "(0 for a single message)."},
-            "recipient": {"type": "integer", "minimum": 0,
-                          "description": "Position in the item's `to` list, when only that "
-                                         "recipient was refused."},
+            "index": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Position of the item in `messages` (0 for a single message).",
+            },
+            "recipient": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Position in the item's `to` list, when only that "
+                "recipient was refused.",
+            },
             "type": {"type": "string", "format": "uri"},
             "field": {"type": "string"},
             "detail": {"type": "string"},
@@ -192,46 +203,68 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                     "description": "Recipient(s): international numbers in E.164, '+' optional.",
                     "oneOf": [
                         {"type": "string", "pattern": E164_PATTERN},
-                        {"type": "array", "minItems": 1, "maxItems": max_batch,
-                         "items": {"type": "string", "pattern": E164_PATTERN}},
+                        {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": max_batch,
+                            "items": {"type": "string", "pattern": E164_PATTERN},
+                        },
                     ],
                 },
                 "from": {
                     "type": "string",
                     "description": "Sender id: alphanumeric (1-11 characters) or numeric "
-                                   "(up to 15 digits, '+' optional).",
-                    "anyOf": [{"pattern": SENDER_ALNUM_PATTERN},
-                              {"pattern": SENDER_NUMERIC_PATTERN}],
+                    "(up to 15 digits, '+' optional).",
+                    "anyOf": [
+                        {"pattern": SENDER_ALNUM_PATTERN},
+                        {"pattern": SENDER_NUMERIC_PATTERN},
+                    ],
                 },
                 "text": {
-                    "type": "string", "minLength": 1,
+                    "type": "string",
+                    "minLength": 1,
                     "description": "Sent as GSM 03.38 when every character fits, else UCS2. "
-                                   "NUL and unpaired surrogates are refused.",
+                    "NUL and unpaired surrogates are refused.",
                 },
                 "class": {
-                    "type": "string", "enum": ["standard", "secret"],
+                    "type": "string",
+                    "enum": ["standard", "secret"],
                     "description": "Default: the account's default class. `secret` messages "
-                                   "are never written to the traffic log or any log.",
+                    "are never written to the traffic log or any log.",
                 },
-                "userref": {"type": "string", "maxLength": USERREF_MAX,
-                            "description": "Your reference, echoed in status and webhooks."},
+                "userref": {
+                    "type": "string",
+                    "maxLength": USERREF_MAX,
+                    "description": "Your reference, echoed in status and webhooks.",
+                },
                 "callback_url": {
-                    "type": "string", "maxLength": CALLBACK_URL_MAX,
+                    "type": "string",
+                    "maxLength": CALLBACK_URL_MAX,
                     "pattern": CALLBACK_URL_PATTERN,
                     "description": "Webhook for this message's final status "
-                                   "(default: the account's webhook URL).",
+                    "(default: the account's webhook URL).",
                 },
-                "validity_seconds": {"type": "integer", "minimum": 1, "maximum": VALIDITY_MAX,
-                                     "default": VALIDITY_DEFAULT},
-                "send_at": {"type": "string", "format": "date-time",
-                            "description": "Not supported yet: any value answers 422 "
-                                           "`unsupported`."},
-                "max_parts": {"type": "integer", "minimum": 1, "maximum": MAX_PARTS_LIMIT,
-                              "default": MAX_PARTS_DEFAULT,
-                              "description": "Refuse (422 `too-many-parts`) a text needing more "
-                                             "parts."},
+                "validity_seconds": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": VALIDITY_MAX,
+                    "default": VALIDITY_DEFAULT,
+                },
+                "send_at": {
+                    "type": "string",
+                    "format": "date-time",
+                    "description": "Not supported yet: any value answers 422 `unsupported`.",
+                },
+                "max_parts": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": MAX_PARTS_LIMIT,
+                    "default": MAX_PARTS_DEFAULT,
+                    "description": "Refuse (422 `too-many-parts`) a text needing more parts.",
+                },
                 "labels": {
-                    "type": "object", "maxProperties": LABELS_MAX,
+                    "type": "object",
+                    "maxProperties": LABELS_MAX,
                     "propertyNames": {"minLength": 1, "maxLength": LABEL_KEY_MAX},
                     "additionalProperties": {"type": "string", "maxLength": LABEL_VALUE_MAX},
                     "description": "Up to 10 short string pairs, kept in memory only.",
@@ -244,10 +277,12 @@ def _schemas(max_batch: int) -> dict[str, Any]:
             "additionalProperties": False,
             "properties": {
                 "messages": {
-                    "type": "array", "minItems": 1, "maxItems": max_batch,
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": max_batch,
                     "description": "Items are Message objects, each checked on its own "
-                                   "(partial acceptance): a malformed item is refused in "
-                                   "`errors` without refusing the others.",
+                    "(partial acceptance): a malformed item is refused in "
+                    "`errors` without refusing the others.",
                     "items": {},
                 },
             },
@@ -271,8 +306,11 @@ def _schemas(max_batch: int) -> dict[str, Any]:
             "additionalProperties": False,
             "properties": {
                 "accepted": {"type": "integer", "minimum": 1},
-                "rejected": {"type": "integer", "minimum": 0,
-                             "description": "Recipients not accepted."},
+                "rejected": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "Recipients not accepted.",
+                },
                 "messages": {
                     "type": "array",
                     "items": {
@@ -294,24 +332,49 @@ def _schemas(max_batch: int) -> dict[str, Any]:
         },
         "MessageStatus": {
             "type": "object",
-            "required": ["id", "status", "class", "parts", "encoding", "country", "carrier",
-                         "error", "userref", "labels", "accepted_at", "updated_at", "expires_at"],
+            "required": [
+                "id",
+                "status",
+                "class",
+                "parts",
+                "encoding",
+                "country",
+                "carrier",
+                "error",
+                "userref",
+                "labels",
+                "accepted_at",
+                "updated_at",
+                "expires_at",
+            ],
             "additionalProperties": False,
             "properties": {
                 "id": {"type": "string", "pattern": MESSAGE_ID_PATTERN},
-                "status": {"enum": ["accepted", "queued", "submitted", "delivered", "failed",
-                                    "expired", "rejected"]},
+                "status": {
+                    "enum": [
+                        "accepted",
+                        "queued",
+                        "submitted",
+                        "delivered",
+                        "failed",
+                        "expired",
+                        "rejected",
+                    ]
+                },
                 "class": {"enum": ["standard", "secret"]},
                 "parts": {"type": "integer", "minimum": 0},
                 "encoding": {"enum": ["gsm7", "ucs2", "other"]},
-                "country": {"type": "string",
-                            "description": "ISO 3166 alpha-2 of the destination, '' if unknown."},
+                "country": {
+                    "type": "string",
+                    "description": "ISO 3166 alpha-2 of the destination, '' if unknown.",
+                },
                 "carrier": {"type": ["string", "null"]},
                 "error": {"type": ["string", "null"]},
-                "userref": {"type": ["string", "null"],
-                            "description": "null once a secret message's fate is final."},
-                "labels": {"type": ["object", "null"],
-                           "additionalProperties": {"type": "string"}},
+                "userref": {
+                    "type": ["string", "null"],
+                    "description": "null once a secret message's fate is final.",
+                },
+                "labels": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
                 "accepted_at": {"type": "string", "format": "date-time"},
                 "updated_at": {"type": "string", "format": "date-time"},
                 "expires_at": {"type": "string", "format": "date-time"},
@@ -339,8 +402,10 @@ def _schemas(max_batch: int) -> dict[str, Any]:
             "properties": {
                 "id": {"type": "string"},
                 "userref": {"type": ["string", "null"]},
-                "to": {"type": "string", "description": "'+' and E.164 digits; omitted for "
-                                                       "secret messages."},
+                "to": {
+                    "type": "string",
+                    "description": "'+' and E.164 digits; omitted for secret messages.",
+                },
                 "status": {"enum": ["delivered", "failed", "expired", "rejected"]},
                 "error": {"type": ["string", "null"]},
                 "time": {"type": "string", "format": "date-time"},
@@ -350,8 +415,10 @@ def _schemas(max_batch: int) -> dict[str, Any]:
 
 
 def _document(max_batch: int) -> dict[str, Any]:
-    auth = {"401": _problem_response("Missing or invalid API key.", headers=_WWW_AUTHENTICATE),
-            "403": _problem_response("The key lacks the permission.")}
+    auth = {
+        "401": _problem_response("Missing or invalid API key.", headers=_WWW_AUTHENTICATE),
+        "403": _problem_response("The key lacks the permission."),
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "sms-router HTTP API", "version": "1.0.0", "description": _DESCRIPTION},
@@ -362,49 +429,73 @@ def _document(max_batch: int) -> dict[str, Any]:
                 "post": {
                     "operationId": "sendMessages",
                     "summary": "Send one message or a batch",
-                    "parameters": [{
-                        "name": "Idempotency-Key", "in": "header", "required": False,
-                        "schema": {"type": "string", "minLength": 1,
-                                   "maxLength": IDEMPOTENCY_KEY_MAX,
-                                   "pattern": IDEMPOTENCY_KEY_PATTERN},
-                    }],
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "schema": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": IDEMPOTENCY_KEY_MAX,
+                                "pattern": IDEMPOTENCY_KEY_PATTERN,
+                            },
+                        }
+                    ],
                     "requestBody": {
                         "required": True,
-                        "content": {"application/json": {"schema": {"oneOf": [
-                            {"$ref": "#/components/schemas/Message"},
-                            {"$ref": "#/components/schemas/Batch"},
-                        ]}}},
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [
+                                        {"$ref": "#/components/schemas/Message"},
+                                        {"$ref": "#/components/schemas/Batch"},
+                                    ]
+                                }
+                            }
+                        },
                     },
                     "responses": {
                         "202": {
                             "description": "Accepted: a single message (Accepted) or a batch / "
-                                           "several recipients (BatchAccepted).",
+                            "several recipients (BatchAccepted).",
                             "headers": {
                                 "Retry-After": {
                                     "description": "Present when some recipients were "
-                                                   "refused for backpressure.",
-                                    "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+                                    "refused for backpressure.",
+                                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                                },
                                 "Idempotent-Replayed": {
                                     "description": "'true' on a replayed answer.",
-                                    "schema": {"type": "string"}},
+                                    "schema": {"type": "string"},
+                                },
                             },
-                            "content": {"application/json": {"schema": {"oneOf": [
-                                {"$ref": "#/components/schemas/Accepted"},
-                                {"$ref": "#/components/schemas/BatchAccepted"},
-                            ]}}},
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "oneOf": [
+                                            {"$ref": "#/components/schemas/Accepted"},
+                                            {"$ref": "#/components/schemas/BatchAccepted"},
+                                        ]
+                                    }
+                                }
+                            },
                         },
                         "400": _problem_response("Malformed JSON or Idempotency-Key."),
                         **auth,
-                        "409": _problem_response("Same Idempotency-Key still in progress.",
-                                                 headers=_RETRY_AFTER),
+                        "409": _problem_response(
+                            "Same Idempotency-Key still in progress.", headers=_RETRY_AFTER
+                        ),
                         "413": _problem_response("Body or batch too large."),
                         "415": _problem_response("Not application/json."),
-                        "422": _problem_response("Refused: invalid fields, no route, "
-                                                 "unsupported feature, reused key."),
+                        "422": _problem_response(
+                            "Refused: invalid fields, no route, unsupported feature, reused key."
+                        ),
                         "429": _problem_response("Carrier queues full.", headers=_RETRY_AFTER),
                         "500": _problem_response("Internal error (no details leave)."),
-                        "503": _problem_response("Draining or idempotency store unavailable.",
-                                                 headers=_RETRY_AFTER),
+                        "503": _problem_response(
+                            "Draining or idempotency store unavailable.", headers=_RETRY_AFTER
+                        ),
                     },
                 },
             },
@@ -412,12 +503,23 @@ def _document(max_batch: int) -> dict[str, Any]:
                 "get": {
                     "operationId": "getMessage",
                     "summary": "Status of one message of this account",
-                    "parameters": [{"name": "id", "in": "path", "required": True,
-                                    "schema": {"type": "string", "pattern": MESSAGE_ID_PATTERN}}],
+                    "parameters": [
+                        {
+                            "name": "id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": MESSAGE_ID_PATTERN},
+                        }
+                    ],
                     "responses": {
-                        "200": {"description": "The message's status.",
-                                "content": {"application/json": {"schema": {
-                                    "$ref": "#/components/schemas/MessageStatus"}}}},
+                        "200": {
+                            "description": "The message's status.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/MessageStatus"}
+                                }
+                            },
+                        },
                         **auth,
                         "404": _problem_response("No such message for this account."),
                         "500": _problem_response("Internal error (no details leave)."),
@@ -429,9 +531,12 @@ def _document(max_batch: int) -> dict[str, Any]:
                     "operationId": "getOpenApi",
                     "summary": "This document",
                     "security": [],
-                    "responses": {"200": {"description": "OpenAPI 3.1 document.",
-                                          "content": {"application/json": {
-                                              "schema": {"type": "object"}}}}},
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI 3.1 document.",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
                 },
             },
         },
@@ -439,12 +544,22 @@ def _document(max_batch: int) -> dict[str, Any]:
             "messageStatus": {
                 "post": {
                     "summary": "Final status of a message",
-                    "parameters": [{"name": "X-SMSRouter-Signature", "in": "header",
-                                    "required": True, "schema": {"type": "string"}}],
-                    "requestBody": {"content": {"application/json": {"schema": {
-                        "$ref": "#/components/schemas/Webhook"}}}},
-                    "responses": {"200": {"description": "Any 2xx acknowledges; anything "
-                                                         "else is retried."}},
+                    "parameters": [
+                        {
+                            "name": "X-SMSRouter-Signature",
+                            "in": "header",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "requestBody": {
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Webhook"}}
+                        }
+                    },
+                    "responses": {
+                        "200": {"description": "Any 2xx acknowledges; anything else is retried."}
+                    },
                 },
             },
         },

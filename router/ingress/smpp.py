@@ -31,14 +31,16 @@ from ..smpp.constants import (
     BindType,
     CommandId,
     MessageState,
-    Status as Smpp,
     Tag,
     status_name,
+)
+from ..smpp.constants import (
+    Status as Smpp,
 )
 from ..smpp.errors import SmppError
 from ..smpp.pdu import DataSm, DeliverSm, Pdu, QuerySm, SubmitSm, _Bind
 from ..smpp.session import Reject, Role, SmppSession
-from ..smpp.transport import SmppProtocol
+from ..smpp.transport import ResponseCallback, SmppProtocol
 from ..text.segment import Encoded, decode_payload, parse_udh, split
 from .validate import InvalidField, check_destination, check_sender, parse_smpp_time
 
@@ -124,8 +126,12 @@ class CustomerBind(SmppProtocol):
                 raise AuthError(Smpp.ESME_RBINDFAIL, "max_binds")
         except AuthError as exc:
             metrics.BIND_FAILURES.labels(exc.reason).inc()
-            log.warning("bind_refused", reason=exc.reason, status=status_name(exc.status),
-                        bind_type=bind_type.name.lower())
+            log.warning(
+                "bind_refused",
+                reason=exc.reason,
+                status=status_name(exc.status),
+                bind_type=bind_type.name.lower(),
+            )
             self._binding = False
             if self.is_open:
                 self.answer(pdu, exc.status, system_id="sms-router")
@@ -341,7 +347,8 @@ class SmppFrontDoor:
                 esm = ESM_UDHI
             body = payload
         tlvs = tuple(
-            (t, v) for t, v in pdu.tlvs.items()
+            (t, v)
+            for t, v in pdu.tlvs.items()
             if t in (Tag.SAR_MSG_REF_NUM, Tag.SAR_TOTAL_SEGMENTS, Tag.SAR_SEGMENT_SEQNUM)
         )
         return Message(
@@ -363,7 +370,8 @@ class SmppFrontDoor:
             accepted_at=now,
             expires_at=expires,
             userref=str(pdu.tlv_int(Tag.USER_MESSAGE_REFERENCE))
-            if Tag.USER_MESSAGE_REFERENCE in pdu.tlvs else None,
+            if Tag.USER_MESSAGE_REFERENCE in pdu.tlvs
+            else None,
             tlvs=tlvs,
         )
 
@@ -373,7 +381,11 @@ class SmppFrontDoor:
         if d is None or d.message.account_id != bind.account.id:
             bind.answer(pdu, Smpp.ESME_RQUERYFAIL)
             return
-        final = time.strftime("%y%m%d%H%M%S", time.gmtime(d.updated_at)) + "000+" if d.status.final else ""
+        final = (
+            time.strftime("%y%m%d%H%M%S", time.gmtime(d.updated_at)) + "000+"
+            if d.status.final
+            else ""
+        )
         bind.answer(
             pdu,
             Smpp.ESME_ROK,
@@ -404,8 +416,9 @@ class SmppFrontDoor:
             source_npi=msg.source_npi,
             parts=msg.parts,
         )
-        self._send_receipt(msg.account_id,
-                           PendingReceipt(pdu, self.clock() + self.cfg.smpp.receipt_retention))
+        self._send_receipt(
+            msg.account_id, PendingReceipt(pdu, self.clock() + self.cfg.smpp.receipt_retention)
+        )
 
     def _send_receipt(self, account_id: int, pr: PendingReceipt) -> None:
         binds = self.receivers.get(account_id)
@@ -418,8 +431,7 @@ class SmppFrontDoor:
                     self._rr[account_id] = (start + i + 1) % n
                     pr.tries += 1
                     pr.pdu.sequence = 0  # a resend gets the new bind's next sequence
-                    b.send_request(pr.pdu,
-                                   lambda resp, req, pr=pr: self._receipt_done(account_id, pr, resp))
+                    b.send_request(pr.pdu, self._receipt_callback(account_id, pr))
                     return
         q = self.pending.setdefault(account_id, deque())
         if len(q) >= self.cfg.smpp.receipt_buffer:
@@ -427,6 +439,12 @@ class SmppFrontDoor:
             metrics.RECEIPTS_OUT.labels("smpp", "dropped").inc()
         q.append(pr)
         metrics.RECEIPTS_PENDING.inc()
+
+    def _receipt_callback(self, account_id: int, pr: PendingReceipt) -> ResponseCallback:
+        def done(resp: Pdu | None, request: Pdu) -> None:
+            self._receipt_done(account_id, pr, resp)
+
+        return done
 
     def _receipt_done(self, account_id: int, pr: PendingReceipt, resp: Pdu | None) -> None:
         if resp is not None and resp.status == Smpp.ESME_ROK:
@@ -466,4 +484,3 @@ class SmppFrontDoor:
                 metrics.RECEIPTS_PENDING.dec()
                 metrics.RECEIPTS_OUT.labels("smpp", "expired").inc()
         self._sweeper = asyncio.get_running_loop().call_later(5, self._sweep)
-

@@ -25,8 +25,9 @@ async def metrics_handler(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     lag = request.app[LOOP_LAG_KEY][0]
     ok = lag < 5.0
-    return web.json_response({"status": "ok" if ok else "stalled", "loop_lag_seconds": lag},
-                             status=200 if ok else 503)
+    return web.json_response(
+        {"status": "ok" if ok else "stalled", "loop_lag_seconds": lag}, status=200 if ok else 503
+    )
 
 
 async def readyz(request: web.Request) -> web.Response:

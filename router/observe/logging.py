@@ -18,9 +18,27 @@ import structlog
 
 PERSONAL_KEYS = frozenset(
     {
-        "destination", "destination_addr", "dest", "to", "msisdn", "number", "recipient",
-        "source", "source_addr", "sender", "from", "from_", "text", "body", "short_message",
-        "message_payload", "payload", "password", "secret", "api_key", "key",
+        "destination",
+        "destination_addr",
+        "dest",
+        "to",
+        "msisdn",
+        "number",
+        "recipient",
+        "source",
+        "source_addr",
+        "sender",
+        "from",
+        "from_",
+        "text",
+        "body",
+        "short_message",
+        "message_payload",
+        "payload",
+        "password",
+        "secret",
+        "api_key",
+        "key",
     }
 )
 
@@ -33,7 +51,9 @@ class RefusePersonalData:
     def __init__(self, strict: bool) -> None:
         self.strict = strict
 
-    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    def __call__(
+        self, logger: Any, name: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
         bad = PERSONAL_KEYS.intersection(event)
         if bad:
             if self.strict:

@@ -112,9 +112,7 @@ PDU_ERRORS = Counter(
     "Customer PDUs refused by the protocol layer, by command_status.",
     ["status"],
 )
-HTTP_REQUESTS = Counter(
-    "smsrouter_http_requests_total", "HTTP API requests.", ["route", "code"]
-)
+HTTP_REQUESTS = Counter("smsrouter_http_requests_total", "HTTP API requests.", ["route", "code"])
 TRAFFIC_LOG_BUFFER = Gauge(
     "smsrouter_traffic_log_buffer_rows", "Traffic-log rows waiting to be written."
 )
@@ -133,7 +131,9 @@ TRAFFIC_LOG_ERRORS = Counter(
 )
 LOOP_LAG = Gauge("smsrouter_event_loop_lag_seconds", "Event-loop scheduling lag, last sample.")
 READY = Gauge("smsrouter_ready", "1 when /readyz answers 200.")
-SPOOL_ROWS = Gauge("smsrouter_spool_rows", "Accepted messages not yet taken by a carrier (durable spool).")
+SPOOL_ROWS = Gauge(
+    "smsrouter_spool_rows", "Accepted messages not yet taken by a carrier (durable spool)."
+)
 FAILOVERS = Counter(
     "smsrouter_carrier_failover_messages_total",
     "Queued messages moved off a carrier that stayed down.",

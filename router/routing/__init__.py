@@ -65,6 +65,8 @@ class CountryLookup:
         if region and region != "ZZ":
             return str(region)
         # Shared country codes (e.g. +1, +7) resolve to the main region.
+        if num.country_code is None:
+            return ""
         main = region_code_for_country_code(num.country_code)
         return "" if main == "ZZ" else str(main)
 
@@ -95,8 +97,9 @@ class RouteTable:
             accounts={name: cls.from_config(sub) for name, sub in cfg.accounts.items()},
         )
 
-    def resolve(self, digits: str, country: str, rng: random.Random,
-                account: str | None = None) -> RouteDecision:
+    def resolve(
+        self, digits: str, country: str, rng: random.Random, account: str | None = None
+    ) -> RouteDecision:
         """Carriers for a number. An account's own table is asked first (its
         blocks apply too); where it has no rule, the global table decides."""
         own = self.accounts.get(account) if account else None

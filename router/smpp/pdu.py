@@ -131,7 +131,9 @@ class Pdu:
 
     def encode(self) -> bytes:
         body = self.encode_body()
-        return _HEADER.pack(HEADER_LEN + len(body), self.command_id, self.status, self.sequence) + body
+        return (
+            _HEADER.pack(HEADER_LEN + len(body), self.command_id, self.status, self.sequence) + body
+        )
 
     @classmethod
     def decode_body(cls, r: _Reader, status: int, sequence: int) -> Pdu:
@@ -612,7 +614,8 @@ def parse_header(frame: bytes) -> tuple[int, int, int, int]:
     """(command_length, command_id, command_status, sequence) of a frame."""
     if len(frame) < HEADER_LEN:
         raise FramingError(f"frame of {len(frame)} octets is shorter than the header")
-    return _HEADER.unpack_from(frame, 0)  # type: ignore[return-value]
+    length, command_id, status, sequence = _HEADER.unpack_from(frame, 0)
+    return length, command_id, status, sequence
 
 
 def decode(frame: bytes) -> Pdu:
@@ -635,7 +638,7 @@ def decode(frame: bytes) -> Pdu:
 def response_for(request: Pdu, status: int = Status.ESME_ROK, **fields: object) -> Pdu:
     """The response PDU that answers ``request`` (generic_nack if it has none)."""
     cls = RESPONSE_CLASS.get(request.command_id, GenericNack)
-    return cls(sequence=request.sequence, status=status, **fields)  # type: ignore[arg-type]
+    return cls(sequence=request.sequence, status=status, **fields)
 
 
 def response_for_command(command_id: int, sequence: int, status: int) -> Pdu:

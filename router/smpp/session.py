@@ -248,7 +248,10 @@ class SmppSession:
         if entry is None:
             return StrayResponse(pdu)
         request, sent_at = entry
-        if pdu.command_id == CommandId.GENERIC_NACK or pdu.command_id == request.command_id | RESPONSE_BIT:
+        if (
+            pdu.command_id == CommandId.GENERIC_NACK
+            or pdu.command_id == request.command_id | RESPONSE_BIT
+        ):
             del self.outstanding[pdu.sequence]
             if pdu.command_id in _BIND_RESP_IDS and pdu.status == Status.ESME_ROK:
                 self.bind_type = BindType(request.command_id)
@@ -372,8 +375,10 @@ class SmppSession:
         quiet = now - self.last_rx
         if quiet >= self.inactivity_timeout:
             events.append(Idle())
-        elif quiet >= self.enquire_interval and self._enquire_seq is None and (
-            self.bound or self.role is Role.ESME
+        elif (
+            quiet >= self.enquire_interval
+            and self._enquire_seq is None
+            and (self.bound or self.role is Role.ESME)
         ):
             events.append(EnquireLinkDue())
         return events

@@ -66,7 +66,7 @@ class SmppProtocol(asyncio.Protocol):
         self.closed = loop.create_future()
         self.session.last_rx = self.clock()
         self._timer = loop.call_later(self.tick, self._on_tick)
-        transport.set_write_buffer_limits(high=256 * 1024)
+        transport.set_write_buffer_limits(high=256 * 1024)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.close()

@@ -43,9 +43,23 @@ DEMO_AUDIT_KEY = b"sms-router-demo-audit-key-not-for-production"
 # Detail keys that would put personal data in the audit log.
 FORBIDDEN_DETAIL_KEYS = frozenset(
     {
-        "msisdn", "destination", "destination_addr", "to", "number", "recipient", "source",
-        "source_addr", "sender", "from", "text", "body", "short_message", "password", "key",
-        "api_key", "secret",
+        "msisdn",
+        "destination",
+        "destination_addr",
+        "to",
+        "number",
+        "recipient",
+        "source",
+        "source_addr",
+        "sender",
+        "from",
+        "text",
+        "body",
+        "short_message",
+        "password",
+        "key",
+        "api_key",
+        "secret",
     }
 )
 
@@ -64,8 +78,9 @@ def parse_audit_key(raw: str) -> bytes:
     elif raw.startswith("base64:"):
         body = raw[7:]
         try:
-            key = base64.b64decode(body.replace("-", "+").replace("_", "/")
-                                   + "=" * (-len(body) % 4), validate=True)
+            key = base64.b64decode(
+                body.replace("-", "+").replace("_", "/") + "=" * (-len(body) % 4), validate=True
+            )
         except (binascii.Error, ValueError):
             raise AuditKeyError(f"{AUDIT_KEY_ENV}: 'base64:' is not followed by base64") from None
     else:
@@ -75,8 +90,9 @@ def parse_audit_key(raw: str) -> bytes:
     return key
 
 
-def load_audit_key(env: Mapping[str, str] | None = None, *, demo: bool = False,
-                   required: bool = False) -> bytes:
+def load_audit_key(
+    env: Mapping[str, str] | None = None, *, demo: bool = False, required: bool = False
+) -> bytes:
     """The audit key from the environment.
 
     Unset: the fixed demo key in demo mode; AuditKeyError if ``required``;
@@ -91,8 +107,10 @@ def load_audit_key(env: Mapping[str, str] | None = None, *, demo: bool = False,
         return DEMO_AUDIT_KEY
     if required:
         raise AuditKeyError(f"{AUDIT_KEY_ENV} is not set (e.g. hex:<64 hex digits>)")
-    log.warning("audit_key_missing",
-                consequence="number hashes in audit_log are not comparable across restarts")
+    log.warning(
+        "audit_key_missing",
+        consequence="number hashes in audit_log are not comparable across restarts",
+    )
     return secrets.token_bytes(32)
 
 
@@ -117,13 +135,21 @@ def cli_actor() -> str:
     return f"cli:{user}"
 
 
-async def audit(conn_or_pool: asyncpg.Connection | asyncpg.Pool, actor: str, action: str,
-                account_id: int | None, **detail: Any) -> None:
+async def audit(
+    conn_or_pool: asyncpg.Connection | asyncpg.Pool,
+    actor: str,
+    action: str,
+    account_id: int | None,
+    **detail: Any,
+) -> None:
     """Append one audit row. ``detail`` must be JSON-able and free of personal data."""
     bad = FORBIDDEN_DETAIL_KEYS.intersection(detail)
     if bad:
         raise ValueError(f"audit detail must not carry personal data: {sorted(bad)}")
     await conn_or_pool.execute(
         "INSERT INTO audit_log (actor, action, account_id, detail) VALUES ($1, $2, $3, $4::jsonb)",
-        actor, action, account_id, json.dumps(detail, default=str, separators=(",", ":")),
+        actor,
+        action,
+        account_id,
+        json.dumps(detail, default=str, separators=(",", ":")),
     )

@@ -29,8 +29,21 @@ import asyncpg
 from .audit import audit, msisdn_hash, normalise_msisdn
 from .retention import ANONYMISE_SET
 
-MESSAGE_FIELDS = ("id", "class", "ingress", "source", "destination", "country", "carrier",
-                  "parts", "data_coding", "body", "userref", "accepted_at", "anonymised_at")
+MESSAGE_FIELDS = (
+    "id",
+    "class",
+    "ingress",
+    "source",
+    "destination",
+    "country",
+    "carrier",
+    "parts",
+    "data_coding",
+    "body",
+    "userref",
+    "accepted_at",
+    "anonymised_at",
+)
 CSV_FIELDS = (*MESSAGE_FIELDS, "status", "status_at", "events")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -50,14 +63,16 @@ def _iso(value: Any) -> Any:
     return value.isoformat() if isinstance(value, dt.datetime) else value
 
 
-async def find_rows(conn: asyncpg.Connection | asyncpg.Pool, account_id: int,
-                    digits: str) -> list[dict[str, Any]]:
+async def find_rows(
+    conn: asyncpg.Connection | asyncpg.Pool, account_id: int, digits: str
+) -> list[dict[str, Any]]:
     """Every row of ``account_id`` whose destination or sender is ``digits``, with events."""
     rows = await conn.fetch(
         f"SELECT {', '.join(MESSAGE_FIELDS)} FROM traffic_log"
         " WHERE account_id = $1 AND (destination = $2 OR source = $2)"
         " ORDER BY accepted_at, id",
-        account_id, digits,
+        account_id,
+        digits,
     )
     out = [{k: _iso(r[k]) for k in MESSAGE_FIELDS} for r in rows]
     if not out:
@@ -65,13 +80,18 @@ async def find_rows(conn: asyncpg.Connection | asyncpg.Pool, account_id: int,
     events = await conn.fetch(
         "SELECT message_id, status, carrier, error, at FROM delivery_events"
         " WHERE account_id = $1 AND message_id = ANY($2::text[]) ORDER BY at",
-        account_id, [m["id"] for m in out],
+        account_id,
+        [m["id"] for m in out],
     )
     by_id: dict[str, list[dict[str, Any]]] = {}
     for e in events:
         by_id.setdefault(e["message_id"], []).append(
-            {"status": e["status"], "carrier": e["carrier"], "error": e["error"],
-             "at": _iso(e["at"])}
+            {
+                "status": e["status"],
+                "carrier": e["carrier"],
+                "error": e["error"],
+                "at": _iso(e["at"]),
+            }
         )
     for m in out:
         m["events"] = by_id.get(m["id"], [])
@@ -93,27 +113,53 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     for m in rows:
         events = m.get("events", [])
         last = events[-1] if events else {}
-        w.writerow([_cell(m[k]) for k in MESSAGE_FIELDS]
-                   + [_cell(last.get("status")), _cell(last.get("at")),
-                      json.dumps(events, separators=(",", ":"))])
+        w.writerow(
+            [_cell(m[k]) for k in MESSAGE_FIELDS]
+            + [
+                _cell(last.get("status")),
+                _cell(last.get("at")),
+                json.dumps(events, separators=(",", ":")),
+            ]
+        )
     return buf.getvalue()
 
 
-async def export(pool: asyncpg.Pool, account_id: int, msisdn: str, *, actor: str,
-                 audit_key: bytes, fmt: str = "json") -> list[dict[str, Any]] | str:
+async def export(
+    pool: asyncpg.Pool,
+    account_id: int,
+    msisdn: str,
+    *,
+    actor: str,
+    audit_key: bytes,
+    fmt: str = "json",
+) -> list[dict[str, Any]] | str:
     """The subject's rows as a list of dicts (``json``) or a CSV string (``csv``)."""
     if fmt not in ("json", "csv"):
         raise InvalidRequest("format: expected 'json' or 'csv'")
     digits = _digits(msisdn)
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
         rows = await find_rows(conn, account_id, digits)
-        await audit(conn, actor, "dsr.export", account_id,
-                    msisdn_hash=msisdn_hash(digits, audit_key), format=fmt, rows=len(rows))
+        await audit(
+            conn,
+            actor,
+            "dsr.export",
+            account_id,
+            msisdn_hash=msisdn_hash(digits, audit_key),
+            format=fmt,
+            rows=len(rows),
+        )
     return to_csv(rows) if fmt == "csv" else rows
 
 
-async def erase(pool: asyncpg.Pool, account_id: int, msisdn: str, *, actor: str,
-                audit_key: bytes, now: dt.datetime | None = None) -> int:
+async def erase(
+    pool: asyncpg.Pool,
+    account_id: int,
+    msisdn: str,
+    *,
+    actor: str,
+    audit_key: bytes,
+    now: dt.datetime | None = None,
+) -> int:
     """Anonymise the subject's rows now; returns how many were changed."""
     digits = _digits(msisdn)
     now = now or dt.datetime.now(dt.UTC)
@@ -122,9 +168,12 @@ async def erase(pool: asyncpg.Pool, account_id: int, msisdn: str, *, actor: str,
             f"UPDATE traffic_log SET {ANONYMISE_SET}"
             " WHERE account_id = $2 AND (destination = $3 OR source = $3)"
             " AND anonymised_at IS NULL",
-            now, account_id, digits,
+            now,
+            account_id,
+            digits,
         )
         n = int(status.rsplit(" ", 1)[-1])
-        await audit(conn, actor, "dsr.erase", account_id,
-                    msisdn_hash=msisdn_hash(digits, audit_key), rows=n)
+        await audit(
+            conn, actor, "dsr.erase", account_id, msisdn_hash=msisdn_hash(digits, audit_key), rows=n
+        )
     return n

@@ -90,11 +90,18 @@ class OptOutList:
             added = await conn.fetchval(
                 "INSERT INTO opt_out (account_id, msisdn) VALUES ($1, $2)"
                 " ON CONFLICT DO NOTHING RETURNING true",
-                account_id, digits,
+                account_id,
+                digits,
             )
             added = bool(added)
-            await audit(conn, actor, "opt_out.add", account_id,
-                        msisdn_hash=msisdn_hash(digits, self.audit_key), changed=added)
+            await audit(
+                conn,
+                actor,
+                "opt_out.add",
+                account_id,
+                msisdn_hash=msisdn_hash(digits, self.audit_key),
+                changed=added,
+            )
         numbers = set(self._by_account.get(account_id, ()))
         numbers.add(digits)
         self._by_account[account_id] = numbers
@@ -108,8 +115,14 @@ class OptOutList:
                 "DELETE FROM opt_out WHERE account_id = $1 AND msisdn = $2", account_id, digits
             )
             removed: bool = status != "DELETE 0"
-            await audit(conn, actor, "opt_out.remove", account_id,
-                        msisdn_hash=msisdn_hash(digits, self.audit_key), changed=removed)
+            await audit(
+                conn,
+                actor,
+                "opt_out.remove",
+                account_id,
+                msisdn_hash=msisdn_hash(digits, self.audit_key),
+                changed=removed,
+            )
         numbers = set(self._by_account.get(account_id, ()))
         numbers.discard(digits)
         if numbers:
@@ -120,8 +133,9 @@ class OptOutList:
 
     # ------------------------------------------------------- other nodes
 
-    def start(self, pool: asyncpg.Pool,
-              also: Mapping[str, Callable[[], Awaitable[None]]] | None = None) -> None:
+    def start(
+        self, pool: asyncpg.Pool, also: Mapping[str, Callable[[], Awaitable[None]]] | None = None
+    ) -> None:
         """Follow changes made elsewhere (other nodes, the CLI) until ``stop``.
 
         ``also`` maps further NOTIFY channels to a reload to run (coalesced)
@@ -159,8 +173,9 @@ class OptOutList:
                             await self.load(pool)
                     finally:
                         for ch in channels:
-                            with contextlib.suppress(asyncpg.InterfaceError, OSError,
-                                                     asyncpg.PostgresError):
+                            with contextlib.suppress(
+                                asyncpg.InterfaceError, OSError, asyncpg.PostgresError
+                            ):
                                 await conn.remove_listener(ch, self._notified)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("opt_out_follow_failed", error=type(exc).__name__)

@@ -118,8 +118,9 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-async def run_retention(pool: asyncpg.Pool, now: dt.datetime,
-                        batch: int = 10_000) -> RetentionReport:
+async def run_retention(
+    pool: asyncpg.Pool, now: dt.datetime, batch: int = 10_000
+) -> RetentionReport:
     """One pass of every retention rule as of ``now`` (timezone-aware)."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -132,9 +133,11 @@ async def run_retention(pool: asyncpg.Pool, now: dt.datetime,
             await _run(pool, now, batch, report)
         finally:
             await lock_conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
-    log.info("retention_done", **{k: v for k, v in report.as_dict().items()
-                                  if k != "dropped_partitions"},
-             dropped_partitions=len(report.dropped_partitions))
+    log.info(
+        "retention_done",
+        **{k: v for k, v in report.as_dict().items() if k != "dropped_partitions"},
+        dropped_partitions=len(report.dropped_partitions),
+    )
     return report
 
 
@@ -182,7 +185,9 @@ async def _run(pool: asyncpg.Pool, now: dt.datetime, batch: int, report: Retenti
             f" WHERE t.accepted_at < $2 AND t.accepted_at < $1::timestamptz"
             f"  - make_interval(days => coalesce(a.purge_days, {DEFAULT_PURGE_DAYS}))"
             f" LIMIT $3))",
-            now, purge_cutoff, batch=batch,
+            now,
+            purge_cutoff,
+            batch=batch,
         )
     for part in await _partitions(pool, "delivery_events"):
         if _young(part, purge_cutoff):
@@ -194,7 +199,9 @@ async def _run(pool: asyncpg.Pool, now: dt.datetime, batch: int, report: Retenti
             f" WHERE e.at < $2 AND e.at < $1::timestamptz"
             f"  - make_interval(days => coalesce(a.purge_days, {DEFAULT_PURGE_DAYS}))"
             f" LIMIT $3))",
-            now, purge_cutoff, batch=batch,
+            now,
+            purge_cutoff,
+            batch=batch,
         )
 
     # 3. Anonymise what is past its account's retention window.
@@ -211,7 +218,9 @@ async def _run(pool: asyncpg.Pool, now: dt.datetime, batch: int, report: Retenti
             f" AND t.accepted_at < $1::timestamptz"
             f"  - make_interval(days => coalesce(a.retention_days, {DEFAULT_RETENTION_DAYS}))"
             f" LIMIT $3))",
-            now, anon_cutoff, batch=batch,
+            now,
+            anon_cutoff,
+            batch=batch,
         )
 
     # 4. The audit log keeps 2 years. The trigger measures from the database's
@@ -221,16 +230,23 @@ async def _run(pool: asyncpg.Pool, now: dt.datetime, batch: int, report: Retenti
         "DELETE FROM audit_log WHERE id = ANY(ARRAY("
         f" SELECT id FROM audit_log WHERE at <= least($1::timestamptz, now())"
         f" - interval '{AUDIT_KEEP}' ORDER BY id LIMIT $2))",
-        now, batch=batch,
+        now,
+        batch=batch,
     )
 
 
 class RetentionTask:
     """Runs :func:`run_retention` every ``interval`` seconds until stopped."""
 
-    def __init__(self, pool: asyncpg.Pool, *, interval: float = 3600.0, batch: int = 10_000,
-                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-                 first_delay: float = 60.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        interval: float = 3600.0,
+        batch: int = 10_000,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        first_delay: float = 60.0,
+    ) -> None:
         self.pool = pool
         self.interval = interval
         self.batch = batch

@@ -36,9 +36,22 @@ from ..observe import metrics
 log = structlog.get_logger("router.spool")
 
 DurableCallback = Callable[[bool], None]
-ROUTE_COLUMNS = ("carrier", "carrier_id", "message_id", "part", "parts", "account_id", "account",
-                 "origin", "class", "country", "registered_delivery", "accepted_at", "info")
-_UTC = dt.timezone.utc
+ROUTE_COLUMNS = (
+    "carrier",
+    "carrier_id",
+    "message_id",
+    "part",
+    "parts",
+    "account_id",
+    "account",
+    "origin",
+    "class",
+    "country",
+    "registered_delivery",
+    "accepted_at",
+    "info",
+)
+_UTC = dt.UTC
 
 
 def load_key(raw: str | None) -> bytes | None:
@@ -58,15 +71,25 @@ def load_key(raw: str | None) -> bytes | None:
 def encode_message(msg: Message) -> bytes:
     return json.dumps(
         {
-            "id": msg.id, "account_id": msg.account_id, "account": msg.account,
-            "origin": msg.origin.value, "class": msg.msg_class.value,
-            "source": msg.source, "source_ton": msg.source_ton, "source_npi": msg.source_npi,
-            "destination": msg.destination, "country": msg.country,
-            "data_coding": msg.data_coding, "esm_class": msg.esm_class,
+            "id": msg.id,
+            "account_id": msg.account_id,
+            "account": msg.account,
+            "origin": msg.origin.value,
+            "class": msg.msg_class.value,
+            "source": msg.source,
+            "source_ton": msg.source_ton,
+            "source_npi": msg.source_npi,
+            "destination": msg.destination,
+            "country": msg.country,
+            "data_coding": msg.data_coding,
+            "esm_class": msg.esm_class,
             "segments": [base64.b64encode(s).decode() for s in msg.segments],
-            "text": msg.text, "registered_delivery": msg.registered_delivery,
-            "accepted_at": msg.accepted_at, "expires_at": msg.expires_at,
-            "userref": msg.userref, "callback_url": msg.callback_url,
+            "text": msg.text,
+            "registered_delivery": msg.registered_delivery,
+            "accepted_at": msg.accepted_at,
+            "expires_at": msg.expires_at,
+            "userref": msg.userref,
+            "callback_url": msg.callback_url,
             "tlvs": [[t, base64.b64encode(v).decode()] for t, v in msg.tlvs],
         },
         separators=(",", ":"),
@@ -76,14 +99,24 @@ def encode_message(msg: Message) -> bytes:
 def decode_message(raw: bytes) -> Message:
     d = json.loads(raw)
     return Message(
-        id=d["id"], account_id=d["account_id"], account=d["account"],
-        origin=Origin(d["origin"]), msg_class=MessageClass(d["class"]),
-        source=d["source"], source_ton=d["source_ton"], source_npi=d["source_npi"],
-        destination=d["destination"], country=d["country"], data_coding=d["data_coding"],
+        id=d["id"],
+        account_id=d["account_id"],
+        account=d["account"],
+        origin=Origin(d["origin"]),
+        msg_class=MessageClass(d["class"]),
+        source=d["source"],
+        source_ton=d["source_ton"],
+        source_npi=d["source_npi"],
+        destination=d["destination"],
+        country=d["country"],
+        data_coding=d["data_coding"],
         esm_class=d["esm_class"],
         segments=tuple(base64.b64decode(s) for s in d["segments"]),
-        text=d["text"], registered_delivery=d["registered_delivery"],
-        accepted_at=d["accepted_at"], expires_at=d["expires_at"], userref=d["userref"],
+        text=d["text"],
+        registered_delivery=d["registered_delivery"],
+        accepted_at=d["accepted_at"],
+        expires_at=d["expires_at"],
+        userref=d["userref"],
         callback_url=d["callback_url"],
         tlvs=tuple((t, base64.b64decode(v)) for t, v in d["tlvs"]),
     )
@@ -169,9 +202,15 @@ class PgSpool:
         else:
             payload = encode_message(msg)
             encrypted = False
-        row = (msg.id, msg.account_id, msg.msg_class.value,
-               dt.datetime.fromtimestamp(msg.accepted_at, _UTC),
-               dt.datetime.fromtimestamp(msg.expires_at, _UTC), encrypted, payload)
+        row = (
+            msg.id,
+            msg.account_id,
+            msg.msg_class.value,
+            dt.datetime.fromtimestamp(msg.accepted_at, _UTC),
+            dt.datetime.fromtimestamp(msg.expires_at, _UTC),
+            encrypted,
+            payload,
+        )
         self._adds.append((row, done))
         if len(self._adds) >= self.batch:
             self._wake.set()
@@ -181,16 +220,37 @@ class PgSpool:
 
     def remember_route(self, carrier: str, carrier_id: str, msg: Message, part: int) -> None:
         """Persist carrier id -> message for receipts that come after a restart."""
-        info = None if msg.secret else json.dumps({
-            "source": msg.source, "source_ton": msg.source_ton, "source_npi": msg.source_npi,
-            "destination": msg.destination, "userref": msg.userref,
-            "callback_url": msg.callback_url,
-        })
-        self._routes.append((
-            carrier, normalise_carrier_id(carrier_id), msg.id, part, msg.parts, msg.account_id,
-            msg.account, msg.origin.value, msg.msg_class.value, msg.country,
-            msg.registered_delivery, dt.datetime.fromtimestamp(msg.accepted_at, _UTC), info,
-        ))
+        info = (
+            None
+            if msg.secret
+            else json.dumps(
+                {
+                    "source": msg.source,
+                    "source_ton": msg.source_ton,
+                    "source_npi": msg.source_npi,
+                    "destination": msg.destination,
+                    "userref": msg.userref,
+                    "callback_url": msg.callback_url,
+                }
+            )
+        )
+        self._routes.append(
+            (
+                carrier,
+                normalise_carrier_id(carrier_id),
+                msg.id,
+                part,
+                msg.parts,
+                msg.account_id,
+                msg.account,
+                msg.origin.value,
+                msg.msg_class.value,
+                msg.country,
+                msg.registered_delivery,
+                dt.datetime.fromtimestamp(msg.accepted_at, _UTC),
+                info,
+            )
+        )
 
     def forget_route(self, carrier: str, carrier_id: str) -> None:
         self._route_deletes.append((carrier, normalise_carrier_id(carrier_id)))
@@ -198,12 +258,17 @@ class PgSpool:
     async def find_route(self, carrier: str, carrier_ids: list[str]) -> asyncpg.Record | None:
         return await self.pool.fetchrow(
             "SELECT * FROM receipt_routes WHERE carrier = $1 AND carrier_id = ANY($2::text[])"
-            " LIMIT 1", carrier, carrier_ids,
+            " LIMIT 1",
+            carrier,
+            carrier_ids,
         )
 
     async def remaining_parts(self, message_id: str) -> int:
-        return int(await self.pool.fetchval(
-            "SELECT count(*) FROM receipt_routes WHERE message_id = $1", message_id))
+        return int(
+            await self.pool.fetchval(
+                "SELECT count(*) FROM receipt_routes WHERE message_id = $1", message_id
+            )
+        )
 
     # --------------------------------------------------------------- writer
 
@@ -247,9 +312,17 @@ class PgSpool:
                 async with self.pool.acquire() as conn, conn.transaction():
                     if adds:
                         await conn.copy_records_to_table(
-                            "spool", records=[r for r, _ in adds],
-                            columns=("id", "account_id", "class", "created_at", "expires_at",
-                                     "encrypted", "payload"),
+                            "spool",
+                            records=[r for r, _ in adds],
+                            columns=(
+                                "id",
+                                "account_id",
+                                "class",
+                                "created_at",
+                                "expires_at",
+                                "encrypted",
+                                "payload",
+                            ),
                         )
                     if deletes:
                         await conn.execute("DELETE FROM spool WHERE id = ANY($1::text[])", deletes)
@@ -258,7 +331,8 @@ class PgSpool:
                         await conn.execute(
                             "DELETE FROM receipt_routes WHERE (carrier, carrier_id) IN"
                             " (SELECT * FROM unnest($1::text[], $2::text[]))",
-                            [r[0] for r in routes], [r[1] for r in routes],
+                            [r[0] for r in routes],
+                            [r[1] for r in routes],
                         )
                         await conn.copy_records_to_table(
                             "receipt_routes", records=routes, columns=ROUTE_COLUMNS
@@ -267,7 +341,8 @@ class PgSpool:
                         await conn.execute(
                             "DELETE FROM receipt_routes WHERE (carrier, carrier_id) IN"
                             " (SELECT * FROM unnest($1::text[], $2::text[]))",
-                            [c for c, _ in route_deletes], [i for _, i in route_deletes],
+                            [c for c, _ in route_deletes],
+                            [i for _, i in route_deletes],
                         )
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 self.healthy = False
@@ -299,9 +374,7 @@ class PgSpool:
 
     async def load(self) -> list[Message]:
         """Every message left in the spool (after a crash), oldest first."""
-        rows = await self.pool.fetch(
-            "SELECT id, encrypted, payload FROM spool ORDER BY created_at"
-        )
+        rows = await self.pool.fetch("SELECT id, encrypted, payload FROM spool ORDER BY created_at")
         out: list[Message] = []
         unreadable: list[str] = []
         for r in rows:

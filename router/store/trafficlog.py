@@ -24,11 +24,22 @@ from ..observe import metrics
 log = structlog.get_logger("router.trafficlog")
 
 MESSAGE_COLUMNS = (
-    "id", "account_id", "class", "ingress", "source", "destination", "country", "carrier",
-    "parts", "data_coding", "body", "userref", "accepted_at",
+    "id",
+    "account_id",
+    "class",
+    "ingress",
+    "source",
+    "destination",
+    "country",
+    "carrier",
+    "parts",
+    "data_coding",
+    "body",
+    "userref",
+    "accepted_at",
 )
 EVENT_COLUMNS = ("message_id", "account_id", "status", "carrier", "error", "at")
-_UTC = dt.timezone.utc
+_UTC = dt.UTC
 
 
 def _ts(seconds: float) -> dt.datetime:
@@ -44,7 +55,8 @@ async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, days: int 
             try:
                 await conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table}"
-                    f" FOR VALUES FROM ('{day.isoformat()}') TO ('{(day + dt.timedelta(days=1)).isoformat()}')"
+                    f" FOR VALUES FROM ('{day.isoformat()}')"
+                    f" TO ('{(day + dt.timedelta(days=1)).isoformat()}')"
                 )
             except asyncpg.PostgresError as exc:
                 # Rows for that day already sit in the default partition.
@@ -87,10 +99,16 @@ class TrafficLog:
         secret = msg.secret
         self.messages.append(
             (
-                msg.id, msg.account_id, msg.msg_class.value, msg.origin.value,
+                msg.id,
+                msg.account_id,
+                msg.msg_class.value,
+                msg.origin.value,
                 None if secret else msg.source,
                 None if secret else msg.destination,
-                msg.country, carrier, msg.parts, msg.data_coding,
+                msg.country,
+                carrier,
+                msg.parts,
+                msg.data_coding,
                 None if secret else msg.text,
                 None if secret else msg.userref,
                 _ts(msg.accepted_at),
@@ -99,8 +117,9 @@ class TrafficLog:
         if len(self.messages) >= self.flush_rows:
             self._wake.set()
 
-    def record_event(self, msg: Message, status: str, carrier: str | None, error: str | None,
-                     at: float) -> None:
+    def record_event(
+        self, msg: Message, status: str, carrier: str | None, error: str | None, at: float
+    ) -> None:
         if self.pool is None:
             return
         if self.depth >= self.limit:
@@ -159,8 +178,9 @@ class TrafficLog:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 self.healthy = False
                 metrics.TRAFFIC_LOG_ERRORS.inc()
-                log.warning("traffic_log_flush_failed", error=type(exc).__name__,
-                            rows_waiting=self.depth)
+                log.warning(
+                    "traffic_log_flush_failed", error=type(exc).__name__, rows_waiting=self.depth
+                )
                 if self._closing:
                     return
                 await asyncio.sleep(backoff)
