@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..carriers.ratelimit import TokenBucket
 from ..smpp.constants import (
     ESM_TYPE_RECEIPT,
     ESM_UDHI,
@@ -244,24 +245,6 @@ class _IdMaker:
         return f"{v:016x}"
 
 
-class _TokenBucket:
-    __slots__ = ("rate", "capacity", "tokens", "at")
-
-    def __init__(self, rate: float, now: float) -> None:
-        self.rate = rate
-        self.capacity = max(1.0, rate)  # a burst of at most one second
-        self.tokens = self.capacity
-        self.at = now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
 _SAFE_TEXT = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 !\"#%&'()*+,-./:;<=>?"
 )  # characters with the same code in ASCII and the GSM 03.38 default alphabet
@@ -364,7 +347,7 @@ class CarrierSimulator:
         self._receipts: _DelayLine | None = None
         self._drop_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
-        self._bucket: _TokenBucket | None = None
+        self._bucket: TokenBucket | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -377,7 +360,10 @@ class CarrierSimulator:
         self._answers = _DelayLine(loop, self._answer_due)
         self._receipts = _DelayLine(loop, self._receipt_due)
         if self.config.max_tps is not None:
-            self._bucket = _TokenBucket(self.config.max_tps, loop.time())
+            # A burst of at most one second, like a carrier enforcing its contract.
+            self._bucket = TokenBucket(
+                self.config.max_tps, loop.time(), burst=max(1.0, self.config.max_tps)
+            )
         self._accepting = True
         self._server = await loop.create_server(
             lambda: _SimConnection(self), self.config.host, self.config.port, reuse_address=True
@@ -496,7 +482,7 @@ class CarrierSimulator:
         stats.submits += 1
         status = Status.ESME_ROK
         rng = self._rng
-        if self._bucket is not None and not self._bucket.take(self._loop.time()):  # type: ignore[union-attr]
+        if self._bucket is not None and self._bucket.take(self._loop.time()) > 0:  # type: ignore[union-attr]
             status = Status.ESME_RTHROTTLED
         elif cfg.throttle_ratio and rng.random() < cfg.throttle_ratio:
             status = Status.ESME_RTHROTTLED

@@ -33,6 +33,8 @@ from typing import Any
 import asyncpg
 import structlog
 
+from ..observe.logging import PERSONAL_KEYS
+
 log = structlog.get_logger("router.audit")
 
 AUDIT_KEY_ENV = "ROUTER_AUDIT_KEY"
@@ -41,27 +43,7 @@ MIN_KEY_BYTES = 16
 DEMO_AUDIT_KEY = b"sms-router-demo-audit-key-not-for-production"
 
 # Detail keys that would put personal data in the audit log.
-FORBIDDEN_DETAIL_KEYS = frozenset(
-    {
-        "msisdn",
-        "destination",
-        "destination_addr",
-        "to",
-        "number",
-        "recipient",
-        "source",
-        "source_addr",
-        "sender",
-        "from",
-        "text",
-        "body",
-        "short_message",
-        "password",
-        "key",
-        "api_key",
-        "secret",
-    }
-)
+FORBIDDEN_DETAIL_KEYS = PERSONAL_KEYS
 
 
 class AuditKeyError(ValueError):
