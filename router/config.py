@@ -51,6 +51,9 @@ class CarrierConfig:
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     max_attempts: int = 5
+    tls: bool = False  # SMPP over TLS to this carrier
+    tls_ca: str = ""  # PEM CA bundle to verify the carrier ("" = system store)
+    tls_verify: bool = True  # check the certificate and host name
 
 
 @dataclass(slots=True)
@@ -269,6 +272,9 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
             "reconnect_min",
             "reconnect_max",
             "max_attempts",
+            "tls",
+            "tls_ca",
+            "tls_verify",
         ):
             default = getattr(c, fname)
             setattr(c, fname, _take(raw, fname, p, type(default), default))

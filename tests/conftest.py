@@ -109,6 +109,7 @@ async def stack_factory(db: asyncpg.Pool, database_url: str) -> AsyncIterator[An
         sims: dict[str, SimConfig] | None = None,
         routes: RoutesConfig | None = None,
         demo: bool = True,
+        carrier_kw: dict[str, dict[str, Any]] | None = None,
         **cfg_kw: Any,
     ) -> Stack:
         sims = sims or {
@@ -124,7 +125,14 @@ async def stack_factory(db: asyncpg.Pool, database_url: str) -> AsyncIterator[An
             running[name] = sim
             carriers.append(
                 CarrierConfig(
-                    name=name, port=port, reconnect_min=0.1, reconnect_max=0.5, response_timeout=5.0
+                    **{
+                        "name": name,
+                        "port": port,
+                        "reconnect_min": 0.1,
+                        "reconnect_max": 0.5,
+                        "response_timeout": 5.0,
+                        **(carrier_kw or {}).get(name, {}),
+                    }
                 )
             )
         cfg = Config(

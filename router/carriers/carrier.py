@@ -6,6 +6,7 @@ import asyncio
 import heapq
 import itertools
 import random
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -211,7 +212,10 @@ class Carrier:
             try:
                 _, session = await asyncio.wait_for(
                     loop.create_connection(
-                        lambda: CarrierSession(self), self.cfg.host, self.cfg.port
+                        lambda: CarrierSession(self),
+                        self.cfg.host,
+                        self.cfg.port,
+                        ssl=self._tls_context(),
                     ),
                     timeout=10,
                 )
@@ -256,6 +260,18 @@ class Carrier:
             # Full jitter keeps a fleet of routers from reconnecting in step.
             await asyncio.sleep(delay * (0.5 + self.rng.random() / 2))
             delay = min(delay * 2, self.cfg.reconnect_max)
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self.cfg.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=self.cfg.tls_ca or None)
+        if not self.cfg.tls_verify:
+            # An operator's explicit choice for a carrier with a private
+            # certificate; logged at every connect so it is not forgotten.
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            log.warning("carrier_tls_unverified", carrier=self.name)
+        return ctx
 
     def _session_closed(self, session: CarrierSession) -> None:
         if session in self.sessions:

@@ -104,6 +104,8 @@ class SimConfig:
     max_tps: float | None = None  # answer ESME_RTHROTTLED above this rate (token bucket)
     seed: int | None = None  # for deterministic ratios in tests
     receipt_before_resp: bool = False  # send the DLR before submit_sm_resp (edge case tests)
+    tls_cert: str | None = None  # PEM certificate chain: serve SMPP over TLS
+    tls_key: str | None = None  # PEM private key for tls_cert
 
     def validate(self) -> None:
         for name in ("deliver_ratio", "reject_ratio", "throttle_ratio"):
@@ -365,8 +367,18 @@ class CarrierSimulator:
                 self.config.max_tps, loop.time(), burst=max(1.0, self.config.max_tps)
             )
         self._accepting = True
+        ssl_ctx = None
+        if self.config.tls_cert:
+            import ssl
+
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         self._server = await loop.create_server(
-            lambda: _SimConnection(self), self.config.host, self.config.port, reuse_address=True
+            lambda: _SimConnection(self),
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            ssl=ssl_ctx,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         if self.config.drop_every is not None:
