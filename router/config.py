@@ -51,6 +51,8 @@ class CarrierConfig:
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     max_attempts: int = 5
+    failover_error_ratio: float = 0.5  # bench the carrier when this share of recent submits fail
+    failover_cooldown: float = 30.0  # seconds benched before it gets traffic again
     tls: bool = False  # SMPP over TLS to this carrier
     tls_ca: str = ""  # PEM CA bundle to verify the carrier ("" = system store)
     tls_verify: bool = True  # check the certificate and host name
@@ -272,6 +274,8 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
             "reconnect_min",
             "reconnect_max",
             "max_attempts",
+            "failover_error_ratio",
+            "failover_cooldown",
             "tls",
             "tls_ca",
             "tls_verify",

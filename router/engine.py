@@ -164,7 +164,7 @@ class Engine:
             carrier = self.carriers[name]
             if not carrier.has_room(msg.parts):
                 continue
-            if carrier.up:
+            if carrier.healthy:
                 chosen = carrier
                 break
             fallback = fallback or carrier
@@ -268,7 +268,8 @@ class Engine:
             except Rejected:
                 names = list(self.carriers)[:1]
             carrier = next(
-                (self.carriers[c] for c in names if self.carriers[c].up), self.carriers[names[0]]
+                (self.carriers[c] for c in names if self.carriers[c].healthy),
+                self.carriers[names[0]],
             )
             self._enqueue(msg, carrier)
             n += 1
@@ -485,9 +486,13 @@ class Engine:
         now = self.clock()
         moved = 0
         for carrier in self.carriers.values():
-            if carrier.down_since is None or not carrier.backlog:
+            if not carrier.backlog:
                 continue
-            if now - carrier.down_since < self.cfg.failover_after:
+            down_long = (
+                carrier.down_since is not None
+                and now - carrier.down_since >= self.cfg.failover_after
+            )
+            if not down_long and carrier.benched_until is None:
                 continue
             subs = carrier.drain()
             by_message: dict[str, list[Submission]] = {}
@@ -504,7 +509,7 @@ class Engine:
                         self.carriers[n]
                         for n in names
                         if n != carrier.name
-                        and self.carriers[n].up
+                        and self.carriers[n].healthy
                         and self.carriers[n].has_room(len(group))
                     ),
                     None,
@@ -525,6 +530,7 @@ class Engine:
         return {
             name: {
                 "up": c.up,
+                "healthy": c.healthy,
                 "binds": len(c.sessions),
                 "queue": c.backlog,
                 "capacity": c.cfg.queue_size,

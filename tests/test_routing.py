@@ -235,3 +235,27 @@ def test_account_overrides_come_first_and_fall_back_to_global() -> None:
             },
             {},
         )
+
+
+async def test_carrier_failing_most_submits_is_benched_and_traffic_moves(
+    stack_factory: Any,
+) -> None:
+    sims = {"broken": SimConfig(port=0, reject_ratio=1.0), "backup": SimConfig(port=0)}
+    routes = RoutesConfig(countries={"DK": [RouteEntry("broken", 1), RouteEntry("backup", 2)]})
+    stack = await stack_factory(sims=sims, routes=routes)
+    broken = stack.router.engine.carriers["broken"]
+    esme, _ = await connect(stack.smpp_port)
+    try:
+        for i in range(60):
+            r = await esme.submit("+4512345678", f"h{i}")
+            assert r.status == 0
+            await _wait(lambda: broken.in_flight == 0 and not broken.backlog, timeout=5)
+        # It stays bound (its SMPP link is fine) but is out of rotation.
+        assert broken.up and not broken.healthy
+        assert stack.router.ready()[1]["carriers"]["broken"]["healthy"] is False
+        rejected = stack.sims["broken"].stats.rejected
+        assert 20 <= rejected <= 30  # benched once half of >= 20 recent submits failed
+        backup = stack.sims["backup"]
+        await _wait(lambda: backup.received_count() == 60 - rejected, timeout=5)
+    finally:
+        esme.close()

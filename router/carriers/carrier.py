@@ -42,6 +42,8 @@ _BIND_PDU = {
     BindType.TRANSCEIVER: BindTransceiver,
 }
 _THROTTLE = frozenset({Status.ESME_RTHROTTLED, Status.ESME_RMSGQFUL})
+_HEALTH_WINDOW = 50  # recent submit outcomes per carrier
+_HEALTH_MIN_SAMPLES = 20
 
 
 @dataclass(slots=True)
@@ -129,7 +131,11 @@ class Carrier:
         self._stopping = False
         self.in_flight = 0
         self.reserved = 0  # segments admitted, waiting for the spool to make them durable
-        self.down_since: float | None = clock()  # None while at least one session is bound
+        self.down_since: float | None = clock()
+        self.benched_until: float | None = None
+        self._results: deque[bool] = deque(
+            maxlen=_HEALTH_WINDOW
+        )  # None while at least one session is bound
         m = metrics
         self._m_queue = m.CARRIER_QUEUE_DEPTH.labels(carrier=self.name)
         m.CARRIER_QUEUE_CAPACITY.labels(carrier=self.name).set(cfg.queue_size)
@@ -141,6 +147,8 @@ class Carrier:
         self._m_submit_latency = m.SUBMIT_LATENCY.labels(carrier=self.name)
         self._m_retries = m.CARRIER_RETRIES.labels(carrier=self.name)
         self._m_up.set(0)
+        self._m_healthy = m.CARRIER_HEALTHY.labels(carrier=self.name)
+        self._m_healthy.set(1)
 
     # ---------------------------------------------------------------- state
 
@@ -372,15 +380,50 @@ class Carrier:
         )
         return pdu
 
+    @property
+    def healthy(self) -> bool:
+        """Bound, and not benched for failing too often."""
+        if not self.sessions:
+            return False
+        if self.benched_until is not None:
+            if self.clock() < self.benched_until:
+                return False
+            self.benched_until = None  # cool-down over: a fresh chance
+            self._results.clear()
+            self._m_healthy.set(1)
+        return True
+
+    def _record(self, ok: bool, now: float) -> None:
+        """Bench the carrier for a cool-down when most recent submits fail
+        (permanent refusals or no answer): e.g. a carrier that lost its
+        routes answers everything with an error while staying bound."""
+        results = self._results
+        results.append(ok)
+        if ok or len(results) < _HEALTH_MIN_SAMPLES or self.benched_until is not None:
+            return
+        failed = results.count(False)
+        if failed / len(results) >= self.cfg.failover_error_ratio:
+            self.benched_until = now + self.cfg.failover_cooldown
+            self._m_healthy.set(0)
+            log.warning(
+                "carrier_benched",
+                carrier=self.name,
+                failed=failed,
+                of=len(results),
+                seconds=self.cfg.failover_cooldown,
+            )
+
     def _on_resp(self, sub: Submission, resp: Pdu | None, sent_at: float) -> None:
         self.in_flight -= 1
         now = self.clock()
         if resp is None:
+            self._record(False, now)
             # Timeout or link loss: the carrier may or may not have it. Resend
             # (at-least-once); a duplicate is better than a loss.
             self._retry_later(sub, now, reason="no_response")
         elif resp.status == Status.ESME_ROK and resp.command_id == CommandId.SUBMIT_SM_RESP:
             self.bucket.speed_up()
+            self._record(True, now)
             self._m_submit_latency.observe(now - sent_at)
             carrier_id = getattr(resp, "message_id", "")
             self.events.on_submitted(sub, self.name, carrier_id)
@@ -396,6 +439,7 @@ class Carrier:
         elif resp.status in TEMPORARY_STATUSES:
             self._retry_later(sub, now, reason=f"status_0x{resp.status:X}")
         else:
+            self._record(False, now)
             self.events.on_submit_failed(sub, self.name, resp.status, "rejected by carrier")
         self._schedule_pump()
 

@@ -157,3 +157,10 @@ def child(metric: Any, *values: str) -> Any:
     if c is None:
         c = _children[key] = metric.labels(*values)
     return c
+
+
+CARRIER_HEALTHY = Gauge(
+    "smsrouter_carrier_healthy",
+    "0 while a carrier is benched for failing most recent submits, else 1.",
+    ["carrier"],
+)
