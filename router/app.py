@@ -134,7 +134,15 @@ class Router:
         self.engine = Engine(cfg, self.traffic_log, spool=self.spool, optout=self.optout)
         self.engine.set_account_rates({a.id: a.tps for a in self.accounts.by_id.values()})
         # Demo mode is all on loopback, so its webhooks may target it too.
-        self.webhooks = WebhookSender(self.accounts, allow_private_targets=cfg.demo)
+        w = cfg.webhooks
+        self.webhooks = WebhookSender(
+            self.accounts,
+            initial_backoff=w.initial_backoff,
+            max_backoff=w.max_backoff,
+            max_attempts=w.max_attempts,
+            timeout=w.timeout,
+            allow_private_targets=w.allow_private_targets or cfg.demo,
+        )
         self.engine.sinks[Origin.HTTP] = self.webhooks
         self.webhooks.start()
         replay = await self.spool.load()

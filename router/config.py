@@ -92,6 +92,15 @@ class HttpConfig:
 
 
 @dataclass(slots=True)
+class WebhookConfig:
+    initial_backoff: float = 30.0  # first retry after this many seconds, doubling
+    max_backoff: float = 3600.0
+    max_attempts: int = 30
+    timeout: float = 10.0  # per attempt
+    allow_private_targets: bool = False  # loopback/private callback URLs (on-premise set-ups)
+
+
+@dataclass(slots=True)
 class Config:
     smpp_listen: tuple[str, int] = ("127.0.0.1", 2775)
     http_listen: tuple[str, int] = ("127.0.0.1", 8080)
@@ -108,6 +117,7 @@ class Config:
     spool_flush_interval: float = 0.005
     smpp: SmppIngressConfig = field(default_factory=SmppIngressConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     carriers: list[CarrierConfig] = field(default_factory=list)
     routes: RoutesConfig = field(default_factory=RoutesConfig)
     demo: bool = False
@@ -240,6 +250,15 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
         setattr(cfg.http, name, _take(http_t, name, "http.", type(default), default))
     if http_t:
         raise ConfigError(f"http.{sorted(http_t)[0]}: unknown key")
+
+    webhooks_t = data.pop("webhooks", {})
+    for name in WebhookConfig.__slots__:
+        default = getattr(cfg.webhooks, name)
+        setattr(cfg.webhooks, name, _take(webhooks_t, name, "webhooks.", type(default), default))
+    if webhooks_t:
+        raise ConfigError(f"webhooks.{sorted(webhooks_t)[0]}: unknown key")
+    if cfg.webhooks.max_attempts < 1 or cfg.webhooks.initial_backoff <= 0:
+        raise ConfigError("webhooks.max_attempts must be >= 1 and initial_backoff > 0")
 
     names: set[str] = set()
     for i, raw in enumerate(data.pop("carriers", [])):

@@ -1,9 +1,10 @@
-"""The secret canary (privacy.md 2): secret messages with unique markers go
-through the router the hard way (throttling and retries, a carrier that
+"""The secret canary (privacy.md 2): secret messages with unique markers,
+over SMPP and over HTTP with a webhook, go through the router the hard way (throttling and retries, a carrier that
 rejects, receipts, a restart with messages still in the spool), and then
 nothing that outlives delivery may contain a marker or a destination:
 every table of the database (every row as text), the PostgreSQL data
-directory files (WAL included), the router's log output, and /metrics.
+directory files (WAL included), the router's log output, /metrics, the
+HTTP answers and the webhook bodies.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+from aiohttp import web
 
-from router.accounts import create_account
+from router.accounts import add_api_key, create_account
 from router.sim import CarrierSimulator, SimConfig
 from tests.esme import connect
 from tests.routerproc import carrier_toml, free_ports, listen_toml, start_router, stop_router
@@ -48,12 +50,29 @@ def grep_dir(path: Path, needles: list[bytes]) -> list[str]:
 async def test_secret_messages_leave_no_trace(
     db: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:
-    await create_account(db, "acme", system_id="acme", password="acme-pw1")
+    acme = await create_account(db, "acme", system_id="acme", password="acme-pw1")
+    await add_api_key(db, acme, "acme-key-0001", ("send", "read"))
+    # A customer webhook receiver: every body it gets is searched too.
+    hooks: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        hooks.append(await request.text())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    hook_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     run = secrets.token_hex(4)
     markers = [f"CANARY{run}{i:02d}" for i in range(12)]
     # 8 random digits per number: long enough never to match by chance
     # (timestamps in the table text have 6-digit fractions).
     numbers = [f"45{secrets.randbelow(10**8):08d}" for _ in range(12)]
+    http_markers = [f"HTTPCANARY{run}{i:02d}" for i in range(4)]
+    http_numbers = [f"45{secrets.randbelow(10**8):08d}" for _ in range(4)]
     # A throttling carrier for most, a rejecting one for DE numbers.
     flaky = CarrierSimulator(
         SimConfig(port=0, name="flaky", throttle_ratio=0.3, seed=3, dlr_delay=0.3)
@@ -66,6 +85,7 @@ async def test_secret_messages_leave_no_trace(
         listen_toml(ports)
         + carrier_toml("flaky", pf, tps=20.0)
         + carrier_toml("rejecting", pr)
+        + "[webhooks]\ninitial_backoff = 0.2\nallow_private_targets = true\n"
         + '[routes]\ndefault = ["flaky"]\n[routes.countries]\nDE = ["rejecting"]\n'
     )
     log = tmp_path / "router.log"
@@ -81,6 +101,24 @@ async def test_secret_messages_leave_no_trace(
             )
             assert r.status == 0
             acked.append(r.message_id)  # type: ignore[attr-defined]
+        # The same over HTTP, with a webhook for the receipt.
+        async with aiohttp.ClientSession() as http:
+            for marker, number in zip(http_markers, http_numbers, strict=True):
+                body = {
+                    "to": f"+{number}",
+                    "from": f"H{run}",
+                    "text": f"{marker} code",
+                    "class": "secret",
+                    "callback_url": f"http://127.0.0.1:{hook_port}/hook",
+                }
+                async with http.post(
+                    f"http://127.0.0.1:{ports['http']}/v1/messages",
+                    json=body,
+                    headers={"Authorization": "Bearer acme-key-0001"},
+                ) as r:
+                    answer = await r.text()
+                    assert r.status == 202, answer
+                    assert marker not in answer and number not in answer
         # Restart while the slow carrier still has some of them queued.
         await asyncio.sleep(0.3)
         proc.send_signal(signal.SIGKILL)
@@ -90,7 +128,7 @@ async def test_secret_messages_leave_no_trace(
         esme, _ = await connect(ports["smpp"])
         # The rejecting carrier refuses the DE ones (it keeps no record of
         # them); every other one must reach the throttling carrier.
-        want = {m for i, m in enumerate(markers) if i % 4}
+        want = {m for i, m in enumerate(markers) if i % 4} | set(http_markers)
         got = lambda: {m.payload.decode().split()[0] for m in flaky.received}  # noqa: E731
         deadline = time.monotonic() + 60
         while not (want <= got() and rejecting.stats.rejected >= 3) and time.monotonic() < deadline:
@@ -102,6 +140,10 @@ async def test_secret_messages_leave_no_trace(
         while len(esme.receipts) < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert esme.receipts
+        deadline = time.monotonic() + 20
+        while len(hooks) < len(http_markers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert len(hooks) >= len(http_markers), "webhooks for secret messages did not arrive"
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{ports['ops']}/metrics") as r:
                 metrics_body = await r.text()
@@ -111,8 +153,13 @@ async def test_secret_messages_leave_no_trace(
         os.environ.pop("ROUTER_SPOOL_KEY", None)
         await flaky.stop()
         await rejecting.stop()
+        await runner.cleanup()
 
-    needles = markers + numbers + [n[2:] for n in numbers] + [f"S{run}"]
+    numbers += http_numbers
+    markers += http_markers
+    needles = markers + numbers + [n[2:] for n in numbers] + [f"S{run}", f"H{run}"]
+    assert '"status"' in hooks[0]  # the webhook bodies are real receipts ...
+    assert not [n for n in needles if any(n in h for h in hooks)], "secret data in a webhook"
     tables = await all_table_text(db)
     assert acked[0] in tables  # the search does see the rows (id is allowed)
     found = [n for n in needles if n in tables]
