@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import FULL, QUICK, SCENARIOS
 
         for sc in SCENARIOS.values():
-            print(f"{sc.name:<12} {sc.summary}")
-        print(f"\nfull: {FULL.warmup:g} s warm-up + {FULL.duration:g} s measured per scenario;"
-              f" --quick: {QUICK.duration:g} s, no warm-up")
+            print(f"{sc.name:<16}{'' if sc.default else '(only when named) '}{sc.summary}")
+        print(f"\nfull: {FULL.warmup:g} s warm-up + {FULL.duration:g} s measured per scenario"
+              f" unless the scenario says otherwise; --quick: {QUICK.duration:g} s, no warm-up")
         return 0
     print(USAGE, file=sys.stderr)
     return 2

@@ -66,16 +66,45 @@ PACKAGES = ("sms-router", "uvloop", "aiohttp", "asyncpg", "aiosmpplib", "structl
 
 
 @dataclass(frozen=True)
+class Timing:
+    warmup: float
+    duration: float
+    drain: float
+
+
+FULL = Timing(warmup=5.0, duration=60.0, drain=15.0)
+QUICK = Timing(warmup=0.0, duration=3.0, drain=5.0)
+SETTLE = 30.0  # SMPP: after the load, seconds to wait for a receipt of every accepted id
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # "smpp" | "http" | "codec"
+    kind: str  # "smpp" | "http" | "codec" | "jasmin"
     summary: str
     binds: int = 0
     window: int = 0
     batch: int = 1
     concurrency: int = 0
     traffic_log: bool = True
+    default: bool = True  # in `python -m benchmarks run` without scenario names
+    config: tuple[tuple[str, str, Any], ...] = ()  # router config (section, key, value)
+    rate: float | None = None  # open loop at this rate unless --rate says otherwise
+    fixed_rate: bool = False  # --rate does not change `rate` (overload: 5x the carriers)
+    carrier_tps: float = 1_000_000.0  # router -> each carrier, messages/s
+    carrier_queue: int = 50_000  # router queue per carrier, segments
+    sim_args: tuple[str, ...] = ()  # extra `sms-router sim` arguments
+    quick_sim_args: tuple[str, ...] | None = None  # ... with --quick (default: sim_args)
+    full: Timing | None = None  # this scenario's timing (default FULL / QUICK)
+    quick: Timing | None = None
+    settle: float = SETTLE
+    interval: float | None = None  # latency/RSS series every N s (soak)
+    quick_interval: float | None = None
 
+
+OVERLOAD_CARRIER_TPS = 250.0  # per simulated carrier: 500/s in total
+OVERLOAD_QUEUE = 1_000  # router queue per carrier: 4 s of the carriers' 500/s in total
+OVERLOAD_FACTOR = 5.0
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -87,6 +116,40 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("smpp-1bind", "smpp",
                  "1 transceiver bind, window 64, closed loop: what one customer "
                  "connection can push", binds=1, window=64),
+        Scenario("smpp-e2e-memory", "smpp",
+                 "as smpp-e2e with delivery.guarantee = in-memory: the submit answer does "
+                 "not wait for the durable spool", binds=10, window=64,
+                 config=(("delivery", "guarantee", "in-memory"),), settle=120.0),
+        Scenario("overload", "smpp",
+                 f"open loop at {OVERLOAD_FACTOR:g}x what the carriers accept: carriers "
+                 f"limited to {OVERLOAD_CARRIER_TPS:g}/s each (2 carriers, router tps and "
+                 f"simulator --max-tps), queue {OVERLOAD_QUEUE} each, "
+                 f"{OVERLOAD_FACTOR * 2 * OVERLOAD_CARRIER_TPS:g}/s offered; throttling "
+                 "answers, accepted/s, peak RSS, and every accepted message receipted",
+                 binds=10, window=64, rate=OVERLOAD_FACTOR * 2 * OVERLOAD_CARRIER_TPS,
+                 fixed_rate=True, carrier_tps=OVERLOAD_CARRIER_TPS,
+                 carrier_queue=OVERLOAD_QUEUE,
+                 sim_args=("--max-tps", f"{OVERLOAD_CARRIER_TPS:g}"),
+                 quick=Timing(warmup=0.0, duration=5.0, drain=5.0), settle=120.0),
+        Scenario("carrier-flap", "smpp",
+                 "both carrier simulators drop every connection every 10 s (quick: 2 s), "
+                 "open loop at 1,000/s: accepted, receipts, lost, carrier reconnects",
+                 binds=10, window=64, rate=1000.0,
+                 sim_args=("--drop-every", "10"), quick_sim_args=("--drop-every", "2"),
+                 quick=Timing(warmup=0.0, duration=5.0, drain=5.0), settle=120.0),
+        Scenario("soak", "smpp",
+                 "10 min open loop at 50% of the smpp-e2e maximum (same run, or --rate): "
+                 "router RSS and p99 latency every 10 s, first vs last minute",
+                 binds=10, window=64, default=False,
+                 full=Timing(warmup=5.0, duration=600.0, drain=15.0),
+                 quick=Timing(warmup=0.0, duration=20.0, drain=5.0),
+                 interval=10.0, quick_interval=2.0, settle=60.0),
+        Scenario("jasmin-compare", "jasmin",
+                 "the smpp-e2e load (10 binds, window 64, closed loop unless --rate) against "
+                 "Jasmin SMS Gateway 0.11.0 (jasmind with in-process DLR lookup and thrower, "
+                 "RabbitMQ, Redis), then against the router, each with two fresh carrier "
+                 "simulators: ratio of accepted/s and receipts/s", binds=10, window=64,
+                 default=False, settle=30.0),
         Scenario("http-single", "http",
                  "POST /v1/messages, one message per request, 32 requests in flight",
                  concurrency=32),
@@ -97,17 +160,6 @@ SCENARIOS: dict[str, Scenario] = {
                  "SMPP codec micro-benchmark (benchmarks/codec.py): ours vs aiosmpplib"),
     )
 }
-
-
-@dataclass(frozen=True)
-class Timing:
-    warmup: float
-    duration: float
-    drain: float
-
-
-FULL = Timing(warmup=5.0, duration=60.0, drain=15.0)
-QUICK = Timing(warmup=0.0, duration=3.0, drain=5.0)
 
 
 # ------------------------------------------------------------------- database
@@ -314,6 +366,8 @@ def router_toml(sc: Scenario, sim_ports: list[int],
         "database": {"traffic_log": sc.traffic_log},
         "logging": {"format": "json"},
     }
+    for section, key, value in sc.config:
+        tables.setdefault(section, {})[key] = value
     for section, values in (overrides or {}).items():
         if section in ("carriers", "routes", "listen"):
             raise ValueError(f"--set {section}.*: the runner owns that part of the config")
@@ -331,8 +385,9 @@ def router_toml(sc: Scenario, sim_ports: list[int],
             'system_id = "router"',
             'password = "sim"',
             "window = 256",
-            "tps = 1000000.0  # no carrier rate limit: measure the router, not a limit",
-            "queue_size = 50000",
+            f"tps = {sc.carrier_tps!r}" + ("  # no carrier rate limit: measure the router"
+                                            if sc.carrier_tps >= 1_000_000 else ""),
+            f"queue_size = {sc.carrier_queue}",
         ]
     routes = ", ".join(f'{{carrier = "sim-{i}", priority = 1}}'
                        for i in range(1, len(sim_ports) + 1))
@@ -467,10 +522,97 @@ def _interp(points: list[tuple[float, float]], t: float) -> float | None:
 # -------------------------------------------------------------- one scenario
 
 
+def start_simulators(st: Stack, logs: Path, sim_args: tuple[str, ...] = (),
+                     count: int = 2) -> tuple[Child, list[int]]:
+    """``sms-router sim --count N`` on free ports; (child, ports)."""
+    sim = Child("simulators", cli() + [
+        "sim", "--host", "127.0.0.1", "--port", "0", "--count", str(count), "--name", "sim",
+        "--system-id", "router", "--password", "sim", "--dlr-delay", str(DLR_DELAY),
+        "--window", "1000", *sim_args,
+    ], log_path=logs / "simulators.log", env=child_env(), cwd=REPO)
+    st.children.append(sim)
+    found = sim.wait_for(r"simulator (\S+) listening on [\d.]+:(\d+)", 30, count=count)
+    return sim, [int(m.group(2)) for m in found[:count]]
+
+
+@dataclass
+class RouterHandle:
+    child: Child
+    smpp_port: int
+    http_url: str
+    ops_url: str
+    readyz: dict[str, Any]
+    config_text: str
+
+
+def start_router(st: Stack, sc: Scenario, sim_ports: list[int], logs: Path, db_url: str,
+                 overrides: dict[str, dict[str, Any]] | None = None) -> RouterHandle:
+    config_text = router_toml(sc, sim_ports, overrides)
+    config_path = logs / "router.toml"
+    config_path.write_text(config_text, encoding="utf-8")
+    router = Child("router", cli() + ["--config", str(config_path), "run"],
+                   log_path=logs / "router.log", env=child_env(db_url), cwd=REPO)
+    st.children.append(router)
+    smpp_port = int(router.wait_for(r"SMPP\s+[\d.]+:(\d+)", 60)[0].group(1))
+    http_url = router.wait_for(r"HTTP API\s+(http://[\d.]+:\d+)", 5)[0].group(1)
+    ops_url = router.wait_for(r"ops\s+(http://[\d.]+:\d+)", 5)[0].group(1)
+    readyz = wait_ready(ops_url, router)
+    return RouterHandle(router, smpp_port, http_url, ops_url, readyz, config_text)
+
+
+# Router metrics read at the end of a run (summed over labels; `final` by status).
+END_METRICS = (
+    "smsrouter_messages_accepted_total",
+    "smsrouter_messages_rejected_total",
+    "smsrouter_carrier_submits_total",
+    "smsrouter_carrier_submit_errors_total",
+    "smsrouter_carrier_retries_total",
+    "smsrouter_carrier_throttled_total",
+    "smsrouter_carrier_reconnects_total",
+    "smsrouter_carrier_receipts_total",
+    "smsrouter_carrier_receipts_unmatched_total",
+    "smsrouter_receipts_sent_total",
+    "smsrouter_receipts_pending",
+    "smsrouter_carrier_queue_depth",
+    "smsrouter_carrier_in_flight",
+    "smsrouter_throttle_responses_sent_total",
+    "smsrouter_traffic_log_dropped_rows_total",
+)
+
+
+def router_metrics(ops_url: str) -> dict[str, float] | None:
+    """Sums of END_METRICS, plus ``smsrouter_messages_final_total`` by status."""
+    try:
+        _, text = _get(f"{ops_url}/metrics", timeout=5.0)
+    except (OSError, urllib.error.URLError):
+        return None
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("smsrouter_"):
+            continue
+        name, _, rest = line.partition("{")
+        if not rest:
+            name, _, value = line.partition(" ")
+            labels = ""
+        else:
+            labels, _, value = rest.rpartition("} ")
+        key = name
+        if name == "smsrouter_messages_final_total" and 'status="' in labels:
+            key = name + ":" + labels.split('status="', 1)[1].split('"', 1)[0]
+        elif name not in END_METRICS:
+            continue
+        try:
+            out[key] = out.get(key, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out
+
+
 def run_load_scenario(sc: Scenario, timing: Timing, rate: float | None, db: DatabaseServer,
                       out_dir: Path, quick: bool,
-                      overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    logs = out_dir / "logs" / sc.name
+                      overrides: dict[str, dict[str, Any]] | None = None,
+                      logs_name: str | None = None) -> dict[str, Any]:
+    logs = out_dir / "logs" / (logs_name or sc.name)
     logs.mkdir(parents=True, exist_ok=True)
     started_at = dt.datetime.now(dt.UTC)
     machine = machine_info()
@@ -478,35 +620,23 @@ def run_load_scenario(sc: Scenario, timing: Timing, rate: float | None, db: Data
     pids: dict[str, int] = {}
     load_json = logs / "loadgen.json"
     load_json.unlink(missing_ok=True)
-    timeout = timing.warmup + timing.duration + timing.drain + 60.0
+    sim_args = sc.quick_sim_args if quick and sc.quick_sim_args is not None else sc.sim_args
+    interval = sc.quick_interval if quick and sc.quick_interval is not None else sc.interval
+    settle = sc.settle if sc.kind == "smpp" else 0.0
+    timeout = timing.warmup + timing.duration + max(timing.drain, settle) + 60.0
     exit_status: dict[str, int | None] = {}
     readyz: dict[str, Any] = {}
     config_text = ""
     sampler: Sampler | None = None
+    metrics_end: dict[str, float] | None = None
     router_hwm_kb = router_rss_kb = 0
     try:
         with stack() as st:
-            sim = Child("simulators", cli() + [
-                "sim", "--host", "127.0.0.1", "--port", "0", "--count", "2", "--name", "sim",
-                "--system-id", "router", "--password", "sim", "--dlr-delay", str(DLR_DELAY),
-                "--window", "1000",
-            ], log_path=logs / "simulators.log", env=child_env(), cwd=REPO)
-            st.children.append(sim)
+            sim, sim_ports = start_simulators(st, logs, sim_args)
             pids["simulators"] = sim.pid
-            found = sim.wait_for(r"simulator (\S+) listening on [\d.]+:(\d+)", 30, count=2)
-            sim_ports = [int(m.group(2)) for m in found[:2]]
-
-            config_text = router_toml(sc, sim_ports, overrides)
-            config_path = logs / "router.toml"
-            config_path.write_text(config_text, encoding="utf-8")
-            router = Child("router", cli() + ["--config", str(config_path), "run"],
-                           log_path=logs / "router.log", env=child_env(db_url), cwd=REPO)
-            st.children.append(router)
+            rh = start_router(st, sc, sim_ports, logs, db_url, overrides)
+            router, ops_url, readyz, config_text = rh.child, rh.ops_url, rh.readyz, rh.config_text
             pids["router"] = router.pid
-            smpp_port = int(router.wait_for(r"SMPP\s+[\d.]+:(\d+)", 60)[0].group(1))
-            http_url = router.wait_for(r"HTTP API\s+(http://[\d.]+:\d+)", 5)[0].group(1)
-            ops_url = router.wait_for(r"ops\s+(http://[\d.]+:\d+)", 5)[0].group(1)
-            readyz = wait_ready(ops_url, router)
 
             common = ["--warmup", str(timing.warmup), "--duration", str(timing.duration),
                       "--drain", str(timing.drain), "--ops-url", ops_url,
@@ -514,10 +644,13 @@ def run_load_scenario(sc: Scenario, timing: Timing, rate: float | None, db: Data
             if rate is not None:
                 common += ["--rate", str(rate)]
             if sc.kind == "smpp":
-                argv = [sys.executable, "-m", "benchmarks.smpp_load", "--port", str(smpp_port),
-                        "--binds", str(sc.binds), "--window", str(sc.window), *common]
+                argv = [sys.executable, "-m", "benchmarks.smpp_load", "--port",
+                        str(rh.smpp_port), "--binds", str(sc.binds), "--window",
+                        str(sc.window), "--settle", str(settle), *common]
+                if interval:
+                    argv += ["--interval", str(interval)]
             else:
-                argv = [sys.executable, "-m", "benchmarks.http_load", "--url", http_url,
+                argv = [sys.executable, "-m", "benchmarks.http_load", "--url", rh.http_url,
                         "--batch", str(sc.batch), "--concurrency", str(sc.concurrency), *common]
             load = Child("loadgen", argv, log_path=logs / "loadgen.log", env=child_env(),
                          cwd=REPO)
@@ -545,6 +678,7 @@ def run_load_scenario(sc: Scenario, timing: Timing, rate: float | None, db: Data
                 readyz = json.loads(body)
             except (OSError, ValueError, urllib.error.URLError):
                 pass
+            metrics_end = router_metrics(ops_url)
             mem = memory_kb(router.pid)
             if mem is not None:
                 router_rss_kb, router_hwm_kb = mem
@@ -557,9 +691,171 @@ def run_load_scenario(sc: Scenario, timing: Timing, rate: float | None, db: Data
 
     load_result = json.loads(load_json.read_text(encoding="utf-8"))
     assert sampler is not None
-    return build_result(sc, timing, rate, quick, started_at, machine, load_result, sampler, pids,
-                        exit_status, readyz, config_text, router_rss_kb, router_hwm_kb, db,
-                        db_name, logs)
+    result = build_result(sc, timing, rate, quick, started_at, machine, load_result, sampler,
+                          pids, exit_status, readyz, config_text, router_rss_kb, router_hwm_kb,
+                          db, db_name, logs)
+    result["router"]["metrics_at_end"] = metrics_end
+    result["router"].update(rss_profile(sampler, load_result))
+    result["simulators"]["args"] = list(sim_args)
+    if sc.kind == "smpp":
+        add_smpp_findings(sc, result, load_result, metrics_end, sampler, interval)
+    return result
+
+
+THROTTLE_STATUSES = ("ESME_RMSGQFUL", "ESME_RTHROTTLED")
+SIM_PENDING_RECEIPTS = 100_000  # router/sim/smsc.py MAX_PENDING_RECEIPTS, per simulator
+
+
+def rss_profile(sampler: Sampler, load: dict[str, Any]) -> dict[str, Any]:
+    """Router VmRSS from the 0.25 s samples: at the window's start and end, and the largest
+    seen while the load generator ran (VmHWM alone includes start-up)."""
+    pts = [(s.at, s.rss_kb) for s in sampler.samples.get("router", [])]
+    if not pts:
+        return {}
+    m0, m1 = load["measure_start"], load["measure_end"]
+
+    def at(t: float) -> float:
+        return round(min(pts, key=lambda p: abs(p[0] - t))[1] / 1024, 1)
+
+    return {"rss_mb_window_start": at(m0), "rss_mb_window_end": at(m1),
+            "rss_mb_max_sampled": round(max(v for _, v in pts) / 1024, 1)}
+
+
+def add_smpp_findings(sc: Scenario, result: dict[str, Any], load: dict[str, Any],
+                      metrics: dict[str, float] | None, sampler: Sampler,
+                      interval: float | None) -> None:
+    """Whole-run loss check for every SMPP scenario, plus what overload, carrier-flap and
+    soak are about."""
+    lc = load.get("lifecycle") or {}
+    result["lifecycle"] = lc
+    notes = result["notes"]
+    # Accepted but not yet receipted, per second: where the backlog peaked. The simulators
+    # keep at most SIM_PENDING_RECEIPTS receipts each that the router has not taken yet and
+    # DROP the rest (router/sim/smsc.py MAX_PENDING_RECEIPTS), so a larger backlog can
+    # lose receipts in the simulators, not in the router.
+    per_s = load.get("series", {})
+    backlog = peak = 0
+    for acc, rc in zip(per_s.get("accepted", []), per_s.get("receipts", []), strict=False):
+        backlog += acc - rc
+        peak = max(peak, backlog)
+    lc["peak_unreceipted"] = peak
+    if lc.get("lost"):
+        notes.append(f"LOST: {lc['lost']} of {lc['accepted']} accepted messages had no receipt "
+                     f"{lc['waited_s']:.0f} s after the load stopped (sample ids: "
+                     f"{', '.join(lc.get('lost_sample', [])[:5])})")
+        sim_cap = SIM_PENDING_RECEIPTS * 2
+        if peak > sim_cap:
+            notes.append(f"up to {peak:,} accepted messages were waiting for their receipt at "
+                         f"once, more than the simulators hold ({sim_cap:,}: beyond it they "
+                         "drop receipts), so some of the lost receipts may have been dropped "
+                         "by the simulators; receipts still arriving when the wait ended "
+                         "(see series.per_second.receipts) were not lost, only late")
+    if lc.get("duplicate_receipts"):
+        notes.append(f"{lc['duplicate_receipts']} duplicate receipts (same message id twice)")
+    if lc.get("receipts_for_unknown_ids"):
+        notes.append(f"{lc['receipts_for_unknown_ids']} receipts for ids never seen in a "
+                     "submit_sm_resp")
+    totals = load.get("totals") or {}
+    answers = totals.get("answers", {})
+    if totals.get("lost_connections"):
+        notes.append(f"{totals['lost_connections']} customer binds were closed by the router")
+    m = metrics or {}
+    if sc.name == "overload":
+        w = result["window"]
+        result["overload"] = {
+            "offered_per_s": result["offered_per_s"],
+            "carrier_capacity_per_s": sc.carrier_tps * 2,
+            "accepted_per_s": result["accepted_per_s"],
+            "receipts_per_s": result["delivered_per_s"],
+            "throttle_answers_window": {k: w["errors"].get(k, 0) for k in THROTTLE_STATUSES},
+            "throttle_answers_run": {k: answers.get(k, 0) for k in THROTTLE_STATUSES},
+            "other_error_answers_run": {k: v for k, v in answers.items()
+                                        if k != "ESME_ROK" and k not in THROTTLE_STATUSES},
+            "router_peak_rss_mb": result["router"]["peak_rss_mb"],
+            "carrier_throttled_answers": m.get("smsrouter_carrier_throttled_total"),
+            "accepted": lc.get("accepted"),
+            "receipted": lc.get("receipted"),
+            "lost": lc.get("lost"),
+            "drained_after_s": lc.get("settled_after_s"),
+        }
+        cap = sc.carrier_tps * 2
+        if result["accepted_per_s"] > 1.1 * cap:
+            notes.append(f"accepted {result['accepted_per_s']:.0f}/s in the window, more than "
+                         f"the carriers' {cap:g}/s: the router queue was still filling")
+    if sc.name == "carrier-flap":
+        result["carrier_flap"] = {
+            "drop_every_s": float(result["simulators"]["args"][1])
+            if result["simulators"].get("args") else None,
+            "accepted": lc.get("accepted"),
+            "receipted": lc.get("receipted"),
+            "lost": lc.get("lost"),
+            "duplicate_receipts": lc.get("duplicate_receipts"),
+            "reconnects": m.get("smsrouter_carrier_reconnects_total"),
+            "carrier_retries": m.get("smsrouter_carrier_retries_total"),
+            "error_answers_run": {k: v for k, v in answers.items() if k != "ESME_ROK"},
+            "drained_after_s": lc.get("settled_after_s"),
+        }
+    if interval:
+        result["soak"] = soak_summary(result, load, sampler, interval)
+
+
+def soak_summary(result: dict[str, Any], load: dict[str, Any], sampler: Sampler,
+                 interval: float) -> dict[str, Any]:
+    """RSS of the router and p99 latency every ``interval`` s; first vs last minute."""
+    t0, m0, m1 = load["t0"], load["measure_start"], load["measure_end"]
+    rss = [(s.at, s.rss_kb / 1024) for s in sampler.samples.get("router", [])]
+    iv = load.get("intervals") or {}
+    rows = []
+    for row in iv.get("rows", []):
+        at = t0 + row["t_s"]
+        near = min(rss, key=lambda p: abs(p[0] - at)) if rss else None
+        rows.append({**row, "rss_mb": None if near is None else round(near[1], 1)})
+    edge = iv.get("edge_s") or min(60.0, (m1 - m0) / 4)
+
+    def mean_rss(a: float, b: float) -> float | None:
+        vals = [v for at, v in rss if a <= at < b]
+        return round(sum(vals) / len(vals), 1) if vals else None
+
+    def slope_between(a: float, b: float) -> float | None:
+        """Least-squares RSS slope in MB per minute over [a, b]."""
+        pts = [(at - a, v) for at, v in rss if a <= at <= b]
+        if len(pts) < 2:
+            return None
+        n = len(pts)
+        mx = sum(x for x, _ in pts) / n
+        my = sum(y for _, y in pts) / n
+        sxx = sum((x - mx) ** 2 for x, _ in pts)
+        if sxx <= 0:
+            return None
+        return sum((x - mx) * (y - my) for x, y in pts) / sxx * 60.0
+
+    slope = slope_between(m0, m1)
+    # The router fills bounded caches first (Engine.recent: the last 200,000 deliveries), so
+    # the second half of the window says more about "flat" than the whole.
+    slope_half = slope_between(m0 + (m1 - m0) / 2, m1)
+    first, last = iv.get("first") or {}, iv.get("last") or {}
+    out = {
+        "interval_s": interval,
+        "edge_s": edge,
+        "rate": result.get("offered_rate"),
+        "rows": rows,
+        "rss_mb_first": mean_rss(m0, m0 + edge),
+        "rss_mb_last": mean_rss(m1 - edge, m1),
+        "rss_mb_slope_per_min": None if slope is None else round(slope, 3),
+        "rss_mb_slope_per_min_second_half": None if slope_half is None else round(slope_half, 3),
+        "resp_p99_ms_first": (first.get("resp") or {}).get("p99_ms"),
+        "resp_p99_ms_last": (last.get("resp") or {}).get("p99_ms"),
+        "receipt_p99_ms_first": (first.get("receipt") or {}).get("p99_ms"),
+        "receipt_p99_ms_last": (last.get("receipt") or {}).get("p99_ms"),
+    }
+    a, b = out["rss_mb_first"], out["rss_mb_last"]
+    if a and b and b > a * 1.10 and b - a > 10:
+        result["notes"].append(f"router RSS grew from {a:.0f} MB (first {edge:.0f} s) to "
+                               f"{b:.0f} MB (last {edge:.0f} s) at a steady load")
+    pa, pb = out["receipt_p99_ms_first"], out["receipt_p99_ms_last"]
+    if pa and pb and pb > 2 * pa and pb - pa > 20:
+        result["notes"].append(f"receipt p99 rose from {pa:.0f} ms to {pb:.0f} ms over the soak")
+    return out
 
 
 def build_result(sc: Scenario, timing: Timing, rate: float | None, quick: bool,
@@ -713,7 +1009,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                   help=f"default: all of {', '.join(SCENARIOS)}")
+                   help=f"default: {', '.join(DEFAULT_SET)} (soak and jasmin-compare run "
+                        "only when named)")
     p.add_argument("--quick", action="store_true",
                    help=f"CI smoke run: no warm-up, {QUICK.duration:g} s per scenario")
     p.add_argument("--duration", type=float, default=None, help="seconds measured per scenario")
@@ -742,6 +1039,47 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+DEFAULT_SET = tuple(name for name, sc in SCENARIOS.items() if sc.default)
+CALIBRATION = Timing(warmup=3.0, duration=15.0, drain=5.0)  # soak without smpp-e2e or --rate
+QUICK_CALIBRATION = Timing(warmup=0.0, duration=3.0, drain=3.0)
+
+
+def scenario_timing(sc: Scenario, args: argparse.Namespace) -> Timing:
+    timing = (sc.quick or QUICK) if args.quick else (sc.full or FULL)
+    if args.duration is not None:
+        timing = replace(timing, duration=args.duration)
+    if args.warmup is not None:
+        timing = replace(timing, warmup=max(0.0, args.warmup))
+    return timing
+
+
+def scenario_rate(sc: Scenario, args: argparse.Namespace) -> float | None:
+    if sc.fixed_rate:
+        return sc.rate
+    return args.rate if args.rate is not None else sc.rate
+
+
+def soak_rate(args: argparse.Namespace, results: list[dict[str, Any]], db: DatabaseServer,
+              out_dir: Path) -> tuple[float, dict[str, Any]]:
+    """50% of the smpp-e2e maximum: --rate, else this run's smpp-e2e (closed loop), else a
+    short smpp-e2e calibration run."""
+    if args.rate is not None:
+        return args.rate, {"source": "--rate"}
+    for r in results:
+        if r["scenario"] == "smpp-e2e" and r["mode"] == "closed-loop":
+            return round(0.5 * r["accepted_per_s"], 1), {
+                "source": "smpp-e2e of this run", "smpp_e2e_accepted_per_s": r["accepted_per_s"]}
+    timing = QUICK_CALIBRATION if args.quick else CALIBRATION
+    print(f"   soak: no smpp-e2e result in this run and no --rate: measuring smpp-e2e for "
+          f"{timing.duration:g} s first", flush=True)
+    cal = run_load_scenario(SCENARIOS["smpp-e2e"], timing, None, db, out_dir, args.quick,
+                            args.overrides, logs_name="soak-calibration")
+    return round(0.5 * cal["accepted_per_s"], 1), {
+        "source": f"smpp-e2e calibration run of {timing.duration:g} s",
+        "smpp_e2e_accepted_per_s": cal["accepted_per_s"],
+        "calibration_notes": cal["notes"], "calibration_lifecycle": cal.get("lifecycle")}
+
+
 def _quiet_router_logs() -> None:
     """The runner migrates databases in-process: keep router info logs off the table."""
     try:
@@ -763,13 +1101,9 @@ def main(argv: list[str]) -> int:
     from . import report
 
     args = parse_args(argv)
-    names = args.scenarios or list(SCENARIOS)
+    # In the table's order (smpp-e2e before soak, whose rate may come from it), once each.
+    names = [n for n in SCENARIOS if n in args.scenarios] if args.scenarios else list(DEFAULT_SET)
     _quiet_router_logs()
-    timing = QUICK if args.quick else FULL
-    if args.duration is not None:
-        timing = replace(timing, duration=args.duration)
-    if args.warmup is not None:
-        timing = replace(timing, warmup=max(0.0, args.warmup))
     out_dir: Path = args.output_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     # Ctrl-C and `kill <runner>` both stop every child by pid and drop the database. SIGINT
@@ -785,6 +1119,7 @@ def main(argv: list[str]) -> int:
             sc = SCENARIOS[name]
             print(f"== {name}: {sc.summary}", flush=True)
             t = time.monotonic()
+            timing = scenario_timing(sc, args)
             try:
                 if sc.kind == "codec":
                     result = run_codec(args.quick, out_dir)
@@ -792,8 +1127,20 @@ def main(argv: list[str]) -> int:
                     if db is None:
                         db = DatabaseServer.open()
                         print(f"   database server: {db.kind}", flush=True)
-                    result = run_load_scenario(sc, timing, args.rate, db, out_dir, args.quick,
-                                               args.overrides)
+                    if sc.kind == "jasmin":
+                        from .jasmin import run_jasmin_compare
+
+                        result = run_jasmin_compare(sc, timing, args, db, out_dir)
+                    elif sc.name == "soak":
+                        rate, source = soak_rate(args, results, db, out_dir)
+                        print(f"   soak: open loop at {rate:,.0f}/s ({source['source']}) for "
+                              f"{timing.duration:g} s", flush=True)
+                        result = run_load_scenario(sc, timing, rate, db, out_dir, args.quick,
+                                                   args.overrides)
+                        result["soak"]["rate_source"] = source
+                    else:
+                        result = run_load_scenario(sc, timing, scenario_rate(sc, args), db,
+                                                   out_dir, args.quick, args.overrides)
             except ChildFailed as exc:
                 print(f"   FAILED: {exc}", file=sys.stderr, flush=True)
                 failures.append(name)

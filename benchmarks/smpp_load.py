@@ -21,6 +21,13 @@ Counted in the measured window only: submit_sm_resp by command_status (by the ti
 answer arrives), receipts (by arrival); latencies of messages submitted in the window.
 After the window, no new submits; the generator waits up to ``--drain`` seconds for the
 window's receipts, then unbinds and writes the JSON result.
+
+Whole-run bookkeeping (``lifecycle`` in the result), for loss checks: every message id the
+router accepted (warm-up and window) is kept until its receipt arrives. After the load
+stops the generator waits up to ``--settle`` seconds (default: ``--drain``) until each has
+its receipt, then reports ``lost = accepted - receipted`` plus duplicate receipts and
+receipts for ids it was never given. ``--interval S`` also records every latency with its
+completion time and reports p50/p99/max per S-second interval (the soak scenario).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from .stats import Series, Window, counter_delta, scrape_counters, summarize
 
 TEXT = b"Bench: your verification code is 424242. It expires in 10 minutes."
 TICK = 0.001  # open-loop scheduling granularity (seconds)
+STALL = 15.0  # settle: stop waiting when no receipt at all has arrived for this long
 ROK = int(Status.ESME_ROK)
 DELIVER_SM = int(CommandId.DELIVER_SM)
 RECEIPTED_MESSAGE_ID = int(Tag.RECEIPTED_MESSAGE_ID)
@@ -108,6 +116,19 @@ class Generator:
         self._tick: asyncio.TimerHandle | None = None
         self._closing = False
         self.errors: list[str] = []
+        # Whole run (lifecycle): accepted ids without a receipt yet; receipted ids; receipts
+        # whose id has not (yet) been seen in a submit_sm_resp.
+        self.pending: set[str] = set()
+        self.matched: set[str] = set()
+        self.orphans: set[str] = set()
+        self.accepted_total = 0
+        self.duplicate_receipts = 0
+        self.interval: float | None = args.interval
+        self.sent_of: dict[str, float] = {}  # with --interval: id -> submit time
+        self.resp_at = array("d")  # with --interval: (completion time, latency) pairs
+        self.resp_lat = array("d")
+        self.rcpt_at = array("d")
+        self.rcpt_lat = array("d")
 
     # ---------------------------------------------------------------- set-up
 
@@ -198,9 +219,19 @@ class Generator:
             self.win_statuses[name] += 1
         if resp is not None and resp.status == ROK:
             self.series.add("accepted", now)
+            message_id: str = resp.message_id  # type: ignore[attr-defined]
+            self.accepted_total += 1
+            if message_id in self.orphans:  # its receipt came first
+                self.orphans.discard(message_id)
+                self.matched.add(message_id)
+            else:
+                self.pending.add(message_id)
+            if self.interval is not None:
+                self.resp_at.append(now)
+                self.resp_lat.append(now - sent)
+                self.sent_of[message_id] = sent
             if self.win.inside(sent):
                 self.resp_latency.append(now - sent)
-                message_id: str = resp.message_id  # type: ignore[attr-defined]
                 early = self.early.pop(message_id, None)
                 if early is not None:
                     self.receipt_latency.append(early - sent)
@@ -222,6 +253,20 @@ class Generator:
         if not message_id:
             self.receipts_unknown += 1
             return
+        if message_id in self.pending:
+            self.pending.discard(message_id)
+            self.matched.add(message_id)
+        elif message_id in self.matched:
+            self.duplicate_receipts += 1
+        elif message_id in self.orphans:
+            self.duplicate_receipts += 1
+        else:
+            self.orphans.add(message_id)
+        if self.interval is not None:
+            at = self.sent_of.pop(message_id, None)
+            if at is not None:
+                self.rcpt_at.append(now)
+                self.rcpt_lat.append(now - at)
         sent = self.awaiting.pop(message_id, None)
         if sent is not None:
             self.receipt_latency.append(now - sent)
@@ -268,13 +313,30 @@ class Generator:
             self._tick.cancel()
         window_backlog = len(self.backlog)
         self.backlog.clear()
-        # Drain: answers for what is in flight, receipts for what was submitted in the window.
-        deadline = clock() + a.drain
-        for _ in range(int(a.drain / 0.05) + 1):  # polled: bounded by --drain
+        # Drain: answers for what is in flight, receipts for what was submitted in the window;
+        # then (settle) receipts for everything accepted in the whole run.
+        stopped = clock()
+        deadline = stopped + a.drain
+        settle = a.drain if a.settle is None else max(a.drain, a.settle)
+        settle_deadline = stopped + settle
+        drained_at = settled_at = stalled_at = None
+        last_progress, last_receipts = stopped, self.receipts_total
+        for _ in range(int(settle / 0.05) + 2):  # polled: bounded by --settle/--drain
+            now = clock()
             busy = any(b.session.in_flight for b in self.binds if b.is_open) or self.awaiting
-            if not busy or clock() >= deadline:
+            if drained_at is None and (not busy or now >= deadline):
+                drained_at = now
+            if settled_at is None and not busy and not self.pending:
+                settled_at = now
+            if self.receipts_total != last_receipts:
+                last_progress, last_receipts = now, self.receipts_total
+            elif drained_at is not None and now - last_progress >= STALL:
+                stalled_at = now  # nothing has come for STALL seconds: nothing more will
+            if (drained_at is not None and (settled_at is not None or a.settle is None)) \
+                    or stalled_at is not None or now >= settle_deadline:
                 break
             await asyncio.sleep(0.05)
+        settle_end = clock()
         self._closing = True
         await asyncio.gather(*(b.unbind(timeout=2.0) for b in self.binds), return_exceptions=True)
         duration = self.win.end - self.win.start
@@ -325,8 +387,63 @@ class Generator:
                 "timeouts_or_lost": self.timeouts,
                 "lost_connections": self.lost_connections,
             },
+            "lifecycle": {
+                "accepted": self.accepted_total,
+                "receipted": len(self.matched),
+                "lost": len(self.pending),
+                "duplicate_receipts": self.duplicate_receipts,
+                "receipts_for_unknown_ids": len(self.orphans),
+                "settle_limit_s": settle,
+                "settled": not self.pending,
+                "settled_after_s": None if settled_at is None
+                else round(settled_at - stopped, 3),
+                "waited_s": round(settle_end - stopped, 3),
+                "stalled": stalled_at is not None,  # gave up: no receipt for STALL s
+                "lost_sample": sorted(self.pending)[:20],
+            },
+            "intervals": self.interval_stats(),
             "series": self.series.as_dict(),
             "problems": self.errors[:20],
+        }
+
+    def interval_stats(self) -> dict[str, Any] | None:
+        """--interval: latency per interval (by completion time, seconds since t0), and
+        over the first and last ``edge`` seconds of the measured window."""
+        if self.interval is None:
+            return None
+        step = self.interval
+
+        def split(at: array[float], lat: array[float]) -> dict[int, list[float]]:
+            out: dict[int, list[float]] = {}
+            for t, v in zip(at, lat, strict=True):
+                out.setdefault(int((t - self.t0) // step), []).append(v)
+            return out
+
+        resp, rcpt = split(self.resp_at, self.resp_lat), split(self.rcpt_at, self.rcpt_lat)
+        rows = []
+        for i in range(max([*resp, *rcpt], default=-1) + 1):
+            r, d = summarize(resp.get(i, [])), summarize(rcpt.get(i, []))
+            rows.append({"t_s": round((i + 1) * step, 3), "accepted": r["count"],
+                         "resp_p50_ms": r["p50_ms"], "resp_p99_ms": r["p99_ms"],
+                         "resp_max_ms": r["max_ms"], "receipts": d["count"],
+                         "receipt_p50_ms": d["p50_ms"], "receipt_p99_ms": d["p99_ms"],
+                         "receipt_max_ms": d["max_ms"]})
+        m0, m1 = self.win.start, self.win.end
+        edge = min(60.0, (m1 - m0) / 4)
+
+        def between(at: array[float], lat: array[float], a: float, b: float) -> dict[str, Any]:
+            return summarize([v for t, v in zip(at, lat, strict=True) if a <= t < b])
+
+        return {
+            "interval_s": step,
+            "rows": rows,
+            "edge_s": edge,
+            "first": {"from_s": round(m0 - self.t0, 3),
+                      "resp": between(self.resp_at, self.resp_lat, m0, m0 + edge),
+                      "receipt": between(self.rcpt_at, self.rcpt_lat, m0, m0 + edge)},
+            "last": {"from_s": round(m1 - edge - self.t0, 3),
+                     "resp": between(self.resp_at, self.resp_lat, m1 - edge, m1),
+                     "receipt": between(self.rcpt_at, self.rcpt_lat, m1 - edge, m1)},
         }
 
 
@@ -356,6 +473,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=0.0)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--drain", type=float, default=10.0)
+    p.add_argument("--settle", type=float, default=None,
+                   help="after the load: wait up to S s for a receipt of every accepted id")
+    p.add_argument("--interval", type=float, default=None,
+                   help="latency percentiles per S-second interval (soak)")
     p.add_argument("--to", default="4512345678", help="destination (E.164 digits, TON 1)")
     p.add_argument("--source", default="Bench", help="alphanumeric sender id")
     p.add_argument("--output", type=Path, required=True)
@@ -382,8 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     w = result["window"]
+    lc = result["lifecycle"]
     print(f"smpp_load: accepted {w['accepted_per_s']:.0f}/s, receipts {w['receipts_per_s']:.0f}/s,"
-          f" errors {w['errors'] or 'none'}", flush=True)
+          f" errors {w['errors'] or 'none'}; whole run: accepted {lc['accepted']}, receipted"
+          f" {lc['receipted']}, lost {lc['lost']}, duplicate receipts"
+          f" {lc['duplicate_receipts']}", flush=True)
     return 0
 
 

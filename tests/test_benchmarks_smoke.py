@@ -1,4 +1,6 @@
-"""Smoke check of ``python -m benchmarks run``: the quick smpp-e2e scenario, 2 seconds.
+"""Smoke check of ``python -m benchmarks run``: the quick smpp-e2e scenario, 2 seconds, plus
+checks of the scenario table and of the load generator's loss bookkeeping that start no
+process (soak and jasmin-compare are never run here).
 
 It starts carrier simulators, the router and the SMPP load generator as subprocesses on
 loopback, in a fresh database on the server of ROUTER_TEST_DATABASE_URL (``make test``
@@ -65,6 +67,9 @@ def test_quick_smpp_e2e_benchmark_runs_and_stops_everything(tmp_path: Path) -> N
     assert result["router"]["cpu_s"] is not None and result["router"]["peak_rss_mb"] > 0
     assert result["machine"]["cores"] and result["machine"]["python"]
     assert result["database"]["dropped"] is True
+    lifecycle = result["lifecycle"]  # every accepted id receipted after the load stopped
+    assert lifecycle["accepted"] > 0 and lifecycle["lost"] == 0, lifecycle
+    assert lifecycle["receipted"] == lifecycle["accepted"]
     assert "smpp-e2e" in output  # the table was printed
 
     pids = result["pids"]
@@ -72,3 +77,68 @@ def test_quick_smpp_e2e_benchmark_runs_and_stops_everything(tmp_path: Path) -> N
     assert result["processes_left"] == []
     still = {name: pid for name, pid in pids.items() if _alive(pid)}
     assert not still, f"processes left running: {still}"
+
+
+def _runner():  # type: ignore[no-untyped-def]
+    import importlib
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return importlib.import_module("benchmarks.runner")
+
+
+def test_scenario_table_default_set_and_configs() -> None:
+    r = _runner()
+    # soak (10 min) and jasmin-compare (external services) run only when named
+    assert "soak" not in r.DEFAULT_SET and "jasmin-compare" not in r.DEFAULT_SET
+    for name in ("smpp-e2e-memory", "overload", "carrier-flap"):
+        assert name in r.DEFAULT_SET
+    memory = r.router_toml(r.SCENARIOS["smpp-e2e-memory"], [1, 2])
+    assert 'guarantee = "in-memory"' in memory
+    over = r.SCENARIOS["overload"]
+    toml = r.router_toml(over, [1, 2])
+    assert f"tps = {r.OVERLOAD_CARRIER_TPS!r}" in toml and "queue_size = 1000" in toml
+    assert over.rate == r.OVERLOAD_FACTOR * 2 * r.OVERLOAD_CARRIER_TPS  # 5x the carriers
+    args = r.parse_args(["overload", "--quick", "--rate", "10"])
+    assert r.scenario_rate(over, args) == over.rate  # --rate does not change overload
+    assert r.scenario_timing(over, args).duration == 5.0
+    flap = r.SCENARIOS["carrier-flap"]
+    assert r.scenario_rate(flap, args) == 10.0
+    assert flap.quick_sim_args == ("--drop-every", "2")
+    assert "--drop-every" in flap.sim_args and "10" in flap.sim_args
+    soak = r.scenario_timing(r.SCENARIOS["soak"], r.parse_args(["soak"]))
+    assert soak.duration == 600.0
+
+
+def test_loadgen_lifecycle_counts_lost_duplicate_and_early_receipts() -> None:
+    from types import SimpleNamespace
+
+    _runner()
+    from benchmarks.smpp_load import Generator, parse_args
+
+    gen = Generator(parse_args(["--port", "1", "--output", "/dev/null", "--rate", "1"]))
+
+    class Bind:
+        sent_at: dict[int, float] = {}
+        is_open = False
+
+    def resp(mid: str) -> None:
+        gen.on_resp(Bind(), SimpleNamespace(status=0, message_id=mid),  # type: ignore[arg-type]
+                    SimpleNamespace(sequence=1))  # type: ignore[arg-type]
+
+    def receipt(mid: str) -> None:
+        gen.on_receipt(SimpleNamespace(tlv_str=lambda tag: mid))  # type: ignore[arg-type]
+
+    resp("a")
+    resp("b")
+    resp("c")
+    receipt("a")
+    receipt("a")  # duplicate
+    receipt("d")  # before its submit_sm_resp
+    resp("d")
+    receipt("x")  # never accepted
+    assert gen.accepted_total == 4
+    assert gen.matched == {"a", "d"}
+    assert gen.pending == {"b", "c"}  # lost if no receipt comes
+    assert gen.duplicate_receipts == 1
+    assert gen.orphans == {"x"}
