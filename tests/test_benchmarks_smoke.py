@@ -35,13 +35,25 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_quick_smpp_e2e_benchmark_runs_and_stops_everything(tmp_path: Path) -> None:
-    if not (os.environ.get("ROUTER_BENCH_DATABASE_URL")
-            or os.environ.get("ROUTER_TEST_DATABASE_URL")):
+    if not (
+        os.environ.get("ROUTER_BENCH_DATABASE_URL") or os.environ.get("ROUTER_TEST_DATABASE_URL")
+    ):
         pytest.skip("ROUTER_TEST_DATABASE_URL is not set: run the suite with `make test`")
-    argv = [sys.executable, "-m", "benchmarks", "run", "smpp-e2e", "--quick",
-            "--duration", "2", "--output-dir", str(tmp_path)]
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "run",
+        "smpp-e2e",
+        "--quick",
+        "--duration",
+        "2",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.Popen(
+        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         output, _ = proc.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -123,8 +135,11 @@ def test_loadgen_lifecycle_counts_lost_duplicate_and_early_receipts() -> None:
         is_open = False
 
     def resp(mid: str) -> None:
-        gen.on_resp(Bind(), SimpleNamespace(status=0, message_id=mid),  # type: ignore[arg-type]
-                    SimpleNamespace(sequence=1))  # type: ignore[arg-type]
+        gen.on_resp(
+            Bind(),
+            SimpleNamespace(status=0, message_id=mid),  # type: ignore[arg-type]
+            SimpleNamespace(sequence=1),
+        )  # type: ignore[arg-type]
 
     def receipt(mid: str) -> None:
         gen.on_receipt(SimpleNamespace(tlv_str=lambda tag: mid))  # type: ignore[arg-type]

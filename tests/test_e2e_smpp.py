@@ -9,7 +9,6 @@ carrier's receipt comes back to the client as deliver_sm carrying OUR id.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from typing import Any
 
@@ -18,64 +17,7 @@ import smpplib.consts
 import smpplib.gsm
 
 from router.sim import SimConfig
-
-
-class SmpplibClient:
-    """smpplib runs its own blocking read loop; keep it in a thread."""
-
-    def __init__(self, port: int, system_id: str = "acme", password: str = "acme-pw1") -> None:
-        self.client = smpplib.client.Client(
-            "127.0.0.1", port, timeout=10, allow_unknown_opt_params=True
-        )
-        self.sent: list[Any] = []
-        self.receipts: list[Any] = []
-        self.client.set_message_sent_handler(lambda pdu: self.sent.append(pdu))
-        self.client.set_message_received_handler(self._received)
-        self.system_id = system_id
-        self.password = password
-        self.thread: threading.Thread | None = None
-
-    def _received(self, pdu: Any) -> None:
-        self.receipts.append(pdu)
-
-    def bind_transceiver(self) -> None:
-        self.client.connect()
-        self.client.bind_transceiver(system_id=self.system_id, password=self.password)
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        try:
-            self.client.listen()
-        except Exception:
-            pass
-
-    def submit(self, dest: str, text: str, **kw: Any) -> Any:
-        parts, coding, esm = smpplib.gsm.make_parts(text)
-        for part in parts:
-            self.client.send_message(
-                source_addr_ton=smpplib.consts.SMPP_TON_ALNUM,
-                source_addr="Acme",
-                dest_addr_ton=smpplib.consts.SMPP_TON_INTL,
-                dest_addr_npi=smpplib.consts.SMPP_NPI_ISDN,
-                destination_addr=dest,
-                short_message=part,
-                data_coding=coding,
-                esm_class=esm,
-                registered_delivery=True,
-                **kw,
-            )
-        return len(parts)
-
-    def close(self) -> None:
-        try:
-            self.client.unbind()
-        except Exception:
-            pass
-        try:
-            self.client.disconnect()
-        except Exception:
-            pass
+from tests.smpplib_client import Smpplib
 
 
 async def wait_for(cond: Any, timeout: float = 10.0) -> None:
@@ -91,8 +33,8 @@ async def test_smpplib_submit_routes_by_country_and_gets_receipt_with_our_id(
     stack_factory: Any,
 ) -> None:
     stack = await stack_factory()
-    client = SmpplibClient(stack.smpp_port)
-    await asyncio.to_thread(client.bind_transceiver)
+    client = Smpplib(stack.smpp_port)
+    await asyncio.to_thread(client.bind, "transceiver")
     try:
         await asyncio.to_thread(client.submit, "+4512345678", "Hello Denmark")
         await asyncio.to_thread(client.submit, "+14155552671", "Hello US")
@@ -110,9 +52,9 @@ async def test_smpplib_submit_routes_by_country_and_gets_receipt_with_our_id(
         assert stack.sims["sim-eu"].received[0].destination == "4512345678"
         assert stack.sims["sim-world"].received[0].destination == "14155552671"
         # Receipts come back with OUR ids, not the carrier's.
-        await wait_for(lambda: len(client.receipts) == 2)
+        await wait_for(lambda: len(client.delivers) == 2)
         receipted = set()
-        for r in client.receipts:
+        for r in client.delivers:
             assert r.esm_class & 0x04
             text = r.short_message.decode()
             assert "stat:DELIVRD" in text
@@ -130,11 +72,11 @@ async def test_smpplib_submit_routes_by_country_and_gets_receipt_with_our_id(
 
 async def test_traffic_log_row_and_final_event_are_written(stack_factory: Any, db: Any) -> None:
     stack = await stack_factory()
-    client = SmpplibClient(stack.smpp_port)
-    await asyncio.to_thread(client.bind_transceiver)
+    client = Smpplib(stack.smpp_port)
+    await asyncio.to_thread(client.bind, "transceiver")
     try:
         await asyncio.to_thread(client.submit, "+4512345678", "logged text")
-        await wait_for(lambda: len(client.receipts) == 1)
+        await wait_for(lambda: len(client.delivers) == 1)
         msg_id = client.sent[0].message_id.decode()
 
         async def rows() -> tuple[Any, list[str]]:
@@ -164,7 +106,7 @@ async def test_traffic_log_row_and_final_event_are_written(stack_factory: Any, d
 
 async def test_bad_password_is_refused_with_rinvpaswd(stack_factory: Any) -> None:
     stack = await stack_factory()
-    client = SmpplibClient(stack.smpp_port, password="wrong")
+    client = Smpplib(stack.smpp_port, password="wrong")
     try:
         await asyncio.to_thread(client.client.connect)
         try:
@@ -183,12 +125,12 @@ async def test_carrier_rejection_becomes_failed_receipt(stack_factory: Any) -> N
     stack = await stack_factory(
         sims={"sim-eu": SimConfig(port=0, reject_ratio=1.0), "sim-world": SimConfig(port=0)}
     )
-    client = SmpplibClient(stack.smpp_port)
-    await asyncio.to_thread(client.bind_transceiver)
+    client = Smpplib(stack.smpp_port)
+    await asyncio.to_thread(client.bind, "transceiver")
     try:
         await asyncio.to_thread(client.submit, "+4512345678", "will fail")
-        await wait_for(lambda: len(client.receipts) == 1)
-        text = client.receipts[0].short_message.decode()
+        await wait_for(lambda: len(client.delivers) == 1)
+        text = client.delivers[0].short_message.decode()
         assert "stat:UNDELIV" in text
         assert client.sent[0].status == 0  # accepted first, failed later
     finally:

@@ -1,6 +1,7 @@
 """The secret canary (privacy.md 2): secret messages with unique markers,
-over SMPP and over HTTP with a webhook, go through the router the hard way (throttling and retries, a carrier that
-rejects, receipts, a restart with messages still in the spool), and then
+over SMPP and over HTTP with a webhook, go through the router the hard way
+(throttling and retries, a carrier that rejects, receipts, a restart with
+messages still in the spool), and then
 nothing that outlives delivery may contain a marker or a destination:
 every table of the database (every row as text), the PostgreSQL data
 directory files (WAL included), the router's log output, /metrics, the

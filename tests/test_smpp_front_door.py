@@ -17,7 +17,6 @@ and receipt); parts are not reassembled.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +46,7 @@ from router.smpp.pdu import (
     decode,
 )
 from tests.esme import connect
+from tests.smpplib_client import Smpplib
 
 DK = "+4512345678"  # routed to sim-eu
 US = "+14155552671"  # routed to the default, sim-world
@@ -181,70 +181,6 @@ def status_of(resp: Pdu) -> str:
 
 # ------------------------------------------------------------- smpplib interop
 
-
-class Smpplib:
-    """An smpplib client; its blocking read loop runs in a thread."""
-
-    def __init__(self, port: int, system_id: str = "acme", password: str = "acme-pw1") -> None:
-        self.client = smpplib.client.Client(
-            "127.0.0.1", port, timeout=10, allow_unknown_opt_params=True
-        )
-        self.resps: list[Any] = []
-        self.delivers: list[Any] = []
-        self.client.set_message_sent_handler(lambda pdu: self.resps.append(pdu))
-        self.client.set_message_received_handler(lambda pdu: self.delivers.append(pdu))
-        self.system_id = system_id
-        self.password = password
-        self.thread: threading.Thread | None = None
-
-    def bind(self, kind: str) -> None:
-        self.client.connect()
-        getattr(self.client, f"bind_{kind}")(system_id=self.system_id, password=self.password)
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        try:
-            self.client.listen()
-        except Exception:
-            pass
-
-    def submit(self, dest: str, text: str) -> int:
-        parts, coding, esm = smpplib.gsm.make_parts(text)
-        for part in parts:
-            self.client.send_message(
-                source_addr_ton=smpplib.consts.SMPP_TON_ALNUM,
-                source_addr="Acme",
-                dest_addr_ton=smpplib.consts.SMPP_TON_INTL,
-                dest_addr_npi=smpplib.consts.SMPP_NPI_ISDN,
-                destination_addr=dest,
-                short_message=part,
-                data_coding=coding,
-                esm_class=esm,
-                registered_delivery=True,
-            )
-        return len(parts)
-
-    def receipted_ids(self) -> list[str]:
-        out = []
-        for d in self.delivers:
-            rid = d.receipted_message_id
-            out.append(rid.decode() if isinstance(rid, bytes) else str(rid))
-        return out
-
-    def close(self) -> None:
-        try:
-            self.client.unbind()
-        except Exception:
-            pass
-        try:
-            self.client.disconnect()
-        except Exception:
-            pass
-        if self.thread is not None:
-            self.thread.join(timeout=5)
-
-
 GSM_TEXT = "Hello from Acme, your code is 1234"
 UCS2_TEXT = "Grüße aus Kopenhagen \U0001f600"
 LONG_TEXT = ("Part text " * 40)[:400]  # 400 GSM characters: 3 parts of <= 153
@@ -258,9 +194,9 @@ async def _interop(stack: Any, tx: Smpplib, rx: Smpplib) -> None:
     parts = await asyncio.to_thread(tx.submit, DK, LONG_TEXT)
     assert parts == 3
     n += parts
-    await until(lambda: len(tx.resps) == n, what="submit_sm_resp for every submit")
-    assert [r.status for r in tx.resps] == [0] * n
-    ids = [r.message_id.decode() for r in tx.resps]
+    await until(lambda: len(tx.sent) == n, what="submit_sm_resp for every submit")
+    assert [r.status for r in tx.sent] == [0] * n
+    ids = [r.message_id.decode() for r in tx.sent]
     assert len(set(ids)) == n  # every part has its own id (parts are not reassembled)
 
     await until(lambda: eu.received_count() == n, what="carrier got every part")
