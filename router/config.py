@@ -83,6 +83,8 @@ class SmppIngressConfig:
     response_timeout: float = 30.0
     receipt_retention: float = 3600.0  # keep receipts for an unbound account this long
     receipt_buffer: int = 100_000
+    reassembly_timeout: float = 30.0  # customer-split parts wait this long for the rest
+    reassembly_max_parts: int = 100_000  # parts held router-wide (0 = no reassembly)
 
 
 @dataclass(slots=True)
@@ -115,6 +117,9 @@ class Config:
     failover_after: float = 5.0  # seconds a carrier may be down before its queue moves
     spool_max_rows: int = 1_000_000
     spool_flush_interval: float = 0.005
+    max_memory_mb: int = 0  # refuse new messages above this RSS (0 = no brake)
+    max_schedule_ahead: float = 30 * 86400.0  # furthest send_at accepted, seconds
+    schedule_poll_interval: float = 0.5  # how often due scheduled messages are released
     smpp: SmppIngressConfig = field(default_factory=SmppIngressConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
@@ -229,6 +234,19 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
         delivery_t, "spool_flush_interval", "delivery.", float, cfg.spool_flush_interval
     )
     cfg.failover_after = _take(delivery_t, "failover_after", "delivery.", float, cfg.failover_after)
+    cfg.max_memory_mb = _take(delivery_t, "max_memory_mb", "delivery.", int, cfg.max_memory_mb)
+    if cfg.max_memory_mb < 0:
+        raise ConfigError("delivery.max_memory_mb: must be >= 0 (0 = no brake)")
+    cfg.max_schedule_ahead = _take(
+        delivery_t, "max_schedule_ahead", "delivery.", float, cfg.max_schedule_ahead
+    )
+    cfg.schedule_poll_interval = _take(
+        delivery_t, "schedule_poll_interval", "delivery.", float, cfg.schedule_poll_interval
+    )
+    if cfg.max_schedule_ahead <= 0 or not 0.05 <= cfg.schedule_poll_interval <= 60:
+        raise ConfigError(
+            "delivery.max_schedule_ahead must be > 0 and schedule_poll_interval 0.05..60 s"
+        )
     if delivery_t:
         raise ConfigError(f"delivery.{sorted(delivery_t)[0]}: unknown key")
 
@@ -243,6 +261,10 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
         setattr(cfg.smpp, name, _take(smpp_t, name, "smpp.", type(default), default))
     if smpp_t:
         raise ConfigError(f"smpp.{sorted(smpp_t)[0]}: unknown key")
+    if not 0 < cfg.smpp.reassembly_timeout <= 3600:
+        raise ConfigError("smpp.reassembly_timeout: must be > 0 and <= 3600 seconds")
+    if cfg.smpp.reassembly_max_parts < 0:
+        raise ConfigError("smpp.reassembly_max_parts: must be >= 0 (0 = no reassembly)")
 
     http_t = data.pop("http", {})
     for name in HttpConfig.__slots__:

@@ -9,7 +9,10 @@ leave through the ``ReceiptSink`` registered for the message's origin.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
+import os
 import random
 import time
 from collections import OrderedDict
@@ -35,6 +38,18 @@ from .store.trafficlog import TrafficLog
 log = structlog.get_logger("router.engine")
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_mb() -> float | None:
+    """This process's resident set size in MiB (Linux), None elsewhere."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE / 1048576
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Rejected(Exception):
     """A message the router will not take, with the answer for each front door."""
 
@@ -55,6 +70,16 @@ class Rejected(Exception):
 
 
 SubmitCallback = Callable[["Delivery | Rejected"], None]
+
+
+def _not_durable() -> Rejected:
+    return Rejected(
+        "not_durable",
+        "the message could not be stored; retry",
+        SmppStatus.ESME_RSYSERR,
+        503,
+        retry_after=1,
+    )
 
 
 class ReceiptSink(Protocol):
@@ -170,6 +195,10 @@ class Engine:
         self._tick: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.account_limits: dict[int, TokenBucket] = {}
+        # Part id -> message id for messages reassembled from customer parts.
+        self.alias: dict[str, str] = {}
+        self.memory_high = False  # RSS above delivery.max_memory_mb: refuse new work
+        self._scheduler: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -177,11 +206,23 @@ class Engine:
         for c in self.carriers.values():
             c.start()
         self._tick = asyncio.get_running_loop().call_later(1.0, self._health_tick)
+        if isinstance(self.spool, PgSpool) and self._scheduler is None:
+            self._scheduler = asyncio.get_running_loop().create_task(
+                self._release_scheduled(), name="scheduler"
+            )
 
     async def stop(self, timeout: float = 5.0) -> None:
         self.accepting = False
         if self._tick is not None:
             self._tick.cancel()
+        if self.memory_high:
+            self.memory_high = False
+            metrics.MEMORY_BRAKE.set(0)
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+            self._scheduler = None
         for c in self.carriers.values():
             await c.stop(timeout)
 
@@ -202,6 +243,14 @@ class Engine:
                 SmppStatus.ESME_RTHROTTLED,
                 503,
                 retry_after=5,
+            )
+        if self.memory_high:
+            raise Rejected(
+                "memory_high",
+                "the router is at its configured memory limit",
+                SmppStatus.ESME_RMSGQFUL,
+                503,
+                retry_after=1,
             )
         if self.optout is not None and self.optout.contains(msg.account_id, msg.destination):
             raise Rejected(
@@ -249,9 +298,17 @@ class Engine:
             )
         return chosen
 
-    def submit(self, msg: Message, done: SubmitCallback) -> None:
+    def submit(self, msg: Message, done: SubmitCallback, *, hold: bool = False) -> None:
         """Take a message: ``done`` gets the Delivery once the message is
-        durable (at-least-once) or at once (in-memory), or a Rejected."""
+        durable (at-least-once) or at once (in-memory), or a Rejected.
+
+        A message with a future ``send_at`` waits in the durable spool
+        (status ``scheduled``) until the scheduler releases it. ``hold``
+        makes it durable without queueing it: the caller releases it later
+        with :meth:`release` (the reassembly of customer-split parts)."""
+        if msg.send_at is not None and msg.send_at > self.wall():
+            self._schedule(msg, done)
+            return
         try:
             carrier = self._admit(msg)
         except Rejected as exc:
@@ -259,26 +316,27 @@ class Engine:
             return
         # Hold the room until the spool answers, so a burst cannot overfill.
         carrier.reserved += msg.parts
+        if hold:
+            msg = dataclasses.replace(msg, held=True)
+
+            def held(ok: bool) -> None:
+                carrier.reserved -= msg.parts
+                done(
+                    Delivery(msg, status=Status.ACCEPTED, updated_at=msg.accepted_at)
+                    if ok
+                    else _not_durable()
+                )
+
+            self.spool.add(msg, held)
+            return
 
         def durable(ok: bool) -> None:
             carrier.reserved -= msg.parts
             if not ok:
-                done(
-                    Rejected(
-                        "not_durable",
-                        "the message could not be stored; retry",
-                        SmppStatus.ESME_RSYSERR,
-                        503,
-                        retry_after=1,
-                    )
-                )
+                done(_not_durable())
                 return
             delivery = self._enqueue(msg, carrier)
-            self.traffic_log.record_message(msg, carrier.name)
-            metrics.child(
-                metrics.ACCEPTED, msg.origin.value, msg.account, msg.country or "ZZ"
-            ).inc()
-            metrics.child(metrics.PARTS_ACCEPTED, msg.origin.value, msg.account).inc(msg.parts)
+            self._log_accepted(msg, carrier.name)
             done(delivery)
 
         self.spool.add(msg, durable)
@@ -307,6 +365,191 @@ class Engine:
             raise r
         return r
 
+    # ------------------------------------------------------- scheduled
+
+    def _schedule(self, msg: Message, done: SubmitCallback) -> None:
+        """A message for later: checked now, kept only in the durable spool."""
+        try:
+            if not isinstance(self.spool, PgSpool):
+                raise Rejected(
+                    "schedule_unavailable",
+                    "scheduled sending needs delivery.guarantee = at-least-once",
+                    SmppStatus.ESME_RINVSCHED,
+                    422,
+                )
+            if msg.secret and self.spool.aead is None:
+                raise Rejected(
+                    "schedule_unavailable",
+                    "scheduled secret messages need a spool key (ROUTER_SPOOL_KEY)",
+                    SmppStatus.ESME_RINVSCHED,
+                    422,
+                )
+            assert msg.send_at is not None
+            if msg.send_at - self.wall() > self.cfg.max_schedule_ahead:
+                raise Rejected(
+                    "schedule_too_far",
+                    "the send time is further ahead than this router keeps messages",
+                    SmppStatus.ESME_RINVSCHED,
+                    422,
+                )
+            if msg.expires_at <= msg.send_at:
+                raise Rejected(
+                    "expires_before_send",
+                    "the message would expire before its send time",
+                    SmppStatus.ESME_RINVEXPIRY,
+                    422,
+                )
+            # Same checks as a message for now, except room in a carrier
+            # queue: that is taken when it falls due.
+            if not self.accepting:
+                raise Rejected(
+                    "draining",
+                    "router is shutting down; retry on another node",
+                    SmppStatus.ESME_RTHROTTLED,
+                    503,
+                    retry_after=5,
+                )
+            if self.optout is not None and self.optout.contains(msg.account_id, msg.destination):
+                raise Rejected(
+                    "opted_out",
+                    "the recipient opted out of this account's messages",
+                    SmppStatus.ESME_ROPTEDOUT,
+                    422,
+                )
+            limit = self.account_limits.get(msg.account_id)
+            if limit is not None and limit.take(self.clock()) > 0:
+                raise Rejected(
+                    "account_rate",
+                    "the account's messages-per-second limit is reached",
+                    SmppStatus.ESME_RTHROTTLED,
+                    429,
+                    retry_after=1,
+                )
+            self.route(msg.destination, msg.country, msg.account)
+            if not self.spool.has_room(1):
+                raise Rejected(
+                    "spool_full",
+                    "the durable spool is full",
+                    SmppStatus.ESME_RMSGQFUL,
+                    429,
+                    retry_after=1,
+                )
+        except Rejected as exc:
+            done(exc)
+            return
+
+        def durable(ok: bool) -> None:
+            if not ok:
+                done(_not_durable())
+                return
+            self._log_accepted(msg, None)
+            self.traffic_log.record_event(msg, "scheduled", None, None, msg.accepted_at)
+            metrics.SCHEDULED_IN.inc()
+            done(Delivery(msg, status=Status.SCHEDULED, updated_at=msg.accepted_at))
+
+        self.spool.add(msg, durable)
+
+    async def _release_scheduled(self) -> None:
+        """Move scheduled messages that fell due from the spool to carriers.
+        A batch at a time, and none while carrier queues are full, so a
+        million messages due at 09:00 cannot blow the memory bound."""
+        assert isinstance(self.spool, PgSpool)
+        interval = self.cfg.schedule_poll_interval
+        counted = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            if not self.accepting:
+                continue
+            room = sum(max(0, c.cfg.queue_size - c.backlog) for c in self.carriers.values())
+            if room <= 0 or self.memory_high:
+                continue
+            try:
+                due = await self.spool.release_due(self.wall(), min(room, 1_000))
+                now = self.clock()
+                if now - counted >= 10.0:
+                    counted = now
+                    metrics.SCHEDULED_WAITING.set(await self.spool.scheduled_count())
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("scheduler_failed", error=type(exc).__name__)
+                continue
+            for msg in due:
+                self.release(msg)
+            if due:
+                metrics.SCHEDULED_OUT.inc(len(due))
+
+    def release(self, msg: Message) -> Delivery:
+        """Queue a durable message that was held (reassembly) or scheduled:
+        route it now, honour an opt-out made since, fail it if it expired."""
+        if msg.id in self.active:
+            return self.active[msg.id]
+        now = self.wall()
+        names: list[str] = []
+        error: str | None = None
+        status = Status.FAILED
+        try:
+            names = self.route(msg.destination, msg.country, msg.account)
+        except Rejected as exc:
+            error = exc.reason
+        if error is None and self.optout is not None:
+            if self.optout.contains(msg.account_id, msg.destination):
+                error = "opted_out"
+        if error is None and msg.expires_at <= now:
+            error, status = "validity_period_passed", Status.EXPIRED
+        if error is not None:
+            if msg.send_at is None:
+                self._log_accepted(msg, None)
+            d = Delivery(msg, status=Status.ACCEPTED, updated_at=now)
+            self._index(msg)
+            self.active[msg.id] = d
+            self._finish(d, status, error, names[0] if names else "none")
+            return d
+        carriers = [self.carriers[n] for n in names]
+        carrier = (
+            next((c for c in carriers if c.healthy and c.has_room(msg.parts)), None)
+            or next((c for c in carriers if c.healthy), None)
+            or carriers[0]
+        )
+        delivery = self._enqueue(msg, carrier)
+        if msg.send_at is None:
+            # Held parts are logged once, as the message they make up.
+            self._log_accepted(msg, carrier.name)
+        else:
+            self.traffic_log.record_event(msg, "queued", carrier.name, None, now)
+        return delivery
+
+    def _log_accepted(self, msg: Message, carrier: str | None) -> None:
+        self.traffic_log.record_message(msg, carrier)
+        metrics.child(metrics.ACCEPTED, msg.origin.value, msg.account, msg.country or "ZZ").inc()
+        metrics.child(metrics.PARTS_ACCEPTED, msg.origin.value, msg.account).inc(msg.parts)
+
+    async def cancel(self, message_id: str, account_id: int) -> Delivery | None:
+        """Withdraw a scheduled message of this account that is not yet due.
+        None when there is no such message (or it already left)."""
+        if not isinstance(self.spool, PgSpool):
+            return None
+        msg = await self.spool.cancel(message_id, account_id)
+        if msg is None:
+            return None
+        d = Delivery(msg, status=Status.SCHEDULED, updated_at=msg.accepted_at, spooled=False)
+        self.active[msg.id] = d
+        self._finish(d, Status.CANCELED, None, "none")
+        return d
+
+    async def lookup_async(self, message_id: str) -> Delivery | None:
+        """:meth:`lookup`, and failing that a scheduled message in the spool."""
+        d = self.lookup(message_id)
+        if d is not None or not isinstance(self.spool, PgSpool):
+            return d
+        msg = await self.spool.scheduled(message_id)
+        if msg is None:
+            return None
+        return Delivery(msg, status=Status.SCHEDULED, updated_at=msg.accepted_at, spooled=False)
+
+    def _index(self, msg: Message) -> None:
+        for pid in msg.part_ids:
+            if pid != msg.id:
+                self.alias[pid] = msg.id
+
     def _enqueue(self, msg: Message, carrier: Carrier, status: Status = Status.QUEUED) -> Delivery:
         delivery = Delivery(
             msg,
@@ -317,6 +560,8 @@ class Engine:
         )
         carrier.enqueue([Submission(delivery, i) for i in range(msg.parts)], force=True)
         self.active[msg.id] = delivery
+        if msg.part_ids:
+            self._index(msg)
         return delivery
 
     def resume(self, messages: list[Message]) -> int:
@@ -334,10 +579,14 @@ class Engine:
                 self.carriers[names[0]],
             )
             self._enqueue(msg, carrier)
+            if msg.held:
+                # A held part was not logged before the crash: it goes alone now.
+                self._log_accepted(msg, carrier.name)
             n += 1
         return n
 
     def lookup(self, message_id: str) -> Delivery | None:
+        message_id = self.alias.get(message_id, message_id)
         d = self.active.get(message_id)
         if d is not None:
             return d
@@ -357,7 +606,7 @@ class Engine:
         d.parts_taken += 1
         if d.parts_taken == d.message.parts and d.spooled:
             d.spooled = False
-            self.spool.taken(d.message.id)
+            self._taken(d.message)
         if d.status is Status.QUEUED:
             d.status = Status.SUBMITTED
             now = self.wall()
@@ -468,7 +717,7 @@ class Engine:
         msg = d.message
         if d.spooled:
             d.spooled = False
-            self.spool.taken(msg.id)
+            self._taken(msg)
         metrics.child(metrics.FINAL, carrier, status.value).inc()
         metrics.child(metrics.DELIVERY_LATENCY, carrier).observe(max(0.0, now - msg.accepted_at))
         self.traffic_log.record_event(msg, status.value, carrier, error, now)
@@ -476,9 +725,22 @@ class Engine:
         if sink is not None:
             sink.deliver(d)
         self.active.pop(msg.id, None)
-        self.recent[msg.id] = _summary(d)
-        if len(self.recent) > self.recent_limit:
+        summary = _summary(d)
+        self.recent[msg.id] = summary
+        for pid in msg.part_ids:
+            # Each part id answers query_sm on its own once the alias is gone.
+            self.alias.pop(pid, None)
+            self.recent[pid] = summary
+        while len(self.recent) > self.recent_limit:
             self.recent.popitem(last=False)
+
+    def _taken(self, msg: Message) -> None:
+        """The spool rows of a message may go: its own, or its parts'."""
+        if msg.part_ids:
+            for pid in msg.part_ids:
+                self.spool.taken(pid)
+        else:
+            self.spool.taken(msg.id)
 
     # ---------------------------------------------------------- reload
 
@@ -541,8 +803,27 @@ class Engine:
     def _health_tick(self) -> None:
         try:
             self.failover()
+            self.check_memory()
         finally:
             self._tick = asyncio.get_running_loop().call_later(1.0, self._health_tick)
+
+    def check_memory(self) -> None:
+        """delivery.max_memory_mb: above it, new messages are refused
+        (ESME_RMSGQFUL / 503) until RSS falls below 90% of it."""
+        limit = self.cfg.max_memory_mb
+        if limit <= 0:
+            if self.memory_high:  # switched off by a reload
+                self.memory_high = False
+                metrics.MEMORY_BRAKE.set(0)
+            return
+        rss = resident_mb()
+        if rss is None:
+            return
+        was = self.memory_high
+        self.memory_high = rss > limit or (was and rss > 0.9 * limit)
+        if self.memory_high != was:
+            log.warning("memory_brake", engaged=self.memory_high, rss_mb=round(rss), limit_mb=limit)
+            metrics.MEMORY_BRAKE.set(1 if self.memory_high else 0)
 
     def failover(self) -> int:
         """Move queued messages off carriers down for longer than failover_after

@@ -21,19 +21,23 @@ class MessageClass(str, Enum):
 
 class Status(str, Enum):
     ACCEPTED = "accepted"
+    SCHEDULED = "scheduled"  # waiting in the durable spool for its send time
     QUEUED = "queued"
     SUBMITTED = "submitted"
     DELIVERED = "delivered"
     FAILED = "failed"
     EXPIRED = "expired"
     REJECTED = "rejected"
+    CANCELED = "canceled"  # a scheduled message its sender withdrew
 
     @property
     def final(self) -> bool:
         return self in _FINAL
 
 
-_FINAL = frozenset({Status.DELIVERED, Status.FAILED, Status.EXPIRED, Status.REJECTED})
+_FINAL = frozenset(
+    {Status.DELIVERED, Status.FAILED, Status.EXPIRED, Status.REJECTED, Status.CANCELED}
+)
 
 
 class Origin(str, Enum):
@@ -68,6 +72,12 @@ class Message:
     userref: str | None = None
     callback_url: str | None = None
     tlvs: tuple[tuple[int, bytes], ...] = field(default=())
+    send_at: float | None = None  # wall clock; None = send now
+    # Ids the customer was given for the parts of a message it split itself
+    # (SMPP concatenation, reassembled here); () for everything else.
+    part_ids: tuple[str, ...] = field(default=())
+    # A part held for reassembly: logged only when released (see Engine.resume).
+    held: bool = False
 
     @property
     def parts(self) -> int:

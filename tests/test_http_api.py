@@ -178,7 +178,7 @@ async def test_batch_partial_acceptance_reports_each_refusal(
             msg(),  # 0 ok
             msg(**{"from": "WayTooLongSender"}),  # 1 bad sender
             msg(to=[DK, "12"]),  # 2 one bad number: item refused
-            msg(send_at="2030-01-01T00:00:00Z"),  # 3 scheduling unsupported
+            msg(send_at="2030-01-01"),  # 3 send_at without time and offset
             msg(text="x" * 400, max_parts=2),  # 4 too many parts
             "not an object",  # 5
             msg(colour="red"),  # 6 unknown field
@@ -196,7 +196,7 @@ async def test_batch_partial_acceptance_reports_each_refusal(
     expect = {
         1: ("invalid-sender", "from"),
         2: ("invalid-destination", "to"),
-        3: ("unsupported", "send_at"),
+        3: ("invalid-send-at", "send_at"),
         4: ("too-many-parts", "text"),
         5: ("invalid-field", None),
         6: ("invalid-field", "colour"),
@@ -290,8 +290,11 @@ BAD_FIELDS: list[tuple[dict[str, Any], str, str | None]] = [
     ({"labels": {"": "v"}}, "invalid-field", "labels"),
     ({"labels": {"k": 1}}, "invalid-field", "labels"),
     ({"labels": ["a"]}, "invalid-field", "labels"),
-    ({"send_at": "2030-01-01T00:00:00Z"}, "unsupported", "send_at"),
-    ({"send_at": None}, "unsupported", "send_at"),
+    ({"send_at": "2030-01-01"}, "invalid-send-at", "send_at"),
+    ({"send_at": "2030-01-01T00:00:00"}, "invalid-send-at", "send_at"),  # no offset
+    ({"send_at": "tomorrow"}, "invalid-send-at", "send_at"),
+    ({"send_at": None}, "invalid-send-at", "send_at"),
+    ({"send_at": 1767225600}, "invalid-send-at", "send_at"),
     ({"priority": 1}, "invalid-field", "priority"),
 ]
 

@@ -82,6 +82,7 @@ CSTR_LIMITS: dict[str, dict[str, int]] = {
     "DataSm": {"service_type": 6, "source_addr": 65, "destination_addr": 65},
     "QuerySm": {"message_id": 65, "source_addr": 21},
     "QuerySmResp": {"message_id": 65, "final_date": 17},
+    "CancelSm": {"service_type": 6, "message_id": 65, "source_addr": 21, "destination_addr": 21},
 }
 
 
@@ -140,7 +141,7 @@ def _ok_status(exc: RemoteProtocolError) -> None:
 
 
 def test_registry_is_consistent() -> None:
-    assert len(PDU_CLASSES) == 19
+    assert len(PDU_CLASSES) == 21
     for command_id, cls in PDU_CLASSES.items():
         assert cls.command_id == command_id
         assert CommandId(command_id).name.lower() == cls().name

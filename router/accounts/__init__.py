@@ -23,7 +23,12 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from ..model import MessageClass
 from ..smpp.constants import Status
 
-_HASHER = PasswordHasher()
+# argon2id at OWASP's recommended cost (19 MiB, 2 passes, 1 lane): a 64 MiB
+# default let a burst of bad-password binds (6 verifications at once on the
+# default thread pool) push RSS up by ~400 MB. Older hashes keep verifying
+# with the parameters they carry. At most VERIFY_SLOTS run at once.
+_HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
+VERIFY_SLOTS = 2
 # A hash to verify against when the system_id is unknown, so that "no such
 # account" and "wrong password" take the same time.
 _DUMMY_HASH = _HASHER.hash(secrets.token_hex(16))
@@ -90,6 +95,7 @@ class AccountStore:
         self.keys_by_prefix: dict[str, list[ApiKey]] = {}
         self._verified: dict[bytes, int] = {}
         self._verifying: dict[bytes, asyncio.Future[bool]] = {}
+        self._slots: asyncio.Semaphore | None = None  # created in the running loop
 
     async def load(self, pool: asyncpg.Pool) -> None:
         rows = await pool.fetch("SELECT * FROM accounts")
@@ -134,7 +140,7 @@ class AccountStore:
 
     async def _verify(self, stored_hash: str | None, secret: str) -> bool:
         if stored_hash is None:
-            await asyncio.to_thread(_safe_verify, _DUMMY_HASH, secret)
+            await self._slot_verify(_DUMMY_HASH, secret)
             return False
         fp = self._fingerprint(stored_hash, secret)
         if fp in self._verified:
@@ -143,7 +149,7 @@ class AccountStore:
         # pool reconnecting after a restart) share one argon2 run.
         running = self._verifying.get(fp)
         if running is None:
-            running = asyncio.ensure_future(asyncio.to_thread(_safe_verify, stored_hash, secret))
+            running = asyncio.ensure_future(self._slot_verify(stored_hash, secret))
             self._verifying[fp] = running
             running.add_done_callback(lambda _f: self._verifying.pop(fp, None))
         ok = await asyncio.shield(running)
@@ -152,6 +158,12 @@ class AccountStore:
                 self._verified.clear()
             self._verified[fp] = 1
         return ok
+
+    async def _slot_verify(self, stored_hash: str, secret: str) -> bool:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(VERIFY_SLOTS)
+        async with self._slots:
+            return await asyncio.to_thread(_safe_verify, stored_hash, secret)
 
     async def authenticate_bind(self, system_id: str, password: str, ip: str | None) -> Account:
         """The account for an SMPP bind, or AuthError with the SMPP status."""

@@ -33,7 +33,7 @@ from yarl import URL
 from ..accounts import Account, AccountStore, ApiKey
 from ..config import Config
 from ..engine import Engine, Rejected
-from ..model import Delivery, Message, MessageClass, Origin, new_message_id
+from ..model import Delivery, Message, MessageClass, Origin, Status, new_message_id
 from ..observe import metrics
 from ..text.segment import Encoded, encode_text, part_count, split
 from . import openapi as api
@@ -64,6 +64,12 @@ _FIELDS = frozenset(
     }
 )
 _ENCODINGS = {0x00: "gsm7", 0x08: "ucs2"}
+# The field at fault for engine refusals that are not about the recipient.
+_REFUSAL_FIELD = {
+    "schedule_too_far": "send_at",
+    "schedule_unavailable": "send_at",
+    "expires_before_send": "validity_seconds",
+}
 _MAX_KEY_LEN = 512  # longer bearer tokens are refused before any hashing
 _YIELD_EVERY = 1000  # accepts between event-loop yields in a large batch
 
@@ -465,6 +471,7 @@ class Draft:
     segments: tuple[bytes, ...]
     text: str
     validity: int
+    send_at: float | None
     userref: str | None
     callback_url: str | None
     labels: dict[str, str] | None
@@ -477,8 +484,7 @@ def _check_item(engine: Engine, account: Account, index: int, item: Any) -> Draf
     if unknown:
         name = sorted(unknown)[0]
         raise BadItem("invalid-field", name, f"unknown field '{name}'")
-    if "send_at" in item:
-        raise BadItem("unsupported", "send_at", "scheduled sending is not available yet")
+    send_at = _send_at(item.get("send_at")) if "send_at" in item else None
     to = item.get("to")
     if isinstance(to, str):
         to = [to]
@@ -583,10 +589,28 @@ def _check_item(engine: Engine, account: Account, index: int, item: Any) -> Draf
         segments=segments,
         text=text,
         validity=validity,
+        send_at=send_at,
         userref=userref,
         callback_url=callback,
         labels=dict(labels) if labels else None,
     )
+
+
+def _send_at(value: Any) -> float:
+    """RFC 3339 date-time with an explicit offset -> epoch seconds."""
+    if not isinstance(value, str) or len(value) > 40:
+        raise BadItem("invalid-send-at", "send_at", "an RFC 3339 date-time with an offset")
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None or "T" not in value.upper():
+        raise BadItem(
+            "invalid-send-at",
+            "send_at",
+            "an RFC 3339 date-time with an offset, e.g. 2026-12-01T09:00:00Z",
+        )
+    return when.timestamp()
 
 
 def _error(
@@ -782,9 +806,10 @@ async def _submit(
                 text=None if secret else d.text,
                 registered_delivery=1,
                 accepted_at=now,
-                expires_at=now + d.validity,
+                expires_at=max(now, d.send_at or now) + d.validity,
                 userref=d.userref,
                 callback_url=d.callback_url,
+                send_at=d.send_at if d.send_at is not None and d.send_at > now else None,
             )
             fut: asyncio.Future[Delivery | Rejected] = loop.create_future()
             engine.submit(msg, functools.partial(_settle, fut))
@@ -803,22 +828,29 @@ async def _submit(
                 if throttled is None or result.http_status == 503:
                     throttled = result
             errors.append(
-                _error(d.index, _slug(result.reason), "to", result.detail, None if single else r)
+                _error(
+                    d.index,
+                    _slug(result.reason),
+                    _REFUSAL_FIELD.get(result.reason, "to"),
+                    result.detail,
+                    None if single else r,
+                )
             )
             refused += 1
             continue
         if d.labels or msg.secret:
             extras.put(msg.id, _Extra(msg.parts, d.labels))
-        accepted.append(
-            {
-                "index": d.index,
-                "recipient": r,
-                "id": msg.id,
-                "status": "accepted",
-                "parts": msg.parts,
-                "encoding": _ENCODINGS.get(d.enc.data_coding, "other"),
-            }
-        )
+        item = {
+            "index": d.index,
+            "recipient": r,
+            "id": msg.id,
+            "status": "accepted" if result.status is not Status.SCHEDULED else "scheduled",
+            "parts": msg.parts,
+            "encoding": _ENCODINGS.get(d.enc.data_coding, "other"),
+        }
+        if msg.send_at is not None:
+            item["send_at"] = _iso(msg.send_at)
+        accepted.append(item)
     errors.sort(key=lambda e: (e["index"], e.get("recipient", -1)))
     retry_headers = (
         {"Retry-After": str(max(1, int(throttled.retry_after or 1)))}
@@ -856,7 +888,7 @@ async def _submit(
         a = accepted[0]
         return (
             202,
-            {"id": a["id"], "status": "accepted", "parts": a["parts"], "encoding": a["encoding"]},
+            {k: v for k, v in a.items() if k not in ("index", "recipient")},
             None,
         )
     return (
@@ -881,29 +913,64 @@ async def get_message(request: web.Request) -> web.Response:
     except BadRequest as exc:
         return exc.response
     message_id = request.match_info["id"]
-    d = request.app[ENGINE].lookup(message_id) if _MESSAGE_ID.fullmatch(message_id) else None
+    engine = request.app[ENGINE]
+    try:
+        d = await engine.lookup_async(message_id) if _MESSAGE_ID.fullmatch(message_id) else None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return problem(503, "database-unavailable", "retry later", headers={"Retry-After": "5"})
     if d is None or d.message.account_id != account.id:
         # The same answer whether the id exists for another account or not at all.
         return problem(404, "not-found", "no such message for this account")
+    return web.json_response(_status_body(request, d))
+
+
+async def cancel_message(request: web.Request) -> web.Response:
+    """DELETE /v1/messages/{id}: withdraw a scheduled message still waiting."""
+    try:
+        account, _ = await _authenticate(request, "send")
+    except BadRequest as exc:
+        return exc.response
+    message_id = request.match_info["id"]
+    if not _MESSAGE_ID.fullmatch(message_id):
+        return problem(404, "not-found", "no such message for this account")
+    engine = request.app[ENGINE]
+    try:
+        d = await engine.cancel(message_id, account.id)
+        if d is None:
+            d = await engine.lookup_async(message_id)
+            if d is None or d.message.account_id != account.id:
+                return problem(404, "not-found", "no such message for this account")
+            return problem(
+                409,
+                "not-cancelable",
+                f"the message is {d.status.value}; only a scheduled message can be canceled",
+            )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return problem(503, "database-unavailable", "retry later", headers={"Retry-After": "5"})
+    return web.json_response(_status_body(request, d))
+
+
+def _status_body(request: web.Request, d: Delivery) -> dict[str, Any]:
     m = d.message
     extra = request.app[EXTRAS].get(m.id)
-    return web.json_response(
-        {
-            "id": m.id,
-            "status": d.status.value,
-            "class": m.msg_class.value,
-            "parts": m.parts or (extra.parts if extra else 0),
-            "encoding": _ENCODINGS.get(m.data_coding, "other"),
-            "country": m.country,
-            "carrier": d.carrier,
-            "error": d.error,
-            "userref": m.userref,
-            "labels": extra.labels if extra else None,
-            "accepted_at": _iso(m.accepted_at),
-            "updated_at": _iso(d.updated_at or m.accepted_at),
-            "expires_at": _iso(m.expires_at),
-        }
-    )
+    body = {
+        "id": m.id,
+        "status": d.status.value,
+        "class": m.msg_class.value,
+        "parts": m.parts or (extra.parts if extra else 0),
+        "encoding": _ENCODINGS.get(m.data_coding, "other"),
+        "country": m.country,
+        "carrier": d.carrier,
+        "error": d.error,
+        "userref": None if m.secret and d.status.final else m.userref,
+        "labels": extra.labels if extra else None,
+        "accepted_at": _iso(m.accepted_at),
+        "updated_at": _iso(d.updated_at or m.accepted_at),
+        "expires_at": _iso(m.expires_at),
+    }
+    if m.send_at is not None:
+        body["send_at"] = _iso(m.send_at)
+    return body
 
 
 async def get_openapi(request: web.Request) -> web.Response:
@@ -971,5 +1038,6 @@ def make_api(
     app.cleanup_ctx.append(_idempotency_context(pool, cfg.database_url, purge_every))
     app.router.add_post("/v1/messages", post_messages)
     app.router.add_get("/v1/messages/{id}", get_message, allow_head=False)
+    app.router.add_delete("/v1/messages/{id}", cancel_message)
     app.router.add_get("/v1/openapi.json", get_openapi, allow_head=False)
     return app

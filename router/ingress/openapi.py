@@ -47,6 +47,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "unauthorized": (401, "Missing or invalid API key"),
     "forbidden": (403, "API key lacks the permission"),
     "not-found": (404, "No such resource"),
+    "not-cancelable": (409, "The message is no longer scheduled; it cannot be canceled"),
     "method-not-allowed": (405, "Method not allowed"),
     "idempotency-key-in-progress": (409, "A request with this Idempotency-Key is in progress"),
     "body-too-large": (413, "Request body too large"),
@@ -57,7 +58,10 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "invalid-sender": (422, "Invalid sender"),
     "invalid-text": (422, "Invalid text"),
     "too-many-parts": (422, "Text needs more parts than max_parts"),
-    "unsupported": (422, "Feature not supported"),
+    "invalid-send-at": (422, "send_at is not an RFC 3339 date-time with an offset"),
+    "schedule-too-far": (422, "send_at is further ahead than this router keeps messages"),
+    "schedule-unavailable": (422, "Scheduled sending is not available for this message"),
+    "expires-before-send": (422, "The message would expire before its send time"),
     "no-route": (422, "No route to the destination"),
     "opted-out": (422, "The recipient opted out of this account's messages"),
     "batch-rejected": (422, "No message in the request was accepted"),
@@ -70,6 +74,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "idempotency-unavailable": (503, "Idempotency store unavailable; retry later"),
     "database-unavailable": (503, "Database unavailable; retry later"),
     "not-durable": (503, "The message could not be stored; retry"),
+    "memory-high": (503, "The router is at its memory limit; retry later"),
 }
 
 _DESCRIPTION = (
@@ -124,11 +129,19 @@ kept: a refused request may be retried with the same key.
     )
     + """
 
-**Scheduling** (`send_at`) is not supported yet: any `send_at` answers 422
-`unsupported`.
+**Scheduling**: `send_at` (RFC 3339 with an offset, e.g.
+`2026-12-01T09:00:00+01:00`) in the future makes the message wait in the
+router's durable spool (status `scheduled`) until then; it is sent within
+about a second of that time. A time in the past means "now". At most
+`delivery.max_schedule_ahead` ahead (default 30 days; 422
+`schedule-too-far`). `validity_seconds` counts from `send_at`. A scheduled
+message is checked (sender, route, opt-out, rate) when it is accepted and
+routed when it falls due. `DELETE /v1/messages/{id}` cancels it while it
+still waits (status `canceled`, webhook sent); afterwards 409
+`not-cancelable`.
 
 **Delivery webhooks**: on each final status (delivered, failed, expired,
-rejected) the router POSTs `{"id", "userref", "to", "status", "error",
+rejected, canceled) the router POSTs `{"id", "userref", "to", "status", "error",
 "time"}` to the message's `callback_url`, else the account's webhook URL;
 `to` is omitted for `secret` messages. Header `X-SMSRouter-Signature:
 t=<unix seconds>,v1=<hex HMAC-SHA256(account webhook secret,
@@ -253,7 +266,8 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                 "send_at": {
                     "type": "string",
                     "format": "date-time",
-                    "description": "Not supported yet: any value answers 422 `unsupported`.",
+                    "description": "Send at this time (RFC 3339 with an offset); past = now. "
+                    "The message waits in the durable spool until then.",
                 },
                 "max_parts": {
                     "type": "integer",
@@ -294,9 +308,10 @@ def _schemas(max_batch: int) -> dict[str, Any]:
             "additionalProperties": False,
             "properties": {
                 "id": {"type": "string", "pattern": MESSAGE_ID_PATTERN},
-                "status": {"const": "accepted"},
+                "status": {"enum": ["accepted", "scheduled"]},
                 "parts": {"type": "integer", "minimum": 1},
                 "encoding": {"enum": ["gsm7", "ucs2"]},
+                "send_at": {"type": "string", "format": "date-time"},
             },
         },
         "BatchAccepted": {
@@ -321,9 +336,10 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                             "index": {"type": "integer", "minimum": 0},
                             "recipient": {"type": "integer", "minimum": 0},
                             "id": {"type": "string", "pattern": MESSAGE_ID_PATTERN},
-                            "status": {"const": "accepted"},
+                            "status": {"enum": ["accepted", "scheduled"]},
                             "parts": {"type": "integer", "minimum": 1},
                             "encoding": {"enum": ["gsm7", "ucs2"]},
+                            "send_at": {"type": "string", "format": "date-time"},
                         },
                     },
                 },
@@ -353,12 +369,14 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                 "status": {
                     "enum": [
                         "accepted",
+                        "scheduled",
                         "queued",
                         "submitted",
                         "delivered",
                         "failed",
                         "expired",
                         "rejected",
+                        "canceled",
                     ]
                 },
                 "class": {"enum": ["standard", "secret"]},
@@ -378,6 +396,11 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                 "accepted_at": {"type": "string", "format": "date-time"},
                 "updated_at": {"type": "string", "format": "date-time"},
                 "expires_at": {"type": "string", "format": "date-time"},
+                "send_at": {
+                    "type": "string",
+                    "format": "date-time",
+                    "description": "Present for a scheduled message.",
+                },
             },
         },
         "Problem": {
@@ -406,7 +429,7 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                     "type": "string",
                     "description": "'+' and E.164 digits; omitted for secret messages.",
                 },
-                "status": {"enum": ["delivered", "failed", "expired", "rejected"]},
+                "status": {"enum": ["delivered", "failed", "expired", "rejected", "canceled"]},
                 "error": {"type": ["string", "null"]},
                 "time": {"type": "string", "format": "date-time"},
             },
@@ -523,6 +546,33 @@ def _document(max_batch: int) -> dict[str, Any]:
                         **auth,
                         "404": _problem_response("No such message for this account."),
                         "500": _problem_response("Internal error (no details leave)."),
+                    },
+                },
+                "delete": {
+                    "operationId": "cancelMessage",
+                    "summary": "Cancel a scheduled message that is still waiting",
+                    "parameters": [
+                        {
+                            "name": "id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": MESSAGE_ID_PATTERN},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "Canceled: the message's status (now `canceled`).",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/MessageStatus"}
+                                }
+                            },
+                        },
+                        **auth,
+                        "404": _problem_response("No such message for this account."),
+                        "409": _problem_response("The message is no longer scheduled."),
+                        "500": _problem_response("Internal error (no details leave)."),
+                        "503": _problem_response("Database unavailable.", headers=_RETRY_AFTER),
                     },
                 },
             },

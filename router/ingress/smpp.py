@@ -1,10 +1,17 @@
 """The SMPP front door: an SMSC for customer ESMEs.
 
 Binds authenticate against the account store; submit_sm/data_sm become
-Messages handed to Engine.accept, answered at once with our message id or a
-specific command_status; receipts go back as deliver_sm to a receiver or
+Messages handed to Engine.submit, answered once durable with our message id
+or a specific command_status; receipts go back as deliver_sm to a receiver or
 transceiver bind of the submitting account (round-robin, retried on another
 bind, kept for ``receipt_retention`` seconds when none is bound).
+
+Parts of a message the customer split itself (UDH concatenation or SAR
+TLVs) are answered one by one with their own ids, held by the engine and
+reassembled here (``concat.py``): the whole message is routed once and
+sent to one carrier; each part id gets its own receipt with the message's
+final state. Reassembly is best-effort across a crash (held parts are
+replayed from the spool each on its own); delivery is not.
 
 Logs carry account names, bind types and statuses, never addresses or text.
 """
@@ -14,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import structlog
 
@@ -38,10 +46,11 @@ from ..smpp.constants import (
     Status as Smpp,
 )
 from ..smpp.errors import SmppError
-from ..smpp.pdu import DataSm, DeliverSm, Pdu, QuerySm, SubmitSm, _Bind
+from ..smpp.pdu import CancelSm, DataSm, DeliverSm, Pdu, QuerySm, SubmitSm, _Bind
 from ..smpp.session import Reject, Role, SmppSession
 from ..smpp.transport import ResponseCallback, SmppProtocol
-from ..text.segment import Encoded, decode_payload, parse_udh, split
+from ..text.segment import Concat, Encoded, decode_payload, parse_udh, split
+from .concat import ConcatBuffer, HeldPart, PartRef, combine, fits_one_sms, locate
 from .validate import InvalidField, check_destination, check_sender, parse_smpp_time
 
 log = structlog.get_logger("router.ingress.smpp")
@@ -51,12 +60,14 @@ DEFAULT_VALIDITY = 48 * 3600.0
 MAX_VALIDITY = 7 * 24 * 3600.0
 _MAX_STATE_FOR_STATUS = {
     Status.ACCEPTED: MessageState.ACCEPTED,
+    Status.SCHEDULED: MessageState.ENROUTE,
     Status.QUEUED: MessageState.ENROUTE,
     Status.SUBMITTED: MessageState.ENROUTE,
     Status.DELIVERED: MessageState.DELIVERED,
     Status.FAILED: MessageState.UNDELIVERABLE,
     Status.EXPIRED: MessageState.EXPIRED,
     Status.REJECTED: MessageState.REJECTED,
+    Status.CANCELED: MessageState.DELETED,
 }
 _CODING_UNITS = {0x00: "gsm7", 0x08: "ucs2", 0x03: "latin1"}
 
@@ -111,6 +122,9 @@ class CustomerBind(SmppProtocol):
         elif cid == CommandId.QUERY_SM:
             assert isinstance(pdu, QuerySm)
             self.door.query(self, pdu)
+        elif cid == CommandId.CANCEL_SM:
+            assert isinstance(pdu, CancelSm)
+            self.door.cancel(self, pdu)
         else:
             raise SmppError("operation not supported", Smpp.ESME_RINVCMDID)
 
@@ -199,6 +213,11 @@ class SmppFrontDoor:
         self.accepting = True
         engine.sinks[Origin.SMPP] = self
         self._sweeper: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Customer-split parts waiting for their siblings (held by the engine).
+        self.concat = ConcatBuffer(cfg.smpp.reassembly_timeout, cfg.smpp.reassembly_max_parts)
+        self._concat_timer: asyncio.TimerHandle | None = None
+        self._concat_stopped = False
 
     async def start(self) -> int:
         host, port = self.cfg.smpp_listen
@@ -225,6 +244,16 @@ class SmppFrontDoor:
         for c in list(self.connections):
             if c.transport is not None:
                 c.transport.abort()
+        # Nothing durable stays only in memory: held parts go to the engine
+        # now, before it stops (each on its own: their groups are incomplete).
+        self._concat_stopped = True
+        if self._concat_timer is not None:
+            self._concat_timer.cancel()
+            self._concat_timer = None
+        for group in self.concat.drain():
+            for hp in group.in_order():
+                self._release_alone(hp, "stopping")
+        metrics.CONCAT_HELD.set(0)
 
     # ---------------------------------------------------------------- binds
 
@@ -255,7 +284,7 @@ class SmppFrontDoor:
         account = bind.account
         assert account is not None
         try:
-            msg = self._build(account, pdu)
+            msg, part = self._build(account, pdu)
         except InvalidField as exc:
             status = Smpp.ESME_RINVDSTADR if exc.field == "to" else Smpp.ESME_RINVSRCADR
             metrics.REJECTED.labels("smpp", account.name, f"invalid_{exc.field}").inc()
@@ -266,6 +295,11 @@ class SmppFrontDoor:
             bind.answer(pdu, exc.status)
             return
 
+        # A part is answered as soon as it is durable, never kept waiting for
+        # its siblings (many clients send with a window of 1). Scheduled
+        # parts are not reassembled: each waits for its time on its own.
+        hold = part is not None and msg.send_at is None and self.cfg.smpp.reassembly_max_parts > 0
+
         def done(result: Delivery | Rejected) -> None:
             # The answer goes out only now: after the message is durable.
             if isinstance(result, Rejected):
@@ -275,10 +309,64 @@ class SmppFrontDoor:
                 bind.answer(pdu, result.smpp_status)
             else:
                 bind.answer(pdu, Smpp.ESME_ROK, message_id=result.message.id)
+                if hold:
+                    assert part is not None
+                    self._held(HeldPart(msg, part))
 
-        self.engine.submit(msg, done)
+        self.engine.submit(msg, done, hold=hold)
 
-    def _build(self, account: Account, pdu: SubmitSm | DataSm) -> Message:
+    # ----------------------------------------------------------- reassembly
+
+    def _held(self, hp: HeldPart) -> None:
+        """A part is durable and held by the engine: group it, and release
+        what is complete or cannot wait."""
+        if self._concat_stopped:
+            self._release_alone(hp, "stopping")
+            return
+        out = self.concat.add(hp, self.clock())
+        for alone, reason in out.alone:
+            self._release_alone(alone, reason)
+        if out.combined is not None:
+            self._release(combine(out.combined))
+            metrics.CONCAT_MESSAGES.inc()
+        metrics.CONCAT_HELD.set(self.concat.held)
+        self._arm_concat_timer()
+
+    def _arm_concat_timer(self) -> None:
+        # Deadlines grow with arrival order, so one timer for the oldest
+        # group is enough; it re-arms itself for the next one.
+        if self._concat_timer is not None or self._concat_stopped:
+            return
+        deadline = self.concat.next_deadline()
+        if deadline is None:
+            return
+        self._concat_timer = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - self.clock()), self._concat_expire
+        )
+
+    def _concat_expire(self) -> None:
+        self._concat_timer = None
+        for group in self.concat.expire(self.clock()):
+            for hp in group.in_order():
+                self._release_alone(hp, "timeout")
+        metrics.CONCAT_HELD.set(self.concat.held)
+        self._arm_concat_timer()
+
+    def _release_alone(self, hp: HeldPart, reason: str) -> None:
+        metrics.CONCAT_PARTS_ALONE.labels(reason).inc()
+        self._release(hp.msg)
+
+    def _release(self, msg: Message) -> None:
+        try:
+            self.engine.release(msg)
+        except Exception as exc:  # it stays in the spool: sent after a restart
+            log.error("release_failed", error=type(exc).__name__)
+
+    # ---------------------------------------------------------------- build
+
+    def _build(self, account: Account, pdu: SubmitSm | DataSm) -> tuple[Message, PartRef | None]:
+        """The Message for one submit, and where it sits in a message the
+        customer split itself (None for a whole message)."""
         now = self.wall()
         destination = check_destination(pdu.destination_addr, pdu.dest_addr_ton or 1)
         source, ton, npi = check_sender(pdu.source_addr, pdu.source_addr_ton or None)
@@ -289,10 +377,9 @@ class SmppFrontDoor:
                 scheduled = parse_smpp_time(pdu.schedule_delivery_time, now)
             except ValueError:
                 raise SmppError("bad schedule_delivery_time", Smpp.ESME_RINVSCHED) from None
-            if scheduled is not None and scheduled > now + 1:
-                # Scheduled sending needs the durable spool; refuse clearly
-                # rather than send early.
-                raise SmppError("scheduled delivery not supported", Smpp.ESME_RINVSCHED)
+            # A time in the past (or now) means "send now"; a future one
+            # waits in the durable spool (the engine checks the horizon).
+            send_at = scheduled if scheduled is not None and scheduled > now else None
             try:
                 expires = parse_smpp_time(pdu.validity_period, now)
             except ValueError:
@@ -301,7 +388,9 @@ class SmppFrontDoor:
                 raise SmppError("validity_period in the past", Smpp.ESME_RINVEXPIRY)
         else:
             expires = None
-        expires = min(expires or now + DEFAULT_VALIDITY, now + MAX_VALIDITY)
+            send_at = None
+        start = send_at or now
+        expires = min(expires or start + DEFAULT_VALIDITY, start + MAX_VALIDITY)
         payload = pdu.payload
         if not payload:
             raise SmppError("empty message", Smpp.ESME_RINVMSGLEN)
@@ -317,21 +406,23 @@ class SmppFrontDoor:
         dc = pdu.data_coding
         esm = pdu.esm_class & ESM_UDHI
         coding = _CODING_UNITS.get(dc, "binary")
+        concat: Concat | None = None
+        body_at = 0
         if esm:
-            # The customer split it: one segment, which must be a valid UDH
-            # plus a body that fits one SMS.
+            # The customer built the UDH: one segment, which must be a valid
+            # UDH plus a body that fits one SMS.
             try:
-                _, body = parse_udh(payload)
+                concat, body = parse_udh(payload)
             except ValueError:
                 raise SmppError("malformed UDH", Smpp.ESME_RINVESMCLASS) from None
-            udh_len = len(payload) - len(body)
-            if coding == "gsm7":
-                fits = (udh_len * 8 + 6) // 7 + len(body) <= 160
-            else:
-                fits = len(payload) <= 140
-            if not fits:
+            body_at = len(payload) - len(body)
+            if not fits_one_sms(coding == "gsm7", body_at, len(body)):
                 raise SmppError("segment longer than one SMS", Smpp.ESME_RINVMSGLEN)
+        # A part of a message the customer split (UDH IE or SAR TLVs)?
+        part = locate(payload, concat, body_at, pdu.tlvs, coding == "gsm7")
+        if esm or part is not None:
             segments: tuple[bytes, ...] = (payload,)
+            body = payload[body_at:]
         else:
             # Whatever does not fit one SMS (short_message up to 254 octets or
             # message_payload) is split here into UDH segments.
@@ -373,11 +464,58 @@ class SmppFrontDoor:
             if Tag.USER_MESSAGE_REFERENCE in pdu.tlvs
             else None,
             tlvs=tlvs,
-        )
+            send_at=send_at,
+        ), part
 
     def query(self, bind: CustomerBind, pdu: QuerySm) -> None:
-        assert bind.account is not None
+        hp = self.concat.find(pdu.message_id)
+        if hp is not None:
+            # Held for its siblings: on its way (ENROUTE), not yet at a carrier.
+            held = Delivery(hp.msg, status=Status.QUEUED, updated_at=hp.msg.accepted_at)
+            self._answer_query(bind, pdu, held)
+            return
         d = self.engine.lookup(pdu.message_id)
+        if d is None and self.engine.spool.durable:
+            # Perhaps a scheduled message: those live only in the spool.
+            self._spawn(self._query_spool(bind, pdu))
+            return
+        self._answer_query(bind, pdu, d)
+
+    async def _query_spool(self, bind: CustomerBind, pdu: QuerySm) -> None:
+        try:
+            d = await self.engine.lookup_async(pdu.message_id)
+        except Exception as exc:  # database trouble: a clear failure, not a hang
+            log.warning("query_failed", error=type(exc).__name__)
+            d = None
+        if bind.is_open:
+            self._answer_query(bind, pdu, d)
+
+    def cancel(self, bind: CustomerBind, pdu: CancelSm) -> None:
+        """cancel_sm: withdraws a scheduled message of this account that is
+        not yet due (by message_id; cancelling by address is not offered,
+        as SMPP allows). Anything else -> ESME_RCANCELFAIL."""
+        if not pdu.message_id:
+            bind.answer(pdu, Smpp.ESME_RCANCELFAIL)
+            return
+        self._spawn(self._cancel(bind, pdu))
+
+    async def _cancel(self, bind: CustomerBind, pdu: CancelSm) -> None:
+        assert bind.account is not None
+        try:
+            d = await self.engine.cancel(pdu.message_id, bind.account.id)
+        except Exception as exc:
+            log.warning("cancel_failed", error=type(exc).__name__)
+            d = None
+        if bind.is_open:
+            bind.answer(pdu, Smpp.ESME_ROK if d is not None else Smpp.ESME_RCANCELFAIL)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _answer_query(self, bind: CustomerBind, pdu: QuerySm, d: Delivery | None) -> None:
+        assert bind.account is not None
         if d is None or d.message.account_id != bind.account.id:
             bind.answer(pdu, Smpp.ESME_RQUERYFAIL)
             return
@@ -389,7 +527,8 @@ class SmppFrontDoor:
         bind.answer(
             pdu,
             Smpp.ESME_ROK,
-            message_id=d.message.id,
+            # The id asked about: a part's, when its message was reassembled.
+            message_id=pdu.message_id,
             final_date=final,
             message_state=int(_MAX_STATE_FOR_STATUS[d.status]),
             error_code=0 if d.status is Status.DELIVERED or not d.status.final else 1,
@@ -398,27 +537,31 @@ class SmppFrontDoor:
     # ------------------------------------------------------------- receipts
 
     def deliver(self, d: Delivery) -> None:
-        """ReceiptSink: a message of an SMPP customer reached a final status."""
+        """ReceiptSink: a message of an SMPP customer reached a final status.
+
+        A message reassembled from customer parts gets one receipt per part
+        id (each one SMS: sub:001), all with the message's final state, as
+        part 1's registered_delivery asks."""
         msg = d.message
         want = msg.registered_delivery & 0x03
         if want == 0 or (want == REGDLV_FAILURE and d.status is Status.DELIVERED):
             return
         assert want in (REGDLV_FINAL, REGDLV_FAILURE)
-        pdu = build_receipt(
-            message_id=msg.id,
-            state=_MAX_STATE_FOR_STATUS[d.status],
-            error="000" if d.status is Status.DELIVERED else "001",
-            submitted_at=msg.accepted_at,
-            done_at=d.updated_at,
-            source=msg.source,
-            destination=msg.destination,
-            source_ton=msg.source_ton,
-            source_npi=msg.source_npi,
-            parts=msg.parts,
-        )
-        self._send_receipt(
-            msg.account_id, PendingReceipt(pdu, self.clock() + self.cfg.smpp.receipt_retention)
-        )
+        expires = self.clock() + self.cfg.smpp.receipt_retention
+        for message_id in msg.part_ids or (msg.id,):
+            pdu = build_receipt(
+                message_id=message_id,
+                state=_MAX_STATE_FOR_STATUS[d.status],
+                error="000" if d.status is Status.DELIVERED else "001",
+                submitted_at=msg.accepted_at,
+                done_at=d.updated_at,
+                source=msg.source,
+                destination=msg.destination,
+                source_ton=msg.source_ton,
+                source_npi=msg.source_npi,
+                parts=1 if msg.part_ids else msg.parts,
+            )
+            self._send_receipt(msg.account_id, PendingReceipt(pdu, expires))
 
     def _send_receipt(self, account_id: int, pr: PendingReceipt) -> None:
         binds = self.receivers.get(account_id)

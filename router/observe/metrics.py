@@ -164,3 +164,34 @@ CARRIER_HEALTHY = Gauge(
     "0 while a carrier is benched for failing most recent submits, else 1.",
     ["carrier"],
 )
+SCHEDULED_IN = Counter(
+    "smsrouter_scheduled_total", "Messages accepted for a later send time (durable spool)."
+)
+SCHEDULED_OUT = Counter(
+    "smsrouter_scheduled_released_total", "Scheduled messages released to carriers when due."
+)
+SCHEDULED_WAITING = Gauge(
+    "smsrouter_scheduled_waiting", "Scheduled messages waiting in the spool (sampled every 10 s)."
+)
+MEMORY_BRAKE = Gauge(
+    "smsrouter_memory_brake",
+    "1 while resident memory is above delivery.max_memory_mb and new messages are refused.",
+)
+CONCAT_HELD = Gauge(
+    "smsrouter_concat_parts_held",
+    "Parts of customer-split SMPP messages held for their siblings (smpp.reassembly_max_parts).",
+)
+CONCAT_MESSAGES = Counter(
+    "smsrouter_concat_messages_total",
+    "Customer-split SMPP messages reassembled and released as one message.",
+)
+CONCAT_PARTS_ALONE = Counter(
+    "smsrouter_concat_parts_alone_total",
+    "Parts of customer-split SMPP messages released on their own, by reason"
+    " (timeout, buffer_full, duplicate, reused, mismatch, stopping).",
+    ["reason"],
+)
+WEBHOOK_OUTBOX_ROWS = Gauge(
+    "smsrouter_webhook_outbox_rows",
+    "Webhooks waiting in the durable outbox table, all nodes (sampled every 10 s).",
+)

@@ -560,6 +560,56 @@ class QuerySmResp(Pdu):
         )
 
 
+@dataclass(slots=True, kw_only=True)
+class CancelSm(Pdu):
+    """Withdraw a message not yet delivered (we: a scheduled one)."""
+
+    command_id: ClassVar[int] = CommandId.CANCEL_SM
+    service_type: str = ""
+    message_id: str = ""
+    source_addr_ton: int = 0
+    source_addr_npi: int = 0
+    source_addr: str = ""
+    dest_addr_ton: int = 0
+    dest_addr_npi: int = 0
+    destination_addr: str = ""
+
+    def __repr__(self) -> str:  # never show the addresses
+        return f"CancelSm(sequence={self.sequence}, message_id={self.message_id!r})"
+
+    def encode_body(self) -> bytes:
+        return b"".join(
+            (
+                _cstr(self.service_type, 6, "service_type"),
+                _cstr(self.message_id, 65, "message_id"),
+                bytes((self.source_addr_ton, self.source_addr_npi)),
+                _cstr(self.source_addr, 21, "source_addr"),
+                bytes((self.dest_addr_ton, self.dest_addr_npi)),
+                _cstr(self.destination_addr, 21, "destination_addr"),
+            )
+        )
+
+    @classmethod
+    def decode_body(cls, r: _Reader, status: int, sequence: int) -> Pdu:
+        return cls(
+            sequence=sequence,
+            status=status,
+            service_type=r.cstring(6, "service_type", Status.ESME_RINVSERTYP),
+            message_id=r.cstring(65, "message_id", Status.ESME_RINVMSGID),
+            source_addr_ton=r.u8("source_addr_ton"),
+            source_addr_npi=r.u8("source_addr_npi"),
+            source_addr=r.cstring(21, "source_addr", Status.ESME_RINVSRCADR),
+            dest_addr_ton=r.u8("dest_addr_ton"),
+            dest_addr_npi=r.u8("dest_addr_npi"),
+            destination_addr=r.cstring(21, "destination_addr", Status.ESME_RINVDSTADR),
+        )
+
+
+@dataclass(slots=True, kw_only=True)
+class CancelSmResp(Pdu):
+    command_id: ClassVar[int] = CommandId.CANCEL_SM_RESP
+
+
 # ----------------------------------------------------------------- the registry
 
 PDU_CLASSES: dict[int, type[Pdu]] = {
@@ -584,6 +634,8 @@ PDU_CLASSES: dict[int, type[Pdu]] = {
         DataSmResp,
         QuerySm,
         QuerySmResp,
+        CancelSm,
+        CancelSmResp,
     )
 }
 

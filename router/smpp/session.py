@@ -57,7 +57,9 @@ _BOUND_STATE = {
 _BIND_IDS = frozenset(int(b) for b in BindType)
 _BIND_RESP_IDS = frozenset(int(b) | RESPONSE_BIT for b in BindType)
 # Requests that each side may send only when bound in a given direction.
-_SUBMIT_IDS = frozenset({CommandId.SUBMIT_SM, CommandId.QUERY_SM, CommandId.DATA_SM})
+_SUBMIT_IDS = frozenset(
+    {CommandId.SUBMIT_SM, CommandId.QUERY_SM, CommandId.DATA_SM, CommandId.CANCEL_SM}
+)
 _DELIVER_IDS = frozenset({CommandId.DELIVER_SM})
 
 
@@ -296,7 +298,7 @@ class SmppSession:
         else:
             if cid in _DELIVER_IDS and not self.bind_type.can_receive:
                 return self._reject(cid, seq, Status.ESME_RINVBNDSTS, "deliver on a transmitter")
-            if cid in (CommandId.SUBMIT_SM, CommandId.QUERY_SM):
+            if cid in (CommandId.SUBMIT_SM, CommandId.QUERY_SM, CommandId.CANCEL_SM):
                 return self._reject(cid, seq, Status.ESME_RINVCMDID, "submit sent to an ESME")
         if len(self.peer_pending) >= self.peer_window:
             return self._reject(cid, seq, Status.ESME_RTHROTTLED, "peer window full")

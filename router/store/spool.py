@@ -91,6 +91,9 @@ def encode_message(msg: Message) -> bytes:
             "userref": msg.userref,
             "callback_url": msg.callback_url,
             "tlvs": [[t, base64.b64encode(v).decode()] for t, v in msg.tlvs],
+            "send_at": msg.send_at,
+            "part_ids": list(msg.part_ids),
+            "held": msg.held,
         },
         separators=(",", ":"),
     ).encode()
@@ -119,6 +122,9 @@ def decode_message(raw: bytes) -> Message:
         userref=d["userref"],
         callback_url=d["callback_url"],
         tlvs=tuple((t, base64.b64decode(v)) for t, v in d["tlvs"]),
+        send_at=d.get("send_at"),
+        part_ids=tuple(d.get("part_ids", ())),
+        held=d.get("held", False),
     )
 
 
@@ -210,6 +216,7 @@ class PgSpool:
             dt.datetime.fromtimestamp(msg.expires_at, _UTC),
             encrypted,
             payload,
+            None if msg.send_at is None else dt.datetime.fromtimestamp(msg.send_at, _UTC),
         )
         self._adds.append((row, done))
         if len(self._adds) >= self.batch:
@@ -322,6 +329,7 @@ class PgSpool:
                                 "expires_at",
                                 "encrypted",
                                 "payload",
+                                "due_at",
                             ),
                         )
                     if deletes:
@@ -372,23 +380,74 @@ class PgSpool:
             for _, cb in adds:
                 cb(True)
 
-    async def load(self) -> list[Message]:
-        """Every message left in the spool (after a crash), oldest first."""
-        rows = await self.pool.fetch("SELECT id, encrypted, payload FROM spool ORDER BY created_at")
+    def _decode(self, message_id: str, encrypted: bool, payload: bytes) -> Message:
+        raw = bytes(payload)
+        if encrypted:
+            if self.aead is None:
+                raise ValueError("no key")
+            raw = self.aead.decrypt(raw[:12], raw[12:], message_id.encode())
+        return decode_message(raw)
+
+    def _decode_rows(self, rows: list[asyncpg.Record]) -> list[Message]:
         out: list[Message] = []
-        unreadable: list[str] = []
+        unreadable = 0
         for r in rows:
-            raw = bytes(r["payload"])
             try:
-                if r["encrypted"]:
-                    if self.aead is None:
-                        raise ValueError("no key")
-                    raw = self.aead.decrypt(raw[:12], raw[12:], r["id"].encode())
-                out.append(decode_message(raw))
-            except Exception:  # wrong key or damaged row: keep it, report by id only
-                unreadable.append(r["id"])
+                out.append(self._decode(r["id"], r["encrypted"], r["payload"]))
+            except Exception:  # wrong key or damaged row: keep it, report the count only
+                unreadable += 1
         if unreadable:
-            log.error("spool_rows_unreadable", count=len(unreadable))
-        self.rows = len(rows)
+            log.error("spool_rows_unreadable", count=unreadable)
+        return out
+
+    async def load(self) -> list[Message]:
+        """Every message left in the spool (after a crash) that is not
+        waiting for its send time, oldest first."""
+        rows = await self.pool.fetch(
+            "SELECT id, encrypted, payload FROM spool WHERE due_at IS NULL ORDER BY created_at"
+        )
+        out = self._decode_rows(rows)
+        self.rows = int(await self.pool.fetchval("SELECT count(*) FROM spool"))
         metrics.SPOOL_ROWS.set(self.rows)
         return out
+
+    # ------------------------------------------------------------ scheduled
+
+    async def release_due(self, now: float, limit: int) -> list[Message]:
+        """Scheduled messages whose time has come, earliest first, marked as
+        released in the same statement (SKIP LOCKED: several routers may
+        share the spool without taking the same row twice)."""
+        rows = await self.pool.fetch(
+            "UPDATE spool SET due_at = NULL WHERE id IN ("
+            " SELECT id FROM spool WHERE due_at <= $1 ORDER BY due_at LIMIT $2"
+            " FOR UPDATE SKIP LOCKED) RETURNING id, encrypted, payload",
+            dt.datetime.fromtimestamp(now, _UTC),
+            limit,
+        )
+        return sorted(self._decode_rows(rows), key=lambda m: m.send_at or 0.0)
+
+    async def scheduled(self, message_id: str) -> Message | None:
+        """A message still waiting for its send time, or None."""
+        r = await self.pool.fetchrow(
+            "SELECT id, encrypted, payload FROM spool WHERE id = $1 AND due_at IS NOT NULL",
+            message_id,
+        )
+        return None if r is None else self._decode(r["id"], r["encrypted"], r["payload"])
+
+    async def cancel(self, message_id: str, account_id: int) -> Message | None:
+        """Delete a waiting scheduled message of this account; None if there
+        is none (unknown, another account's, or already released)."""
+        r = await self.pool.fetchrow(
+            "DELETE FROM spool WHERE id = $1 AND account_id = $2 AND due_at IS NOT NULL"
+            " RETURNING id, encrypted, payload",
+            message_id,
+            account_id,
+        )
+        if r is None:
+            return None
+        self.rows = max(self.rows - 1, 0)
+        metrics.SPOOL_ROWS.set(self.rows)
+        return self._decode(r["id"], r["encrypted"], r["payload"])
+
+    async def scheduled_count(self) -> int:
+        return int(await self.pool.fetchval("SELECT count(*) FROM spool WHERE due_at IS NOT NULL"))
