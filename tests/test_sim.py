@@ -349,6 +349,21 @@ async def test_receipt_waits_for_a_receiver(make_sim: Any, connect: Connect) -> 
     assert sim.pending_receipts() == 0 and other.delivered.empty()
 
 
+async def test_receipt_backlog_throttles_submits(make_sim: Any, connect: Connect) -> None:
+    """An ESME that does not take its receipts is slowed down, not robbed:
+    receipts wait (up to the store bound) and submits get ESME_RTHROTTLED."""
+    sim = await make_sim(dlr_delay=0.0, receipt_backlog_throttle=3)
+    tx, _ = await connect(sim.port, bind=BindTransmitter)
+    for _ in range(3):
+        assert (await tx.request(submit(b"x"))).status == Status.ESME_ROK
+    await eventually(lambda: sim.pending_receipts() == 3)
+    assert (await tx.request(submit(b"x"))).status == Status.ESME_RTHROTTLED
+    assert sim.stats.receipts_dropped == 0
+    rx, _ = await connect(sim.port, bind=BindReceiver)
+    await eventually(lambda: sim.stats.receipts_acked == 3)
+    assert (await tx.request(submit(b"x"))).status == Status.ESME_ROK
+
+
 async def test_unacked_receipt_is_requeued_on_connection_loss(
     make_sim: Any, connect: Connect
 ) -> None:

@@ -106,6 +106,10 @@ class SimConfig:
     receipt_before_resp: bool = False  # send the DLR before submit_sm_resp (edge case tests)
     tls_cert: str | None = None  # PEM certificate chain: serve SMPP over TLS
     tls_key: str | None = None  # PEM private key for tls_cert
+    # Like a real SMSC whose ESME does not drain its receipts: answer submits
+    # ESME_RTHROTTLED while this many receipts wait for its system_id
+    # (0 = never; receipts are only dropped beyond MAX_PENDING_RECEIPTS).
+    receipt_backlog_throttle: int = 20_000
 
     def validate(self) -> None:
         for name in ("deliver_ratio", "reject_ratio", "throttle_ratio"):
@@ -122,6 +126,8 @@ class SimConfig:
             raise ValueError("max_tps must be > 0")
         if self.window < 1:
             raise ValueError("window must be >= 1")
+        if self.receipt_backlog_throttle < 0:
+            raise ValueError("receipt_backlog_throttle must be >= 0 (0 = off)")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be within 0..65535")
 
@@ -498,6 +504,10 @@ class CarrierSimulator:
             status = Status.ESME_RTHROTTLED
         elif cfg.throttle_ratio and rng.random() < cfg.throttle_ratio:
             status = Status.ESME_RTHROTTLED
+        elif cfg.receipt_backlog_throttle and (
+            len(self._pending.get(conn.system_id or "", ())) >= cfg.receipt_backlog_throttle
+        ):
+            status = Status.ESME_RTHROTTLED  # it does not take its receipts: slow it down
         elif cfg.reject_ratio and rng.random() < cfg.reject_ratio:
             status = Status.ESME_RSUBMITFAIL
         if status == Status.ESME_RTHROTTLED:
@@ -710,6 +720,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tps", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--receipt-before-resp", action="store_true")
+    p.add_argument(
+        "--receipt-backlog-throttle",
+        type=int,
+        default=d.receipt_backlog_throttle,
+        help="answer ESME_RTHROTTLED while this many receipts wait for the ESME (0 = off)",
+    )
     return p
 
 
@@ -735,6 +751,7 @@ def _configs(args: argparse.Namespace) -> list[SimConfig]:
             max_tps=args.max_tps,
             seed=None if args.seed is None else args.seed + i,
             receipt_before_resp=args.receipt_before_resp,
+            receipt_backlog_throttle=args.receipt_backlog_throttle,
         )
         cfg.validate()
         out.append(cfg)
