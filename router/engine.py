@@ -234,8 +234,10 @@ class Engine:
         except NoRoute as exc:
             raise Rejected("no_route", str(exc), SmppStatus.ESME_RINVDSTADR, 422) from None
 
-    def _admit(self, msg: Message) -> Carrier:
-        """Route and check room; raise Rejected when the router cannot keep it."""
+    def _check(self, msg: Message) -> list[str]:
+        """What every new message must pass, now or scheduled: the router
+        accepts, memory, opt-out, the account's rate, a route. Returns the
+        route's carriers; raises Rejected."""
         if not self.accepting:
             raise Rejected(
                 "draining",
@@ -268,7 +270,11 @@ class Engine:
                 429,
                 retry_after=1,
             )
-        names = self.route(msg.destination, msg.country, msg.account)
+        return self.route(msg.destination, msg.country, msg.account)
+
+    def _admit(self, msg: Message) -> Carrier:
+        """Route and check room; raise Rejected when the router cannot keep it."""
+        names = self._check(msg)
         chosen: Carrier | None = None
         fallback: Carrier | None = None
         for name in names:
@@ -401,31 +407,7 @@ class Engine:
                 )
             # Same checks as a message for now, except room in a carrier
             # queue: that is taken when it falls due.
-            if not self.accepting:
-                raise Rejected(
-                    "draining",
-                    "router is shutting down; retry on another node",
-                    SmppStatus.ESME_RTHROTTLED,
-                    503,
-                    retry_after=5,
-                )
-            if self.optout is not None and self.optout.contains(msg.account_id, msg.destination):
-                raise Rejected(
-                    "opted_out",
-                    "the recipient opted out of this account's messages",
-                    SmppStatus.ESME_ROPTEDOUT,
-                    422,
-                )
-            limit = self.account_limits.get(msg.account_id)
-            if limit is not None and limit.take(self.clock()) > 0:
-                raise Rejected(
-                    "account_rate",
-                    "the account's messages-per-second limit is reached",
-                    SmppStatus.ESME_RTHROTTLED,
-                    429,
-                    retry_after=1,
-                )
-            self.route(msg.destination, msg.country, msg.account)
+            self._check(msg)
             if not self.spool.has_room(1):
                 raise Rejected(
                     "spool_full",
