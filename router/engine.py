@@ -518,14 +518,43 @@ class Engine:
         return d
 
     async def lookup_async(self, message_id: str) -> Delivery | None:
-        """:meth:`lookup`, and failing that a scheduled message in the spool."""
+        """:meth:`lookup`; failing that a scheduled message in the spool;
+        failing that the traffic log (after a restart, or once the message
+        left the in-memory cache). No personal field is read."""
         d = self.lookup(message_id)
-        if d is not None or not isinstance(self.spool, PgSpool):
+        if d is not None:
             return d
-        msg = await self.spool.scheduled(message_id)
-        if msg is None:
+        if isinstance(self.spool, PgSpool):
+            msg = await self.spool.scheduled(message_id)
+            if msg is not None:
+                return Delivery(
+                    msg, status=Status.SCHEDULED, updated_at=msg.accepted_at, spooled=False
+                )
+        row = await self.traffic_log.find(message_id)
+        if row is None:
             return None
-        return Delivery(msg, status=Status.SCHEDULED, updated_at=msg.accepted_at, spooled=False)
+        accepted = row["accepted_at"].timestamp()
+        expires = row["expires_at"].timestamp() if row["expires_at"] else accepted
+        status = Status(row["status"]) if row["status"] else Status.ACCEPTED
+        return _from_summary(
+            message_id,
+            (
+                row["account_id"],
+                "",
+                row["ingress"],
+                row["class"],
+                row["country"],
+                row["data_coding"],
+                row["parts"],
+                row["userref"],
+                accepted,
+                expires,
+                status.value,
+                row["event_carrier"] or row["carrier"],
+                row["error"],
+                row["at"].timestamp() if row["at"] else accepted,
+            ),
+        )
 
     def _index(self, msg: Message) -> None:
         for pid in msg.part_ids:

@@ -475,13 +475,14 @@ class SmppFrontDoor:
             self._answer_query(bind, pdu, held)
             return
         d = self.engine.lookup(pdu.message_id)
-        if d is None and self.engine.spool.durable:
-            # Perhaps a scheduled message: those live only in the spool.
-            self._spawn(self._query_spool(bind, pdu))
+        if d is None:
+            # A scheduled message (only in the spool), or one the router no
+            # longer holds in memory (the traffic log knows its state).
+            self._spawn(self._query_database(bind, pdu))
             return
         self._answer_query(bind, pdu, d)
 
-    async def _query_spool(self, bind: CustomerBind, pdu: QuerySm) -> None:
+    async def _query_database(self, bind: CustomerBind, pdu: QuerySm) -> None:
         try:
             d = await self.engine.lookup_async(pdu.message_id)
         except Exception as exc:  # database trouble: a clear failure, not a hang

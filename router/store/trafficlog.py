@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from ..model import Message
+from ..model import Message, Status
 from ..observe import metrics
 
 log = structlog.get_logger("router.trafficlog")
@@ -37,8 +37,10 @@ MESSAGE_COLUMNS = (
     "body",
     "userref",
     "accepted_at",
+    "expires_at",
 )
 EVENT_COLUMNS = ("message_id", "account_id", "status", "carrier", "error", "at")
+FINAL_STATUSES = [s.value for s in Status if s.final]
 _UTC = dt.UTC
 
 
@@ -112,6 +114,7 @@ class TrafficLog:
                 None if secret else msg.text,
                 None if secret else msg.userref,
                 _ts(msg.accepted_at),
+                _ts(msg.expires_at),
             )
         )
         if len(self.messages) >= self.flush_rows:
@@ -128,6 +131,25 @@ class TrafficLog:
         self.events.append((msg.id, msg.account_id, status, carrier, error, _ts(at)))
         if len(self.events) >= self.flush_rows:
             self._wake.set()
+
+    async def find(self, message_id: str) -> asyncpg.Record | None:
+        """A message's row and its latest status (a final one wins over any
+        later transient event), for status lookups the router can no longer
+        answer from memory. No personal field is read."""
+        if self.pool is None:
+            return None
+        return await self.pool.fetchrow(
+            "SELECT t.account_id, t.class, t.ingress, t.country, t.carrier, t.parts,"
+            " t.data_coding, t.userref, t.accepted_at, t.expires_at,"
+            " e.status, e.carrier AS event_carrier, e.error, e.at"
+            " FROM traffic_log t LEFT JOIN LATERAL ("
+            "  SELECT status, carrier, error, at FROM delivery_events"
+            "  WHERE message_id = t.id"
+            "  ORDER BY status = ANY($2::text[]) DESC, at DESC LIMIT 1) e ON true"
+            " WHERE t.id = $1 LIMIT 1",
+            message_id,
+            FINAL_STATUSES,
+        )
 
     def _drop(self) -> None:
         self.dropped += 1
