@@ -142,6 +142,7 @@ class Router:
             max_attempts=w.max_attempts,
             timeout=w.timeout,
             allow_private_targets=w.allow_private_targets or cfg.demo,
+            pool=self.pool,  # the durable outbox (migration 008); secret messages stay in memory
         )
         self.engine.sinks[Origin.HTTP] = self.webhooks
         self.webhooks.start()

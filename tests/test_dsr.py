@@ -216,3 +216,62 @@ async def test_audit_refuses_personal_detail_keys(db: asyncpg.Pool) -> None:
     with pytest.raises(ValueError):
         await audit(db, "t", "oops", None, destination=NUMBER)
     assert NUMBER not in await audit_text(db)
+
+
+async def add_webhook(
+    pool: asyncpg.Pool, account_id: int, message_id: str, destination: str
+) -> bytes:
+    """A pending delivery webhook, as the webhook outbox holds it."""
+    body = json.dumps(
+        {"id": message_id, "userref": None, "to": "+" + destination, "status": "delivered"},
+        separators=(",", ":"),
+    ).encode()
+    await pool.execute(
+        "INSERT INTO webhook_outbox (id, account_id, message_id, url, destination, body,"
+        " attempts, next_at, created_at)"
+        " VALUES (gen_random_uuid(), $1, $2, 'https://hooks.example/x?token=t0k3n', $3, $4,"
+        " 2, now() + interval '1 minute', now())",
+        account_id,
+        message_id,
+        destination,
+        body,
+    )
+    return body
+
+
+async def test_pending_webhooks_are_exported_and_erased(
+    db: asyncpg.Pool, subjects: dict[str, object]
+) -> None:
+    a, b = subjects["a"], subjects["b"]
+    assert isinstance(a, int) and isinstance(b, int)
+    first = str(subjects["first"])
+    body = await add_webhook(db, a, first, NUMBER)
+    orphan = secrets.token_hex(10)  # its traffic-log row is not (or no longer) there
+    await add_webhook(db, a, orphan, NUMBER)
+    await add_webhook(db, a, str(subjects["other"]), OTHER)
+    await add_webhook(db, b, str(subjects["foreign"]), NUMBER)
+
+    rows = await dsr.export(db, a, NUMBER, actor="test", audit_key=KEY)
+    assert isinstance(rows, list)
+    assert [r["id"] for r in rows] == [first, subjects["second"], orphan]
+    [pending] = rows[0]["pending_webhooks"]
+    assert pending["notification"] == json.loads(body) and pending["attempts"] == 2
+    assert "url" not in pending and "t0k3n" not in json.dumps(rows)  # the account's, not theirs
+    assert rows[1]["pending_webhooks"] == []
+    assert rows[2]["destination"] == NUMBER and rows[2]["body"] is None
+    assert [w["message_id"] for w in rows[2]["pending_webhooks"]] == [orphan]
+    text = await dsr.export(db, a, NUMBER, actor="test", audit_key=KEY, fmt="csv")
+    assert isinstance(text, str)
+    lines = list(csv.DictReader(io.StringIO(text)))
+    assert [r["id"] for r in lines] == [first, subjects["second"], orphan]
+    assert json.loads(lines[0]["pending_webhooks"])[0]["notification"]["to"] == "+" + NUMBER
+
+    before = await db.fetchval("SELECT coalesce(max(id), 0) FROM audit_log")
+    assert await dsr.erase(db, a, NUMBER, actor="test", audit_key=KEY) == 2
+    left = await db.fetch("SELECT account_id, destination FROM webhook_outbox ORDER BY account_id")
+    assert [(r["account_id"], r["destination"]) for r in left] == [(a, OTHER), (b, NUMBER)]
+    detail = json.loads(
+        await db.fetchval("SELECT detail FROM audit_log WHERE id > $1 ORDER BY id", before)
+    )
+    assert detail["pending_webhooks"] == 2 and detail["rows"] == 2
+    assert await dsr.export(db, a, NUMBER, actor="test", audit_key=KEY) == []
