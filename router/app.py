@@ -143,6 +143,8 @@ class Router:
             timeout=w.timeout,
             allow_private_targets=w.allow_private_targets or cfg.demo,
             pool=self.pool,  # the durable outbox (migration 008); secret messages stay in memory
+            write_interval=w.outbox_write_interval,
+            lease=w.outbox_lease,
         )
         self.engine.sinks[Origin.HTTP] = self.webhooks
         self.webhooks.start()

@@ -100,6 +100,8 @@ class WebhookConfig:
     max_attempts: int = 30
     timeout: float = 10.0  # per attempt
     allow_private_targets: bool = False  # loopback/private callback URLs (on-premise set-ups)
+    outbox_write_interval: float = 1.0  # pending webhooks reach the outbox table within this
+    outbox_lease: float = 120.0  # a node's claim on an outbox row; others retry after it
 
 
 @dataclass(slots=True)
@@ -281,6 +283,12 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
         raise ConfigError(f"webhooks.{sorted(webhooks_t)[0]}: unknown key")
     if cfg.webhooks.max_attempts < 1 or cfg.webhooks.initial_backoff <= 0:
         raise ConfigError("webhooks.max_attempts must be >= 1 and initial_backoff > 0")
+    if cfg.webhooks.outbox_write_interval <= 0:
+        raise ConfigError("webhooks.outbox_write_interval: must be > 0")
+    if cfg.webhooks.outbox_lease < cfg.webhooks.timeout + cfg.webhooks.outbox_write_interval + 10:
+        raise ConfigError(
+            "webhooks.outbox_lease: must exceed timeout + outbox_write_interval + 10 s"
+        )
 
     names: set[str] = set()
     for i, raw in enumerate(data.pop("carriers", [])):
