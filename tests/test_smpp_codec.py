@@ -625,3 +625,151 @@ def test_repr_does_not_depend_on_personal_fields(pdu: Pdu) -> None:
 
 def test_query_sm_repr_hides_source_addr() -> None:
     assert ADDR_SRC not in repr(QuerySm(sequence=1, message_id="m1", source_addr=ADDR_SRC))
+
+
+# ------------------------------------------- fast paths agree with the reference codec
+#
+# submit_sm, deliver_sm and the *_resp PDUs (the PDUs of every message) have
+# one-pass encoders/decoders; encode_body/decode_body stay the reference. They
+# must agree octet for octet and error for error.
+
+FAST_CLASSES = [SubmitSm, DeliverSm, SubmitSmResp, DeliverSmResp, DataSmResp]
+
+
+def reference_decode(wire: bytes) -> Pdu:
+    length, command_id, status, sequence = pdu_module.parse_header(wire)
+    assert length == len(wire)
+    cls = PDU_CLASSES[command_id]
+    try:
+        return cls.decode_body(pdu_module._Reader(wire), status, sequence)
+    except RemoteProtocolError as exc:
+        raise BodyError(str(exc), exc.status, command_id, sequence) from None
+
+
+def _outcome(fn: object, *args: object) -> object:
+    try:
+        return ("ok", fn(*args))  # type: ignore[operator]
+    except BodyError as exc:
+        return ("error", type(exc), exc.status, str(exc), exc.command_id, exc.sequence)
+
+
+@pytest.mark.parametrize("cls", FAST_CLASSES, ids=lambda c: c.__name__)
+@PER_CLASS
+@given(data=st.data())
+def test_fast_encode_matches_encode_body(cls: type[Pdu], data: st.DataObject) -> None:
+    pdu = data.draw(pdu_strategy(cls))
+    wire = pdu.encode()
+    assert wire == pdu_module.Pdu.encode(pdu)  # the reference: header + encode_body()
+    assert decode(wire) == reference_decode(wire) == pdu
+
+
+@FAST
+@given(
+    cls=st.sampled_from(FAST_CLASSES),
+    body=st.binary(max_size=300),
+    status=statuses,
+    sequence=u32,
+)
+def test_fast_decode_matches_reference_on_any_body(
+    cls: type[Pdu], body: bytes, status: int, sequence: int
+) -> None:
+    wire = frame(cls.command_id, body, status, sequence)
+    assert _outcome(decode, wire) == _outcome(reference_decode, wire)
+
+
+@FAST
+@given(wire=mutated_frames())
+def test_fast_decode_matches_reference_on_mutated_frames(wire: bytes) -> None:
+    try:
+        length, command_id, _, _ = pdu_module.parse_header(wire)
+    except FramingError:
+        return
+    if length != len(wire) or command_id not in PDU_CLASSES:
+        return
+    assert _outcome(decode, wire) == _outcome(reference_decode, wire)
+
+
+@pytest.mark.parametrize("cut", range(HEADER_LEN, len(KNOWN_SUBMIT_SM)))
+def test_fast_decode_of_every_truncation_matches_reference(cut: int) -> None:
+    body = KNOWN_SUBMIT_SM[HEADER_LEN:cut]
+    for cls in (SubmitSm, DeliverSm):
+        wire = frame(cls.command_id, body, sequence=5)
+        assert _outcome(decode, wire) == _outcome(reference_decode, wire)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"source_addr": "1" * 21},  # too long
+        {"destination_addr": "9" * 30},
+        {"service_type": "ABCDEF"},
+        {"schedule_delivery_time": "0" * 17},
+        {"validity_period": "0" * 17},
+        {"source_addr": "\u20ac1"},  # not latin-1
+        {"source_addr_ton": 256},  # not an octet
+        {"esm_class": -1},
+        {"data_coding": 1 << 70},
+        {"short_message": b"x" * 255},  # use message_payload
+        {"tlvs": {0x10000: b""}},  # tag beyond 16 bits
+        {"tlvs": {0x0204: b"x" * 65536}},  # value beyond 16 bits of length
+        {"sequence": -1},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_fast_encode_refuses_what_encode_body_refuses(changes: dict[str, object]) -> None:
+    for cls in (SubmitSm, DeliverSm):
+        pdu = dataclasses.replace(cls(sequence=1, source_addr="a"), **changes)  # type: ignore[arg-type]
+        with pytest.raises(Exception) as fast:
+            pdu.encode()
+        with pytest.raises(Exception) as ref:
+            pdu_module.Pdu.encode(pdu)
+        assert type(fast.value) is type(ref.value)
+        assert str(fast.value) == str(ref.value)
+
+
+def test_fast_encode_of_responses_with_odd_ids() -> None:
+    for pdu in (
+        SubmitSmResp(sequence=1, message_id="x" * 64),
+        SubmitSmResp(sequence=1, status=0x58, message_id=""),
+        DeliverSmResp(sequence=2, status=0x401, message_id="abc"),
+        DataSmResp(sequence=3, message_id="id", tlvs={0x0425: b"\x01"}),
+    ):
+        assert pdu.encode() == pdu_module.Pdu.encode(pdu)
+        assert decode(pdu.encode()) == pdu
+    for bad in ("x" * 65, "\u20ac"):
+        with pytest.raises((ValueError, UnicodeEncodeError)):
+            SubmitSmResp(sequence=1, message_id=bad).encode()
+
+
+def test_make_equals_keyword_constructor() -> None:
+    args = (5, 0, "Acme", 1, 1, "4512345678", 0x04, 1, 8, b"\x00h\x00i", {0x0204: b"\x00\x2a"})
+    names = (
+        "source_addr_ton",
+        "source_addr_npi",
+        "source_addr",
+        "dest_addr_ton",
+        "dest_addr_npi",
+        "destination_addr",
+        "esm_class",
+        "registered_delivery",
+        "data_coding",
+        "short_message",
+        "tlvs",
+    )
+    for sm in (SubmitSm, DeliverSm):
+        assert sm.make(*args) == sm(**dict(zip(names, args, strict=True)))  # type: ignore[arg-type]
+    for resp in (SubmitSmResp, DeliverSmResp, DataSmResp):
+        assert resp.make(7, 0x58, "m1") == resp(sequence=7, status=0x58, message_id="m1")
+        assert resp.make(7) == resp(sequence=7)
+
+
+def test_response_for_fast_path_equals_constructor() -> None:
+    req = SubmitSm(sequence=41)
+    assert pdu_module.response_for(req) == SubmitSmResp(sequence=41)
+    assert pdu_module.response_for(req, message_id="m") == SubmitSmResp(sequence=41, message_id="m")
+    assert pdu_module.response_for(req, 0x58) == SubmitSmResp(sequence=41, status=0x58)
+    resp = pdu_module.response_for(req, message_id="m", tlvs={1: b"x"})
+    assert resp == SubmitSmResp(sequence=41, message_id="m", tlvs={1: b"x"})
+    assert pdu_module.response_for(QuerySm(sequence=2), message_id="q") == QuerySmResp(
+        sequence=2, message_id="q"
+    )

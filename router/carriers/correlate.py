@@ -21,13 +21,24 @@ class Correlator(Generic[T]):
         self.early_ttl = early_ttl
         self._ids: OrderedDict[str, T] = OrderedDict()
         self._early: OrderedDict[str, tuple[CarrierReceipt, float]] = OrderedDict()
+        # A receipt's id is looked up and then forgotten: normalise it once.
+        self._last_raw: str | None = None
+        self._last_key = ""
+
+    def _key(self, carrier_id: str) -> str:
+        if carrier_id is self._last_raw:
+            return self._last_key
+        key = normalise_carrier_id(carrier_id)
+        self._last_raw = carrier_id
+        self._last_key = key
+        return key
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def remember(self, carrier_id: str, value: T, now: float) -> CarrierReceipt | None:
         """Store the mapping; return a receipt that was waiting for it, if any."""
-        key = normalise_carrier_id(carrier_id)
+        key = self._key(carrier_id)
         self._ids[key] = value
         if len(self._ids) > self.max_entries:
             self._ids.popitem(last=False)
@@ -40,7 +51,7 @@ class Correlator(Generic[T]):
         return None
 
     def lookup(self, carrier_id: str) -> T | None:
-        key = normalise_carrier_id(carrier_id)
+        key = self._key(carrier_id)
         hit = self._ids.get(key)
         if hit is not None:
             return hit
@@ -51,7 +62,7 @@ class Correlator(Generic[T]):
         return None
 
     def forget(self, carrier_id: str) -> None:
-        key = normalise_carrier_id(carrier_id)
+        key = self._key(carrier_id)
         if self._ids.pop(key, None) is None:
             for alt in alternate_forms(key):
                 if self._ids.pop(alt, None) is not None:

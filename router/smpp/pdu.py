@@ -18,8 +18,9 @@ the field, never its content.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from .constants import HEADER_LEN, RESPONSE_BIT, CommandId, Status, Tag
 from .errors import FramingError, RemoteProtocolError
@@ -28,6 +29,9 @@ _HEADER = struct.Struct(">IIII")
 _TLV_HEAD = struct.Struct(">HH")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+_FIXED5 = struct.Struct(">BBBBB")
+_new = object.__new__  # fast paths fill every slot themselves (no keyword __init__)
+_FAST_DECODE_ERRORS = (ValueError, IndexError, struct.error)
 
 
 class _Reader:
@@ -77,24 +81,30 @@ class _Reader:
 
     def tlvs(self) -> dict[int, bytes]:
         """Every optional parameter, unknown and vendor ones kept as raw bytes."""
-        out: dict[int, bytes] = {}
-        data, pos, end = self.data, self.pos, self.end
-        while pos < end:
-            if pos + 4 > end:
-                raise RemoteProtocolError(
-                    "truncated optional parameter header", Status.ESME_RINVOPTPARSTREAM
-                )
-            tag, length = _TLV_HEAD.unpack_from(data, pos)
-            pos += 4
-            if pos + length > end:
-                raise RemoteProtocolError(
-                    f"optional parameter 0x{tag:04X} declares {length} octets beyond the PDU end",
-                    Status.ESME_RINVOPTPARSTREAM,
-                )
-            out[tag] = data[pos : pos + length]
-            pos += length
-        self.pos = pos
+        out = _read_tlvs(self.data, self.pos, self.end)
+        self.pos = self.end
         return out
+
+
+def _read_tlvs(data: bytes, pos: int, end: int) -> dict[int, bytes]:
+    """The optional parameters in ``data[pos:end]``; typed errors when malformed."""
+    out: dict[int, bytes] = {}
+    unpack = _TLV_HEAD.unpack_from
+    while pos < end:
+        if pos + 4 > end:
+            raise RemoteProtocolError(
+                "truncated optional parameter header", Status.ESME_RINVOPTPARSTREAM
+            )
+        tag, length = unpack(data, pos)
+        pos += 4
+        if pos + length > end:
+            raise RemoteProtocolError(
+                f"optional parameter 0x{tag:04X} declares {length} octets beyond the PDU end",
+                Status.ESME_RINVOPTPARSTREAM,
+            )
+        out[tag] = data[pos : pos + length]
+        pos += length
+    return out
 
 
 def _cstr(value: str, max_len: int, name: str) -> bytes:
@@ -107,7 +117,13 @@ def _cstr(value: str, max_len: int, name: str) -> bytes:
 def _encode_tlvs(tlvs: dict[int, bytes]) -> bytes:
     if not tlvs:
         return b""
-    return b"".join(_TLV_HEAD.pack(tag, len(v)) + v for tag, v in tlvs.items())
+    pack = _TLV_HEAD.pack
+    out: list[bytes] = []
+    append = out.append
+    for tag, v in tlvs.items():
+        append(pack(tag, len(v)))
+        append(v)
+    return b"".join(out)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -379,6 +395,158 @@ class _ShortMessage(Pdu, _TlvAccess):
             tlvs=r.tlvs(),
         )
 
+    def encode(self) -> bytes:
+        # Fast path: the whole fixed part as one latin-1 string (one allocation
+        # instead of a dozen). Anything it cannot vouch for (a value too long,
+        # not latin-1, an octet out of range, a wrong type) goes through
+        # encode_body, which raises exactly as it always did.
+        sm = self.short_message
+        st = self.service_type
+        src = self.source_addr
+        dst = self.destination_addr
+        sched = self.schedule_delivery_time
+        valid = self.validity_period
+        if (
+            str is type(st) is type(src) is type(dst) is type(sched) is type(valid)
+            and len(sm) <= 254
+            and len(st) < 6
+            and len(src) < 21
+            and len(dst) < 21
+            and len(sched) < 17
+            and len(valid) < 17
+        ):
+            try:
+                head = (
+                    f"{st}\0{chr(self.source_addr_ton)}{chr(self.source_addr_npi)}{src}\0"
+                    f"{chr(self.dest_addr_ton)}{chr(self.dest_addr_npi)}{dst}\0"
+                    f"{chr(self.esm_class)}{chr(self.protocol_id)}{chr(self.priority_flag)}"
+                    f"{sched}\0{valid}\0"
+                    f"{chr(self.registered_delivery)}{chr(self.replace_if_present_flag)}"
+                    f"{chr(self.data_coding)}{chr(self.sm_default_msg_id)}{chr(len(sm))}"
+                ).encode("latin-1")
+            except (TypeError, ValueError, OverflowError):  # UnicodeEncodeError included
+                return Pdu.encode(self)
+            if self.tlvs:
+                tail = _encode_tlvs(self.tlvs)
+                return b"".join(
+                    (
+                        _HEADER.pack(
+                            HEADER_LEN + len(head) + len(sm) + len(tail),
+                            self.command_id,
+                            self.status,
+                            self.sequence,
+                        ),
+                        head,
+                        sm,
+                        tail,
+                    )
+                )
+            size = HEADER_LEN + len(head) + len(sm)
+            return b"".join(
+                (_HEADER.pack(size, self.command_id, self.status, self.sequence), head, sm)
+            )
+        return Pdu.encode(self)
+
+    @classmethod
+    def make(
+        cls,
+        source_addr_ton: int,
+        source_addr_npi: int,
+        source_addr: str,
+        dest_addr_ton: int,
+        dest_addr_npi: int,
+        destination_addr: str,
+        esm_class: int,
+        registered_delivery: int,
+        data_coding: int,
+        short_message: bytes,
+        tlvs: dict[int, bytes],
+    ) -> Self:
+        """The constructor with the fields a router sets, positionally; the rest
+        default as in ``cls()``. About 4x cheaper than 11 keyword arguments."""
+        pdu = _new(cls)
+        pdu.sequence = 0
+        pdu.status = 0
+        pdu.service_type = ""
+        pdu.source_addr_ton = source_addr_ton
+        pdu.source_addr_npi = source_addr_npi
+        pdu.source_addr = source_addr
+        pdu.dest_addr_ton = dest_addr_ton
+        pdu.dest_addr_npi = dest_addr_npi
+        pdu.destination_addr = destination_addr
+        pdu.esm_class = esm_class
+        pdu.protocol_id = 0
+        pdu.priority_flag = 0
+        pdu.schedule_delivery_time = ""
+        pdu.validity_period = ""
+        pdu.registered_delivery = registered_delivery
+        pdu.replace_if_present_flag = 0
+        pdu.data_coding = data_coding
+        pdu.sm_default_msg_id = 0
+        pdu.short_message = short_message
+        pdu.tlvs = tlvs
+        return pdu
+
+    @classmethod
+    def decode_fast(cls, data: bytes, status: int, sequence: int) -> Pdu | None:
+        """One pass over a well-formed body; None sends the frame to the checked
+        path (``decode_body``), which raises the precise error. The TLV part is
+        the same code in both paths, so its errors may come from here."""
+        index = data.index
+        try:
+            n = index(0, HEADER_LEN, HEADER_LEN + 6)
+            service_type = data[HEADER_LEN:n].decode("latin-1") if n > HEADER_LEN else ""
+            source_addr_ton = data[n + 1]
+            source_addr_npi = data[n + 2]
+            p = n + 3
+            n = index(0, p, p + 21)
+            source_addr = data[p:n].decode("latin-1")
+            dest_addr_ton = data[n + 1]
+            dest_addr_npi = data[n + 2]
+            p = n + 3
+            n = index(0, p, p + 21)
+            destination_addr = data[p:n].decode("latin-1")
+            esm_class = data[n + 1]
+            protocol_id = data[n + 2]
+            priority_flag = data[n + 3]
+            p = n + 4
+            n = index(0, p, p + 17)
+            schedule = data[p:n].decode("latin-1") if n > p else ""
+            p = n + 1
+            n = index(0, p, p + 17)
+            validity = data[p:n].decode("latin-1") if n > p else ""
+            p = n + 1
+            regdlv, replace, data_coding, default_id, sm_length = _FIXED5.unpack_from(data, p)
+        except _FAST_DECODE_ERRORS:
+            return None
+        p += 5
+        q = p + sm_length
+        end = len(data)
+        if q > end:
+            return None
+        pdu = _new(cls)
+        pdu.sequence = sequence
+        pdu.status = status
+        pdu.service_type = service_type
+        pdu.source_addr_ton = source_addr_ton
+        pdu.source_addr_npi = source_addr_npi
+        pdu.source_addr = source_addr
+        pdu.dest_addr_ton = dest_addr_ton
+        pdu.dest_addr_npi = dest_addr_npi
+        pdu.destination_addr = destination_addr
+        pdu.esm_class = esm_class
+        pdu.protocol_id = protocol_id
+        pdu.priority_flag = priority_flag
+        pdu.schedule_delivery_time = schedule
+        pdu.validity_period = validity
+        pdu.registered_delivery = regdlv
+        pdu.replace_if_present_flag = replace
+        pdu.data_coding = data_coding
+        pdu.sm_default_msg_id = default_id
+        pdu.short_message = data[p:q]
+        pdu.tlvs = {} if q == end else _read_tlvs(data, q, end)
+        return pdu
+
     @property
     def payload(self) -> bytes:
         """The message octets: message_payload when present, else short_message."""
@@ -418,6 +586,52 @@ class _MessageIdResp(Pdu, _TlvAccess):
             return cls(sequence=sequence, status=status)
         message_id = r.cstring(65, "message_id", Status.ESME_RINVMSGID)
         return cls(sequence=sequence, status=status, message_id=message_id, tlvs=r.tlvs())
+
+    def encode(self) -> bytes:
+        mid = self.message_id
+        if type(mid) is str and len(mid) < 65 and not self.tlvs:
+            if not mid and self.status != Status.ESME_ROK:
+                return _HEADER.pack(HEADER_LEN, self.command_id, self.status, self.sequence)
+            try:
+                raw = mid.encode("latin-1")
+            except UnicodeEncodeError:
+                return Pdu.encode(self)
+            return (
+                _HEADER.pack(HEADER_LEN + 1 + len(raw), self.command_id, self.status, self.sequence)
+                + raw
+                + b"\x00"
+            )
+        return Pdu.encode(self)
+
+    @classmethod
+    def decode_fast(cls, data: bytes, status: int, sequence: int) -> Pdu | None:
+        end = len(data)
+        if end == HEADER_LEN:
+            message_id = ""
+            tlvs: dict[int, bytes] = {}
+        else:
+            try:
+                n = data.index(0, HEADER_LEN, HEADER_LEN + 65)
+            except ValueError:
+                return None
+            message_id = data[HEADER_LEN:n].decode("latin-1")
+            tlvs = {} if n + 1 == end else _read_tlvs(data, n + 1, end)
+        pdu = _new(cls)
+        pdu.sequence = sequence
+        pdu.status = status
+        pdu.message_id = message_id
+        pdu.tlvs = tlvs
+        return pdu
+
+    @classmethod
+    def make(cls, sequence: int, status: int = Status.ESME_ROK, message_id: str = "") -> Pdu:
+        """``cls(sequence=..., status=..., message_id=...)`` without keyword parsing."""
+        pdu = _new(cls)
+        pdu.sequence = sequence
+        pdu.status = status
+        pdu.message_id = message_id
+        pdu.tlvs = {}
+        return pdu
 
 
 @dataclass(slots=True, kw_only=True)
@@ -643,6 +857,13 @@ RESPONSE_CLASS: dict[int, type[Pdu]] = {
     cid & ~RESPONSE_BIT: cls for cid, cls in PDU_CLASSES.items() if cid & RESPONSE_BIT
 }
 
+# The PDUs of every message (submit_sm, deliver_sm and their answers) decode in
+# one pass when well formed; decode_body stays the reference for the rest.
+_FAST_DECODE: dict[int, Callable[[bytes, int, int], Pdu | None]] = {
+    cls.command_id: cls.decode_fast
+    for cls in (SubmitSm, DeliverSm, SubmitSmResp, DeliverSmResp, DataSmResp)
+}
+
 
 class UnknownCommand(RemoteProtocolError):
     """A well-framed PDU whose command_id we do not implement."""
@@ -672,7 +893,9 @@ def parse_header(frame: bytes) -> tuple[int, int, int, int]:
 
 def decode(frame: bytes) -> Pdu:
     """Decode one complete frame. Raises UnknownCommand or BodyError."""
-    length, command_id, status, sequence = parse_header(frame)
+    if len(frame) < HEADER_LEN:
+        raise FramingError(f"frame of {len(frame)} octets is shorter than the header")
+    length, command_id, status, sequence = _HEADER.unpack_from(frame, 0)
     if length != len(frame):
         raise FramingError(f"command_length {length} does not match frame of {len(frame)} octets")
     cls = PDU_CLASSES.get(command_id)
@@ -682,14 +905,29 @@ def decode(frame: bytes) -> Pdu:
         err.sequence = sequence  # type: ignore[attr-defined]
         raise err
     try:
+        fast = _FAST_DECODE.get(command_id)
+        if fast is not None:
+            pdu = fast(frame, status, sequence)
+            if pdu is not None:
+                return pdu
         return cls.decode_body(_Reader(frame), status, sequence)
     except RemoteProtocolError as exc:
         raise BodyError(str(exc), exc.status, command_id, sequence) from None
 
 
+_ID_RESPONSES = frozenset({SubmitSmResp, DeliverSmResp, DataSmResp})
+
+
 def response_for(request: Pdu, status: int = Status.ESME_ROK, **fields: object) -> Pdu:
     """The response PDU that answers ``request`` (generic_nack if it has none)."""
     cls = RESPONSE_CLASS.get(request.command_id, GenericNack)
+    if cls in _ID_RESPONSES:  # the answers of every message: no keyword parsing
+        make = cls.make
+        if not fields:
+            return make(request.sequence, status)
+        mid = fields.get("message_id")
+        if len(fields) == 1 and type(mid) is str:
+            return make(request.sequence, status, mid)
     return cls(sequence=request.sequence, status=status, **fields)
 
 

@@ -11,7 +11,7 @@ carrier-facing ESME side are this one class with a different ``role``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import struct
 from dataclasses import dataclass
 from enum import Enum
 
@@ -49,6 +49,13 @@ class State(Enum):
     CLOSED = "closed"
 
 
+_OPEN = State.OPEN
+_CLOSED = State.CLOSED
+_BOUND_TX = State.BOUND_TX
+_BOUND_RX = State.BOUND_RX
+_BOUND_TRX = State.BOUND_TRX
+_SMSC = Role.SMSC
+
 _BOUND_STATE = {
     BindType.TRANSMITTER: State.BOUND_TX,
     BindType.RECEIVER: State.BOUND_RX,
@@ -61,6 +68,16 @@ _SUBMIT_IDS = frozenset(
     {CommandId.SUBMIT_SM, CommandId.QUERY_SM, CommandId.DATA_SM, CommandId.CANCEL_SM}
 )
 _DELIVER_IDS = frozenset({CommandId.DELIVER_SM})
+_ESME_SUBMIT_IDS = frozenset({CommandId.SUBMIT_SM, CommandId.QUERY_SM, CommandId.CANCEL_SM})
+# Enum members read through their class cost ~70 ns each on Python 3.11; the
+# per-PDU paths below use these plain module constants instead.
+_ENQUIRE_LINK = int(CommandId.ENQUIRE_LINK)
+_UNBIND = int(CommandId.UNBIND)
+_UNBIND_RESP = int(CommandId.UNBIND_RESP)
+_GENERIC_NACK = int(CommandId.GENERIC_NACK)
+_RESPONSE_BIT = int(RESPONSE_BIT)
+_ROK = int(Status.ESME_ROK)
+_U32 = struct.Struct(">I")
 
 
 # ------------------------------------------------------------------- events
@@ -169,7 +186,8 @@ class SmppSession:
 
     @property
     def bound(self) -> bool:
-        return self.state in (State.BOUND_TX, State.BOUND_RX, State.BOUND_TRX)
+        s = self.state
+        return s is _BOUND_TRX or s is _BOUND_TX or s is _BOUND_RX
 
     @property
     def can_send(self) -> bool:
@@ -188,38 +206,50 @@ class SmppSession:
 
     def receive_data(self, data: bytes, now: float) -> list[Event]:
         """Feed bytes read from the socket; get events for complete PDUs."""
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return []
-        self._buf += data
         self.last_rx = now
-        return list(self._frames())
-
-    def _frames(self) -> Iterator[Event]:
         buf = self._buf
+        if buf:
+            buf += data
+            data = bytes(buf)
+            buf.clear()
+        elif type(data) is not bytes:
+            data = bytes(data)
+        # Frames are sliced from one bytes object: a single copy each (none
+        # when a read is exactly one PDU); only an incomplete tail is kept.
+        events: list[Event] = []
         pos = 0
-        end = len(buf)
+        end = len(data)
+        max_pdu = self.max_pdu
+        unpack = _U32.unpack_from
+        on_frame = self._on_frame
         try:
             while end - pos >= 4:
-                length = int.from_bytes(buf[pos : pos + 4], "big")
-                if length < HEADER_LEN or length > self.max_pdu:
-                    self.state = State.CLOSED
-                    yield Reject(
-                        GenericNack(sequence=0, status=Status.ESME_RINVCMDLEN),
-                        f"command_length {length} outside {HEADER_LEN}..{self.max_pdu}",
-                        close=True,
+                length = unpack(data, pos)[0]
+                if length < HEADER_LEN or length > max_pdu:
+                    self.state = _CLOSED
+                    events.append(
+                        Reject(
+                            GenericNack(sequence=0, status=Status.ESME_RINVCMDLEN),
+                            f"command_length {length} outside {HEADER_LEN}..{max_pdu}",
+                            close=True,
+                        )
                     )
-                    return
+                    break
                 if end - pos < length:
                     break
-                frame = bytes(buf[pos : pos + length])
+                frame = data[pos : pos + length]
                 pos += length
-                event = self._on_frame(frame)
+                event = on_frame(frame)
                 if event is not None:
-                    yield event
-                if self.state is State.CLOSED:
-                    return
+                    events.append(event)
+                if self.state is _CLOSED:
+                    break
         finally:
-            del buf[:pos]
+            if pos < end:
+                buf += memoryview(data)[pos:]
+        return events
 
     def _on_frame(self, frame: bytes) -> Event | None:
         try:
@@ -241,7 +271,7 @@ class SmppSession:
         except FramingError as exc:
             self.state = State.CLOSED
             return Reject(GenericNack(status=exc.status), str(exc), close=True)
-        if pdu.command_id & RESPONSE_BIT:
+        if pdu.command_id & _RESPONSE_BIT:
             return self._on_response(pdu)
         return self._on_request(pdu)
 
@@ -250,15 +280,13 @@ class SmppSession:
         if entry is None:
             return StrayResponse(pdu)
         request, sent_at = entry
-        if (
-            pdu.command_id == CommandId.GENERIC_NACK
-            or pdu.command_id == request.command_id | RESPONSE_BIT
-        ):
+        cid = pdu.command_id
+        if cid == request.command_id | _RESPONSE_BIT or cid == _GENERIC_NACK:
             del self.outstanding[pdu.sequence]
-            if pdu.command_id in _BIND_RESP_IDS and pdu.status == Status.ESME_ROK:
+            if cid in _BIND_RESP_IDS and pdu.status == _ROK:
                 self.bind_type = BindType(request.command_id)
                 self.state = _BOUND_STATE[self.bind_type]
-            elif pdu.command_id == CommandId.UNBIND_RESP:
+            elif cid == _UNBIND_RESP:
                 self.state = State.CLOSED
             if request.sequence == self._enquire_seq:
                 self._enquire_seq = None
@@ -269,10 +297,10 @@ class SmppSession:
     def _on_request(self, pdu: Pdu) -> Event:
         cid = pdu.command_id
         seq = pdu.sequence
-        if cid == CommandId.ENQUIRE_LINK:
+        if cid == _ENQUIRE_LINK:
             self.peer_pending.add(seq)
             return Request(pdu)
-        if cid == CommandId.UNBIND:
+        if cid == _UNBIND:
             # Honoured in any state; from now on new requests are refused
             # (RINVBNDSTS) while the ones in flight are answered.
             self.peer_pending.add(seq)
@@ -287,10 +315,11 @@ class SmppSession:
             self._bind_seq = seq
             self.peer_pending.add(seq)
             return Request(pdu)
-        if not self.bound:
+        state = self.state
+        if not (state is _BOUND_TRX or state is _BOUND_TX or state is _BOUND_RX):
             return self._reject(cid, seq, Status.ESME_RINVBNDSTS, "request before bind")
         assert self.bind_type is not None
-        if self.role is Role.SMSC:
+        if self.role is _SMSC:
             if cid in _SUBMIT_IDS and not self.bind_type.can_submit:
                 return self._reject(cid, seq, Status.ESME_RINVBNDSTS, "submit on a receiver bind")
             if cid in _DELIVER_IDS:
@@ -298,7 +327,7 @@ class SmppSession:
         else:
             if cid in _DELIVER_IDS and not self.bind_type.can_receive:
                 return self._reject(cid, seq, Status.ESME_RINVBNDSTS, "deliver on a transmitter")
-            if cid in (CommandId.SUBMIT_SM, CommandId.QUERY_SM, CommandId.CANCEL_SM):
+            if cid in _ESME_SUBMIT_IDS:
                 return self._reject(cid, seq, Status.ESME_RINVCMDID, "submit sent to an ESME")
         if len(self.peer_pending) >= self.peer_window:
             return self._reject(cid, seq, Status.ESME_RTHROTTLED, "peer window full")
@@ -314,26 +343,31 @@ class SmppSession:
     def send(self, pdu: Pdu, now: float) -> bytes:
         """Encode a PDU to send. Requests get a sequence number if they have none
         and enter the window; responses settle the peer's request."""
-        if self.state is State.CLOSED:
+        state = self.state
+        if state is _CLOSED:
             raise LocalProtocolError("session is closed")
         cid = pdu.command_id
-        if cid & RESPONSE_BIT:
+        if cid & _RESPONSE_BIT:
             data = pdu.encode()  # encode first: a failure must leave no trace
             self.peer_pending.discard(pdu.sequence)
             if cid in _BIND_RESP_IDS:
                 self._bind_seq = None
-            if cid in _BIND_RESP_IDS and pdu.status == Status.ESME_ROK:
-                self.bind_type = BindType(cid & ~RESPONSE_BIT)
-                self.state = _BOUND_STATE[self.bind_type]
-            elif cid == CommandId.UNBIND_RESP:
+                if pdu.status == _ROK:
+                    self.bind_type = BindType(cid & ~RESPONSE_BIT)
+                    self.state = _BOUND_STATE[self.bind_type]
+            elif cid == _UNBIND_RESP:
                 self.state = State.UNBINDING
             return data
         if cid in _BIND_IDS:
-            if self.role is not Role.ESME or self.state is not State.OPEN:
+            if self.role is not Role.ESME or state is not _OPEN:
                 raise LocalProtocolError("bind is only sent by an unbound ESME")
-        elif cid not in (CommandId.ENQUIRE_LINK, CommandId.UNBIND) and not self.bound:
+        elif (
+            cid != _ENQUIRE_LINK
+            and cid != _UNBIND
+            and not (state is _BOUND_TRX or state is _BOUND_TX or state is _BOUND_RX)
+        ):
             raise LocalProtocolError(f"{CommandId(cid).name} before bind")
-        if len(self.outstanding) >= self.window and cid != CommandId.ENQUIRE_LINK:
+        if len(self.outstanding) >= self.window and cid != _ENQUIRE_LINK:
             raise LocalProtocolError("window full")
         assigned = pdu.sequence == 0
         if assigned:
@@ -344,7 +378,7 @@ class SmppSession:
             if assigned:
                 pdu.sequence = 0
             raise
-        if cid == CommandId.UNBIND:
+        if cid == _UNBIND:
             self.state = State.UNBINDING
         self.outstanding[pdu.sequence] = (pdu, now)
         return data

@@ -20,7 +20,7 @@ from typing import Any
 
 from .constants import CommandId, Status
 from .errors import LocalProtocolError, SmppError
-from .pdu import EnquireLinkResp, Pdu, Unbind, UnbindResp
+from .pdu import EnquireLinkResp, Pdu, Unbind, UnbindResp, response_for
 from .session import (
     EnquireLinkDue,
     Event,
@@ -35,6 +35,9 @@ from .session import (
 
 ResponseCallback = Callable[[Pdu | None, Pdu], None]
 """Called with (response or None on timeout/disconnect, request)."""
+
+_ENQUIRE_LINK = int(CommandId.ENQUIRE_LINK)
+_UNBIND = int(CommandId.UNBIND)
 
 
 class SmppProtocol(asyncio.Protocol):
@@ -52,6 +55,9 @@ class SmppProtocol(asyncio.Protocol):
         self._paused_reading = False
         self._writing_paused = False
         self.closed: asyncio.Future[None] | None = None
+        # Kept from connection_made: asyncio.get_running_loop() costs a getpid()
+        # system call on Python 3.11, too much for once per PDU.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._window_waiters: list[asyncio.Future[None]] = []
         self._unbind_seq: int | None = None
         self._unbind_deadline = 0.0
@@ -63,6 +69,7 @@ class SmppProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.peer = transport.get_extra_info("peername")
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self.closed = loop.create_future()
         self.session.last_rx = self.clock()
         self._timer = loop.call_later(self.tick, self._on_tick)
@@ -97,19 +104,29 @@ class SmppProtocol(asyncio.Protocol):
     # ------------------------------------------------------------- reading
 
     def data_received(self, data: bytes) -> None:
+        # What handling this read writes leaves in one write, by a callback
+        # queued after the ones this read scheduled (e.g. a carrier's pump
+        # sending the next submit_sm): answers and new requests share it.
+        already = self._flush_scheduled
+        self._flush_scheduled = True
         try:
             events = self.session.receive_data(data, self.clock())
             for event in events:
                 self._dispatch(event)
         finally:
-            self._flush()
+            if already:
+                pass  # a flush is queued already and takes these writes too
+            elif self._out and self._loop is not None:
+                self._loop.call_soon(self._flush)
+            else:
+                self._flush()
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, Request):
             cid = event.pdu.command_id
-            if cid == CommandId.ENQUIRE_LINK:
+            if cid == _ENQUIRE_LINK:
                 self.send(EnquireLinkResp(sequence=event.pdu.sequence))
-            elif cid == CommandId.UNBIND:
+            elif cid == _UNBIND:
                 # Answer what is still in flight first (a submit already taken
                 # must get its submit_sm_resp, or the client resends it); new
                 # requests get ESME_RINVBNDSTS from the session meanwhile.
@@ -134,7 +151,8 @@ class SmppProtocol(asyncio.Protocol):
                 waiter(event.pdu, event.request)
             else:
                 self.on_response(event.pdu, event.request)
-            self._wake_window_waiters()
+            if self._window_waiters:
+                self._wake_window_waiters()
         elif isinstance(event, Reject):
             self.on_reject(event)
             if event.close:
@@ -180,7 +198,7 @@ class SmppProtocol(asyncio.Protocol):
         self._out.append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -209,8 +227,6 @@ class SmppProtocol(asyncio.Protocol):
             self.close()
 
     def answer(self, request: Pdu, status: int = Status.ESME_ROK, **fields: Any) -> None:
-        from .pdu import response_for
-
         self.send(response_for(request, status, **fields))
 
     def send_request(self, pdu: Pdu, callback: ResponseCallback) -> None:

