@@ -5,6 +5,7 @@ in reverse. Also the demo mode (embedded PostgreSQL + carrier simulators).
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -245,6 +246,17 @@ class Router:
             await self.pool.close()
 
 
+def tune_gc() -> None:
+    """For the daemon process (not for a Router embedded in a larger one):
+    start-up objects (modules, config, accounts, route tables) live as long
+    as the process, so move them out of the collector's way, and collect the
+    young generation less often. On smpp-e2e, GC went from ~17% to under 8%
+    of router CPU (full passes 44 -> 4 ms)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+
+
 async def _serve(cfg: Config, *, demo: bool, data_dir: Path, config_path: str | None = None) -> int:
     from .sim import CarrierSimulator, SimConfig
 
@@ -279,6 +291,7 @@ async def _serve(cfg: Config, *, demo: bool, data_dir: Path, config_path: str | 
                     sims.append(sim)
         router = Router(cfg)
         await router.start(migrate_schema=demo)
+        tune_gc()
         reload_path = config_path if not (demo and not config_path) else None
         loop.add_signal_handler(
             signal.SIGHUP, lambda: asyncio.ensure_future(router.reload(reload_path))

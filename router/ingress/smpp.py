@@ -70,6 +70,7 @@ _MAX_STATE_FOR_STATUS = {
     Status.CANCELED: MessageState.DELETED,
 }
 _CODING_UNITS = {0x00: "gsm7", 0x08: "ucs2", 0x03: "latin1"}
+_SAR_TAGS = frozenset((Tag.SAR_MSG_REF_NUM, Tag.SAR_TOTAL_SEGMENTS, Tag.SAR_SEGMENT_SEQNUM))
 
 
 class CustomerBind(SmppProtocol):
@@ -428,20 +429,19 @@ class SmppFrontDoor:
             # message_payload) is split here into UDH segments.
             if coding == "ucs2" and len(payload) % 2:
                 raise SmppError("UCS2 text has an odd number of octets", Smpp.ESME_RINVMSGLEN)
-            units = len(payload) // 2 if coding == "ucs2" else len(payload)
-            enc = Encoded(coding=coding, data_coding=dc, payload=payload, units=units)
-            try:
-                segments = tuple(split(enc, ref=self.engine.rng.randrange(256)))
-            except ValueError:
-                raise SmppError("message too long", Smpp.ESME_RINVMSGLEN) from None
-            if len(segments) > 1:
-                esm = ESM_UDHI
+            if len(payload) <= 140 or (coding == "gsm7" and len(payload) <= 160):
+                segments = (payload,)  # fits one SMS: the common case, no split needed
+            else:
+                units = len(payload) // 2 if coding == "ucs2" else len(payload)
+                enc = Encoded(coding=coding, data_coding=dc, payload=payload, units=units)
+                try:
+                    segments = tuple(split(enc, ref=self.engine.rng.randrange(256)))
+                except ValueError:
+                    raise SmppError("message too long", Smpp.ESME_RINVMSGLEN) from None
+                if len(segments) > 1:
+                    esm = ESM_UDHI
             body = payload
-        tlvs = tuple(
-            (t, v)
-            for t, v in pdu.tlvs.items()
-            if t in (Tag.SAR_MSG_REF_NUM, Tag.SAR_TOTAL_SEGMENTS, Tag.SAR_SEGMENT_SEQNUM)
-        )
+        tlvs = tuple((t, v) for t, v in pdu.tlvs.items() if t in _SAR_TAGS) if pdu.tlvs else ()
         return Message(
             id=new_message_id(),
             account_id=account.id,
