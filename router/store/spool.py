@@ -37,6 +37,16 @@ from ..observe import metrics
 log = structlog.get_logger("router.spool")
 
 DurableCallback = Callable[[bool], None]
+SPOOL_COLUMNS = (
+    "id",
+    "account_id",
+    "class",
+    "created_at",
+    "expires_at",
+    "encrypted",
+    "payload",
+    "due_at",
+)
 ROUTE_COLUMNS = (
     "carrier",
     "carrier_id",
@@ -362,6 +372,7 @@ class PgSpool:
         self._route_deletes: list[tuple[str, str]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._upkeep: asyncio.Task[None] | None = None
         self._closing = False
         self.rows = 0  # approximate rows in the table (for the bound and the metric)
         self.healthy = True
@@ -459,23 +470,29 @@ class PgSpool:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="spool-writer")
+            self._task = asyncio.create_task(self._run_adds(), name="spool-writer")
+            self._upkeep = asyncio.create_task(self._run_upkeep(), name="spool-upkeep")
 
     async def close(self, timeout: float = 5.0) -> None:
         self._closing = True
         self._wake.set()
-        if self._task is not None:
+        for task in (self._task, self._upkeep):
+            if task is None:
+                continue
             try:
-                await asyncio.wait_for(self._task, timeout)
+                await asyncio.wait_for(task, timeout)
             except TimeoutError:
                 log.error("spool_close_timeout", waiting=len(self._adds))
-            self._task = None
+        self._task = self._upkeep = None
         # Anything still unwritten was never acknowledged: tell the submitters.
         adds, self._adds = self._adds, []
         for _, cb in adds:
             cb(False)
 
-    async def _run(self) -> None:
+    async def _run_adds(self) -> None:
+        """Group commit of new messages, the only write a submitter waits
+        for: its own connection and transaction, so it never queues behind
+        the deletes and receipt-route upkeep (which run in _run_upkeep)."""
         loop = asyncio.get_running_loop()
         first_failure: float | None = None
         while True:
@@ -485,31 +502,59 @@ class PgSpool:
                 except TimeoutError:
                     pass
             self._wake.clear()
-            if not (self._adds or self._deletes or self._routes or self._route_deletes):
+            if not self._adds:
                 if self._closing:
                     return
                 continue
             adds = self._adds[: self.batch]
+            try:
+                async with self.pool.acquire() as conn:
+                    await conn.copy_records_to_table(
+                        "spool", records=[r for r, _ in adds], columns=SPOOL_COLUMNS
+                    )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                self.healthy = False
+                now = loop.time()
+                first_failure = first_failure or now
+                log.warning("spool_write_failed", error=type(exc).__name__, waiting=len(self._adds))
+                if now - first_failure > self.write_deadline or self._closing:
+                    # Could not make them durable in time: refuse them now
+                    # rather than leave submitters waiting.
+                    failed, self._adds = self._adds, []
+                    for _, cb in failed:
+                        cb(False)
+                    first_failure = None
+                if self._closing:
+                    return
+                await asyncio.sleep(0.1)
+                continue
+            first_failure = None
+            self.healthy = True
+            del self._adds[: len(adds)]
+            self.rows += len(adds)
+            metrics.SPOOL_ROWS.set(self.rows)
+            for _, cb in adds:
+                cb(True)
+
+    async def _run_upkeep(self) -> None:
+        """Deletes of rows carriers have taken and receipt-route changes, in
+        batches. Every delete follows its row's commit (a message reaches a
+        carrier only once durable), so the two writers cannot reorder a row's
+        life. Nothing waits on these; on failure they are retried."""
+        while True:
+            if not self._closing:
+                await asyncio.sleep(self.flush_interval)
+            if not (self._deletes or self._routes or self._route_deletes):
+                if self._closing and (self._task is None or self._task.done()):
+                    return
+                if self._closing:
+                    await asyncio.sleep(self.flush_interval)
+                continue
             deletes = self._deletes[: self.batch * 4]
             routes = self._routes[: self.batch * 4]
             route_deletes = self._route_deletes[: self.batch * 4]
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    if adds:
-                        await conn.copy_records_to_table(
-                            "spool",
-                            records=[r for r, _ in adds],
-                            columns=(
-                                "id",
-                                "account_id",
-                                "class",
-                                "created_at",
-                                "expires_at",
-                                "encrypted",
-                                "payload",
-                                "due_at",
-                            ),
-                        )
                     if deletes:
                         await conn.execute("DELETE FROM spool WHERE id = ANY($1::text[])", deletes)
                     if routes:
@@ -531,32 +576,16 @@ class PgSpool:
                             [i for _, i in route_deletes],
                         )
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                self.healthy = False
-                now = loop.time()
-                first_failure = first_failure or now
-                log.warning("spool_write_failed", error=type(exc).__name__, waiting=len(self._adds))
-                if now - first_failure > self.write_deadline or self._closing:
-                    # Could not make them durable in time: refuse them now
-                    # rather than leave submitters waiting.
-                    failed, self._adds = self._adds, []
-                    for _, cb in failed:
-                        cb(False)
-                    first_failure = None
+                log.warning("spool_upkeep_failed", error=type(exc).__name__)
                 if self._closing:
                     return
                 await asyncio.sleep(0.1)
                 continue
-            first_failure = None
-            self.healthy = True
-            del self._adds[: len(adds)]
             del self._deletes[: len(deletes)]
             del self._routes[: len(routes)]
             del self._route_deletes[: len(route_deletes)]
-            self.rows += len(adds) - len(deletes)
-            self.rows = max(self.rows, 0)
+            self.rows = max(self.rows - len(deletes), 0)
             metrics.SPOOL_ROWS.set(self.rows)
-            for _, cb in adds:
-                cb(True)
 
     def _decode(self, message_id: str, encrypted: bool, payload: bytes) -> Message:
         raw = bytes(payload)
