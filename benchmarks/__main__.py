@@ -9,10 +9,12 @@ import sys
 
 USAGE = """usage: python -m benchmarks run [SCENARIO ...] [--quick] [--duration S] [--rate R]
        python -m benchmarks list
+       python -m benchmarks readme [--results DIR]
 
 commands:
   run    start simulators, router and load generator as subprocesses, measure, stop
   list   the scenarios
+  readme the README's Performance and codec tables from the result files
 """
 
 
@@ -34,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nfull: {FULL.warmup:g} s warm-up + {FULL.duration:g} s measured per scenario"
               f" unless the scenario says otherwise; --quick: {QUICK.duration:g} s, no warm-up")
         return 0
+    if command == "readme":
+        from .readme import main as readme_main
+
+        return readme_main(rest)
     print(USAGE, file=sys.stderr)
     return 2
 

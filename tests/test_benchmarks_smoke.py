@@ -157,3 +157,23 @@ def test_loadgen_lifecycle_counts_lost_duplicate_and_early_receipts() -> None:
     assert gen.pending == {"b", "c"}  # lost if no receipt comes
     assert gen.duplicate_receipts == 1
     assert gen.orphans == {"x"}
+
+
+def test_readme_tables_are_the_generated_ones() -> None:
+    """The README's Performance and codec tables are exactly what
+    ``python -m benchmarks readme`` prints from benchmarks/results: figures
+    are copied from a run, never typed."""
+    import contextlib
+    import io
+
+    from benchmarks.readme import main as readme_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert readme_main(["--results", str(REPO / "benchmarks" / "results")]) == 0
+    generated = out.getvalue().strip()
+    readme = (REPO / "README.md").read_text()
+    start, end = "<!-- perf-tables:start -->", "<!-- perf-tables:end -->"
+    assert start in readme and end in readme
+    block = readme.split(start, 1)[1].split(end, 1)[0].strip()
+    assert block == generated
