@@ -198,8 +198,9 @@ class Router:
             await self.accounts.load(self.pool)
 
     async def reload(self, config_path: str | None = None) -> bool:
-        """SIGHUP: routes and carriers from the config file, accounts and keys
-        from the database; customer binds stay up. A config that does not
+        """SIGHUP: routes, carriers and [smpp] settings (for new binds) from
+        the config file, accounts and keys from the database; customer binds
+        stay up. A config that does not
         check out is refused whole and the running one stays."""
         if config_path:
             try:
@@ -212,6 +213,8 @@ class Router:
             if self.engine is not None:
                 changes = self.engine.reconfigure(new)
                 log.info("carriers_reloaded", **changes)
+            if self.smpp is not None:
+                self.smpp.reconfigure(new)
             self.cfg = new
         if self.pool is not None:
             await self.accounts.load(self.pool)

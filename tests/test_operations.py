@@ -187,3 +187,33 @@ async def test_metrics_move_with_traffic_and_carry_no_personal_data(stack_factor
     labels = re.findall(r'="([^"]*)"', body)
     assert not [v for v in labels if re.search(r"\d{6,}", v)]
     assert "secret-text" not in body and "14155552671" not in body and "Acme" not in body
+
+
+async def test_reload_applies_smpp_settings_to_new_binds(
+    stack_factory: Any, tmp_path: Path
+) -> None:
+    """[smpp] settings from a reloaded file apply to binds made afterwards
+    (here a window of 1); the bind already up keeps its own."""
+    stack = await stack_factory()
+    old, _ = await connect(stack.smpp_port)
+    cfg = tmp_path / "router.toml"
+    carriers = "".join(carrier_toml(name, sim.port) for name, sim in stack.sims.items())
+    cfg.write_text(
+        carriers
+        + '[routes]\ndefault = ["sim-world"]\n'
+        + "[smpp]\nwindow = 1\nreassembly_timeout = 5.0\n"
+    )
+    try:
+        assert await stack.router.reload(str(cfg))
+        assert stack.router.smpp.concat.timeout == 5.0
+        new, _ = await connect(stack.smpp_port)
+        try:
+            burst = await asyncio.gather(*(new.submit("+14155552671", "w") for _ in range(4)))
+            statuses = Counter(r.status for r in burst)
+            assert statuses[Status.ESME_RTHROTTLED] >= 1, statuses
+            burst = await asyncio.gather(*(old.submit("+14155552671", "w") for _ in range(4)))
+            assert [r.status for r in burst] == [Status.ESME_ROK] * 4
+        finally:
+            new.close()
+    finally:
+        old.close()

@@ -220,6 +220,17 @@ class SmppFrontDoor:
         self._concat_timer: asyncio.TimerHandle | None = None
         self._concat_stopped = False
 
+    def reconfigure(self, cfg: Config) -> None:
+        """SIGHUP: [smpp] settings apply to binds made from now on (window,
+        timers, max_pdu) and at once to receipts and reassembly; binds
+        already up keep their session settings. Listen addresses need a
+        restart."""
+        if cfg.smpp_listen != self.cfg.smpp_listen:
+            log.warning("reload_listen_ignored", section="listen", hint="restart to change")
+        self.cfg = cfg
+        self.concat.timeout = cfg.smpp.reassembly_timeout
+        self.concat.max_parts = cfg.smpp.reassembly_max_parts
+
     async def start(self) -> int:
         host, port = self.cfg.smpp_listen
         loop = asyncio.get_running_loop()
