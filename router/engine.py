@@ -294,6 +294,10 @@ class Engine:
                 429,
                 retry_after=1,
             )
+        self._check_spool_room()
+        return chosen
+
+    def _check_spool_room(self) -> None:
         if isinstance(self.spool, PgSpool) and not self.spool.has_room(1):
             raise Rejected(
                 "spool_full",
@@ -302,7 +306,6 @@ class Engine:
                 429,
                 retry_after=1,
             )
-        return chosen
 
     def submit(self, msg: Message, done: SubmitCallback, *, hold: bool = False) -> None:
         """Take a message: ``done`` gets the Delivery once the message is
@@ -408,14 +411,7 @@ class Engine:
             # Same checks as a message for now, except room in a carrier
             # queue: that is taken when it falls due.
             self._check(msg)
-            if not self.spool.has_room(1):
-                raise Rejected(
-                    "spool_full",
-                    "the durable spool is full",
-                    SmppStatus.ESME_RMSGQFUL,
-                    429,
-                    retry_after=1,
-                )
+            self._check_spool_room()
         except Rejected as exc:
             done(exc)
             return

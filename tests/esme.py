@@ -7,6 +7,8 @@ tests that need many concurrent submits or precise control.)
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 from router.smpp.constants import CommandId, Tag
@@ -54,3 +56,13 @@ async def connect(
     _, proto = await loop.create_connection(lambda: TestEsme(window), "127.0.0.1", port)
     resp = await proto.request(bind_cls(system_id=system_id, password=password))
     return proto, resp
+
+
+async def until(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``cond`` every 20 ms until it is true; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{what}: not met within {timeout} s")

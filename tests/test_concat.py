@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -37,7 +36,7 @@ from router.smpp.constants import MessageState, Status, Tag
 from router.smpp.errors import SmppError
 from router.smpp.pdu import DataSm, Pdu, QuerySm, SubmitSm
 from router.text.segment import encode_text, split
-from tests.esme import connect
+from tests.esme import connect, until
 from tests.smpplib_client import Smpplib
 
 if TYPE_CHECKING:  # imported by name, pytest would try to collect it
@@ -50,15 +49,6 @@ OTHER = ("Another long text here. " * 20)[:380]
 
 
 # ------------------------------------------------------------------ helpers
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{what}: not met within {timeout} s")
 
 
 def udh_parts(text: str, ref: int, ref16: bool = False) -> list[bytes]:

@@ -23,7 +23,7 @@ from router.ingress.openapi import PROBLEM_BASE
 from router.model import Status as MsgStatus
 from router.smpp.constants import MessageState, Status, Tag
 from router.smpp.pdu import CancelSm, QuerySm
-from tests.esme import connect
+from tests.esme import connect, until
 
 DEMO = {"Authorization": "Bearer demo-key", "Content-Type": "application/json"}
 ACME = {"Authorization": "Bearer acme-key-0001", "Content-Type": "application/json"}
@@ -32,15 +32,6 @@ DK = "+4512345678"
 
 def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-
-
-async def until(cond: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{what}: not met within {timeout} s")
 
 
 @pytest.fixture

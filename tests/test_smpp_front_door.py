@@ -44,7 +44,7 @@ from router.smpp.pdu import (
     Unbind,
     decode,
 )
-from tests.esme import connect
+from tests.esme import connect, until
 from tests.smpplib_client import Smpplib
 
 DK = "+4512345678"  # routed to sim-eu
@@ -53,15 +53,6 @@ MESSAGE_CLASS_TAG = 0x1400
 
 
 # ------------------------------------------------------------------ helpers
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{what}: not met within {timeout} s")
 
 
 def sm(dest: str = DK, text: str = "hello", **fields: Any) -> SubmitSm:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import aiohttp
@@ -15,19 +14,10 @@ import asyncpg
 from router.model import Status as MsgStatus
 from router.smpp.constants import MessageState, Status
 from router.smpp.pdu import QuerySm
-from tests.esme import connect
+from tests.esme import connect, until
 
 DEMO = {"Authorization": "Bearer demo-key", "Content-Type": "application/json"}
 ACME = {"Authorization": "Bearer acme-key-0001", "Content-Type": "application/json"}
-
-
-async def until(cond: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{what}: not met within {timeout} s")
 
 
 async def logged(db: asyncpg.Pool, message_id: str, status: str) -> None:

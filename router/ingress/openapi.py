@@ -437,6 +437,14 @@ def _schemas(max_batch: int) -> dict[str, Any]:
     }
 
 
+_ID_PARAM = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": MESSAGE_ID_PATTERN},
+}
+
+
 def _document(max_batch: int) -> dict[str, Any]:
     auth = {
         "401": _problem_response("Missing or invalid API key.", headers=_WWW_AUTHENTICATE),
@@ -526,14 +534,7 @@ def _document(max_batch: int) -> dict[str, Any]:
                 "get": {
                     "operationId": "getMessage",
                     "summary": "Status of one message of this account",
-                    "parameters": [
-                        {
-                            "name": "id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string", "pattern": MESSAGE_ID_PATTERN},
-                        }
-                    ],
+                    "parameters": [_ID_PARAM],
                     "responses": {
                         "200": {
                             "description": "The message's status.",
@@ -551,14 +552,7 @@ def _document(max_batch: int) -> dict[str, Any]:
                 "delete": {
                     "operationId": "cancelMessage",
                     "summary": "Cancel a scheduled message that is still waiting",
-                    "parameters": [
-                        {
-                            "name": "id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string", "pattern": MESSAGE_ID_PATTERN},
-                        }
-                    ],
+                    "parameters": [_ID_PARAM],
                     "responses": {
                         "200": {
                             "description": "Canceled: the message's status (now `canceled`).",
