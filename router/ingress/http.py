@@ -350,7 +350,7 @@ async def errors_middleware(
     except Exception as exc:  # never a stack trace to the client, never the payload to the log
         log.error("http_internal_error", route=route, error=type(exc).__name__)
         resp = problem(500, "internal-error")
-    metrics.HTTP_REQUESTS.labels(route, str(resp.status)).inc()
+    metrics.child(metrics.HTTP_REQUESTS, route, str(resp.status)).inc()
     return resp
 
 
@@ -412,6 +412,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _too_large(limit: int) -> web.Response:
+    return problem(413, "body-too-large", f"the body exceeds {limit} bytes")
+
+
 async def _read_json(request: web.Request) -> Any:
     cfg = request.app[CONFIG].http
     if request.content_type != "application/json" or (
@@ -420,13 +424,12 @@ async def _read_json(request: web.Request) -> Any:
         raise BadRequest(
             problem(415, "unsupported-media-type", "send Content-Type: application/json (UTF-8)")
         )
-    too_large = problem(413, "body-too-large", f"the body exceeds {cfg.max_body} bytes")
     if request.content_length is not None and request.content_length > cfg.max_body:
-        raise BadRequest(too_large)
+        raise BadRequest(_too_large(cfg.max_body))
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise BadRequest(too_large) from None
+        raise BadRequest(_too_large(cfg.max_body)) from None
     try:
         return json.loads(
             raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicates

@@ -85,6 +85,12 @@ class RouteTable:
     blocked_countries: frozenset[str] = frozenset()
     blocked_prefixes: tuple[str, ...] = ()
     accounts: dict[str, RouteTable] = field(default_factory=dict)
+    # Lengths of the prefix overrides, longest first: a lookup tries only
+    # those instead of every length up to 15.
+    _prefix_lengths: tuple[int, ...] = field(default=(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._prefix_lengths = tuple(sorted({len(p) for p in self.prefixes}, reverse=True))
 
     @classmethod
     def from_config(cls, cfg: RoutesConfig) -> RouteTable:
@@ -121,10 +127,12 @@ class RouteTable:
         if country in self.blocked_countries:
             raise NoRoute(f"blocked country {country}")
         # Longest prefix override wins.
-        for n in range(min(len(digits), 15), 0, -1):
-            entries = self.prefixes.get(digits[:n])
-            if entries:
-                return RouteDecision(order(entries, rng), f"prefix +{digits[:n]}")
+        longest = min(len(digits), 15)
+        for n in self._prefix_lengths:
+            if n <= longest:
+                entries = self.prefixes.get(digits[:n])
+                if entries:
+                    return RouteDecision(order(entries, rng), f"prefix +{digits[:n]}")
         entries = self.countries.get(country)
         if entries:
             return RouteDecision(order(entries, rng), f"country {country}")
@@ -135,6 +143,8 @@ class RouteTable:
 
 def order(entries: list[RouteEntry], rng: random.Random) -> list[str]:
     """Carriers by priority; within a priority, a weighted random order."""
+    if len(entries) == 1:
+        return [entries[0].carrier]
     by_prio: dict[int, list[RouteEntry]] = {}
     for e in entries:
         by_prio.setdefault(e.priority, []).append(e)

@@ -359,6 +359,7 @@ class PgSpool:
         flush_interval: float = 0.005,
         batch: int = 5_000,
         write_deadline: float = 5.0,
+        writers: int = 2,
     ) -> None:
         self.pool = pool
         self.aead = AESGCM(key) if key else None
@@ -366,20 +367,22 @@ class PgSpool:
         self.flush_interval = flush_interval
         self.batch = batch
         self.write_deadline = write_deadline
+        self.writers = max(1, writers)
         self._adds: list[tuple[tuple[Any, ...], DurableCallback]] = []
         self._deletes: list[str] = []
         self._routes: list[tuple[Any, ...]] = []
         self._route_deletes: list[tuple[str, str]] = []
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._writer_tasks: list[asyncio.Task[None]] = []
         self._upkeep: asyncio.Task[None] | None = None
         self._closing = False
+        self._writing = 0  # rows inside a COPY that has not committed yet
         self.rows = 0  # approximate rows in the table (for the bound and the metric)
         self.healthy = True
 
     @property
     def size(self) -> int:
-        return self.rows + len(self._adds)
+        return self.rows + self._writing + len(self._adds)
 
     def has_room(self, n: int = 1) -> bool:
         return self.size + n <= self.max_rows
@@ -469,21 +472,25 @@ class PgSpool:
     # --------------------------------------------------------------- writer
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run_adds(), name="spool-writer")
+        if not self._writer_tasks:
+            self._writer_tasks = [
+                asyncio.create_task(self._run_adds(), name=f"spool-writer-{i}")
+                for i in range(self.writers)
+            ]
             self._upkeep = asyncio.create_task(self._run_upkeep(), name="spool-upkeep")
 
     async def close(self, timeout: float = 5.0) -> None:
         self._closing = True
         self._wake.set()
-        for task in (self._task, self._upkeep):
+        for task in (*self._writer_tasks, self._upkeep):
             if task is None:
                 continue
             try:
                 await asyncio.wait_for(task, timeout)
             except TimeoutError:
                 log.error("spool_close_timeout", waiting=len(self._adds))
-        self._task = self._upkeep = None
+        self._writer_tasks = []
+        self._upkeep = None
         # Anything still unwritten was never acknowledged: tell the submitters.
         adds, self._adds = self._adds, []
         for _, cb in adds:
@@ -492,7 +499,13 @@ class PgSpool:
     async def _run_adds(self) -> None:
         """Group commit of new messages, the only write a submitter waits
         for: its own connection and transaction, so it never queues behind
-        the deletes and receipt-route upkeep (which run in _run_upkeep)."""
+        the deletes and receipt-route upkeep (which run in _run_upkeep).
+
+        ``writers`` of these run at once, each taking the batch waiting when
+        it is free: what arrives while one COPY commits goes out in the next
+        one within ``flush_interval`` instead of waiting for the first to
+        finish (measured: one writer committing ~540 rows per 32 ms COPY kept
+        the submit answer waiting ~1.5 COPYs on average)."""
         loop = asyncio.get_running_loop()
         first_failure: float | None = None
         while True:
@@ -507,12 +520,16 @@ class PgSpool:
                     return
                 continue
             adds = self._adds[: self.batch]
+            del self._adds[: len(adds)]
+            self._writing += len(adds)
             try:
                 async with self.pool.acquire() as conn:
                     await conn.copy_records_to_table(
                         "spool", records=[r for r, _ in adds], columns=SPOOL_COLUMNS
                     )
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                self._writing -= len(adds)
+                self._adds[:0] = adds  # first in line again, in their order
                 self.healthy = False
                 now = loop.time()
                 first_failure = first_failure or now
@@ -528,9 +545,13 @@ class PgSpool:
                     return
                 await asyncio.sleep(0.1)
                 continue
+            except BaseException:
+                self._writing -= len(adds)
+                self._adds[:0] = adds  # cancelled: close() answers them
+                raise
             first_failure = None
             self.healthy = True
-            del self._adds[: len(adds)]
+            self._writing -= len(adds)
             self.rows += len(adds)
             metrics.SPOOL_ROWS.set(self.rows)
             for _, cb in adds:
@@ -545,7 +566,7 @@ class PgSpool:
             if not self._closing:
                 await asyncio.sleep(self.flush_interval)
             if not (self._deletes or self._routes or self._route_deletes):
-                if self._closing and (self._task is None or self._task.done()):
+                if self._closing and all(t.done() for t in self._writer_tasks):
                     return
                 if self._closing:
                     await asyncio.sleep(self.flush_interval)
