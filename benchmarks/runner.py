@@ -151,8 +151,8 @@ SCENARIOS: dict[str, Scenario] = {
                  "simulators: ratio of accepted/s and receipts/s", binds=10, window=64,
                  default=False, settle=30.0),
         Scenario("http-single", "http",
-                 "POST /v1/messages, one message per request, 32 requests in flight",
-                 concurrency=32),
+                 "POST /v1/messages, one message per request, 128 keep-alive connections "
+                 "with one request in flight each", concurrency=128),
         Scenario("http-batch", "http",
                  "POST /v1/messages with {\"messages\": [...]} of 100, 8 requests in flight",
                  batch=100, concurrency=8),
