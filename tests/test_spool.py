@@ -5,37 +5,17 @@ when a write fails, and refused (never left waiting) after the deadline."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import asyncpg
 
-from router.model import Message, MessageClass, Origin
+from router.model import Message
 from router.store.spool import PgSpool
 from tests.esme import until
-
-NOW = time.time()
+from tests.factories import make_message
 
 
 def message(i: int) -> Message:
-    return Message(
-        id=f"spooltest{i:08d}",
-        account_id=1,
-        account="acme",
-        origin=Origin.SMPP,
-        msg_class=MessageClass.STANDARD,
-        source="Acme",
-        source_ton=5,
-        source_npi=0,
-        destination="4512345678",
-        country="DK",
-        data_coding=0,
-        esm_class=0,
-        segments=(b"hello",),
-        text="hello",
-        registered_delivery=1,
-        accepted_at=NOW,
-        expires_at=NOW + 3600,
-    )
+    return make_message(f"spooltest{i:08d}")
 
 
 class Answers:

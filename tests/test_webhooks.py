@@ -29,8 +29,9 @@ from router.accounts import create_account
 from router.app import Router
 from router.config import WebhookConfig
 from router.dlr import WebhookSender, sign, verify_signature, webhook_secret
-from router.model import Delivery, Message, MessageClass, Origin, Status
+from router.model import Delivery, MessageClass, Origin, Status
 from router.sim import SimConfig
+from tests.factories import make_message
 
 DEMO = {"Authorization": "Bearer demo-key"}
 MASTER = "test-master-key"
@@ -266,22 +267,14 @@ def delivery(
     userref: str | None = "r",
 ) -> Delivery:
     now = time.time()
-    msg = Message(
-        id=f"{next(_ids):020x}",
+    msg = make_message(
+        f"{next(_ids):020x}",
         account_id=account_id,
         account=f"a{account_id}",
         origin=Origin.HTTP,
         msg_class=MessageClass.SECRET if secret else MessageClass.STANDARD,
-        source="Acme",
-        source_ton=5,
-        source_npi=0,
-        destination="4512345678",
-        country="DK",
-        data_coding=0,
-        esm_class=0,
         segments=(b"hi",),
         text="hi",
-        registered_delivery=1,
         accepted_at=now,
         expires_at=now + 60,
         userref=userref,
