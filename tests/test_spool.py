@@ -5,6 +5,7 @@ when a write fails, and refused (never left waiting) after the deadline."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import asyncpg
 
@@ -114,3 +115,119 @@ async def test_close_answers_what_was_never_written(db: asyncpg.Pool) -> None:
         await db.execute("ALTER TABLE spool_away RENAME TO spool")
     assert len(answers.got) == 50
     assert all(v == [False] for v in answers.got.values())
+
+
+async def copies_in_progress(db: asyncpg.Pool) -> int:
+    """Sessions of this database waiting on the lock of the spool table
+    (a COPY first reads the table's columns, which waits too)."""
+    return int(
+        await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE '%spool%'"
+        )
+    )
+
+
+async def test_two_writers_copy_at_the_same_time(db: asyncpg.Pool) -> None:
+    spool = PgSpool(db, key=None, batch=50, writers=2)
+    spool.start()
+    answers = Answers()
+    try:
+        async with db.acquire() as locker, locker.transaction():
+            # Both writers block on the lock, each with a batch of its own.
+            await locker.execute("LOCK TABLE spool IN ACCESS EXCLUSIVE MODE")
+            for i in range(100):
+                msg = message(i)
+                spool.add(msg, answers.callback(msg))
+            for _ in range(250):
+                if await copies_in_progress(db) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert await copies_in_progress(db) == 2
+            assert answers.count() == 0
+        await until(lambda: answers.count() == 100, timeout=10)
+        assert all(v == [True] for v in answers.got.values())
+    finally:
+        await spool.close()
+
+
+async def test_close_gives_up_on_stuck_writes_and_answers_each_once(db: asyncpg.Pool) -> None:
+    spool = PgSpool(db, key=None, batch=50, writers=2)
+    spool.start()
+    answers = Answers()
+    async with db.acquire() as locker:
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute("LOCK TABLE spool IN ACCESS EXCLUSIVE MODE")
+        try:
+            for i in range(120):  # two batches in flight, the rest waiting
+                msg = message(i)
+                spool.add(msg, answers.callback(msg))
+            await until(lambda: spool._writing == 100, timeout=5)
+            started = time.monotonic()
+            await spool.close(timeout=0.3)
+            assert time.monotonic() - started < 3
+        finally:
+            await tx.rollback()
+    assert len(answers.got) == 120
+    assert all(v == [False] for v in answers.got.values())
+    assert spool.size == 0
+
+
+async def test_deadline_counts_from_each_message_not_from_an_old_failure(
+    db: asyncpg.Pool,
+) -> None:
+    spool = PgSpool(db, key=None, batch=100, writers=2, write_deadline=1.0)
+    spool.start()
+    answers = Answers()
+    early, late = message(1), message(2)
+    await db.execute("ALTER TABLE spool RENAME TO spool_away")
+    try:
+        spool.add(early, answers.callback(early))
+        await asyncio.sleep(0.7)
+        spool.add(late, answers.callback(late))
+        await until(lambda: early.id in answers.got, timeout=5)
+        assert answers.got[early.id] == [False]  # waited past the deadline
+        assert late.id not in answers.got  # still within its own
+    finally:
+        await db.execute("ALTER TABLE spool_away RENAME TO spool")
+    try:
+        await until(lambda: late.id in answers.got, timeout=5)
+        assert answers.got[late.id] == [True]
+        # A short outage long after the last one refuses nothing.
+        await asyncio.sleep(1.2)
+        again = message(3)
+        await db.execute("ALTER TABLE spool RENAME TO spool_away")
+        try:
+            spool.add(again, answers.callback(again))
+            await until(lambda: not spool.healthy, timeout=5)
+        finally:
+            await db.execute("ALTER TABLE spool_away RENAME TO spool")
+        await until(lambda: again.id in answers.got, timeout=5)
+        assert answers.got[again.id] == [True]
+    finally:
+        await spool.close()
+
+
+async def test_rows_an_earlier_copy_committed_count_as_durable(db: asyncpg.Pool) -> None:
+    # As if a COPY had committed but its writer saw the connection drop:
+    # the retry meets the rows already there.
+    first = PgSpool(db, key=None)
+    first.start()
+    answers = Answers()
+    kept = message(1)
+    first.add(kept, answers.callback(kept))
+    await until(lambda: answers.count() == 1, timeout=5)
+    await first.close()
+
+    retry = PgSpool(db, key=None)
+    retry.start()
+    try:
+        new = message(2)
+        retry.add(kept, answers.callback(kept))
+        retry.add(new, answers.callback(new))
+        await until(lambda: answers.count() == 3, timeout=5)
+        assert answers.got == {kept.id: [True, True], new.id: [True]}
+        assert await spooled_ids(db) == {kept.id, new.id}
+    finally:
+        await retry.close()

@@ -1,8 +1,10 @@
 """The spool: what makes "accepted" mean "will be delivered" (at-least-once).
 
-``add`` buffers a message; one writer task COPYs buffered rows in a single
-transaction (group commit) and only then calls each message's callback, so
-the submitter's positive answer comes after the message is durable.
+``add`` buffers a message; writer tasks (two by default) COPY buffered rows,
+a batch per transaction (group commit), and only then call each message's
+callback, so the submitter's positive answer comes after the message is
+durable. A message that cannot be written within ``write_deadline`` of its
+``add`` is refused instead (its submitter gets a throttling answer).
 ``taken`` batches the DELETE of rows a carrier has accepted. After a crash,
 ``load`` returns every message still in the spool to be sent again;
 duplicates are possible only where a carrier took a message and the router
@@ -20,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import itertools
 import json
 import os
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +41,8 @@ from ..observe import metrics
 log = structlog.get_logger("router.spool")
 
 DurableCallback = Callable[[bool], None]
+_Add = tuple[tuple[Any, ...], DurableCallback, float]
+"""A message waiting to be durable: (spool row, callback, monotonic time of add)."""
 SPOOL_COLUMNS = (
     "id",
     "account_id",
@@ -368,7 +374,7 @@ class PgSpool:
         self.batch = batch
         self.write_deadline = write_deadline
         self.writers = max(1, writers)
-        self._adds: list[tuple[tuple[Any, ...], DurableCallback]] = []
+        self._adds: list[_Add] = []  # waiting for a writer
         self._deletes: list[str] = []
         self._routes: list[tuple[Any, ...]] = []
         self._route_deletes: list[tuple[str, str]] = []
@@ -377,6 +383,8 @@ class PgSpool:
         self._upkeep: asyncio.Task[None] | None = None
         self._closing = False
         self._writing = 0  # rows inside a COPY that has not committed yet
+        self._in_flight: dict[int, list[_Add]] = {}  # those rows, by batch
+        self._batch_keys = itertools.count()
         self.rows = 0  # approximate rows in the table (for the bound and the metric)
         self.healthy = True
 
@@ -410,7 +418,7 @@ class PgSpool:
             payload,
             None if msg.send_at is None else dt.datetime.fromtimestamp(msg.send_at, _UTC),
         )
-        self._adds.append((row, done))
+        self._adds.append((row, done, time.monotonic()))
         if len(self._adds) >= self.batch:
             self._wake.set()
 
@@ -480,21 +488,69 @@ class PgSpool:
             self._upkeep = asyncio.create_task(self._run_upkeep(), name="spool-upkeep")
 
     async def close(self, timeout: float = 5.0) -> None:
+        """Write what is waiting (bounded by ``timeout`` in all) and stop;
+        every message not durable by then is answered False, once."""
         self._closing = True
         self._wake.set()
-        for task in (*self._writer_tasks, self._upkeep):
-            if task is None:
-                continue
-            try:
-                await asyncio.wait_for(task, timeout)
-            except TimeoutError:
-                log.error("spool_close_timeout", waiting=len(self._adds))
+        tasks = [t for t in (*self._writer_tasks, self._upkeep) if t is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            if pending:
+                log.error("spool_close_timeout", waiting=len(self._adds) + self._writing)
+                for task in pending:
+                    task.cancel()
+                # A cancelled COPY may still be releasing its connection;
+                # its batch is answered below either way.
+                await asyncio.wait(pending, timeout=1.0)
         self._writer_tasks = []
         self._upkeep = None
         # Anything still unwritten was never acknowledged: tell the submitters.
-        adds, self._adds = self._adds, []
-        for _, cb in adds:
+        waiting, self._adds = self._adds, []
+        for key in list(self._in_flight):
+            waiting.extend(self._settle_batch(key) or ())
+        for _, cb, _ in waiting:
             cb(False)
+
+    def _settle_batch(self, key: int) -> list[_Add] | None:
+        """Take a batch out of flight; None if close() has answered it."""
+        adds = self._in_flight.pop(key, None)
+        if adds is not None:
+            self._writing -= len(adds)
+        return adds
+
+    def _refuse_overdue(self) -> None:
+        """After a failed write: refuse what has waited longer than
+        ``write_deadline`` since its add (everything when closing), rather
+        than leave its submitter waiting. Batches in a COPY are answered by
+        their writer."""
+        if self._closing:
+            overdue, self._adds = self._adds, []
+        else:
+            cutoff = time.monotonic() - self.write_deadline
+            overdue = [a for a in self._adds if a[2] < cutoff]
+            if overdue:
+                self._adds = [a for a in self._adds if a[2] >= cutoff]
+        for _, cb, _ in overdue:
+            cb(False)
+
+    async def _copy(self, adds: list[_Add]) -> None:
+        async with self.pool.acquire() as conn:
+            try:
+                await conn.copy_records_to_table(
+                    "spool", records=[a[0] for a in adds], columns=SPOOL_COLUMNS
+                )
+            except asyncpg.UniqueViolationError:
+                # An earlier COPY of some of these committed although its
+                # writer saw an error (connection lost after COMMIT, or
+                # cancelled while committing): those rows are durable. Ids
+                # are unique per message, so the rows found are these.
+                ids = [a[0][0] for a in adds]
+                found = await conn.fetch("SELECT id FROM spool WHERE id = ANY($1::text[])", ids)
+                there = {r["id"] for r in found}
+                rest = [a[0] for a in adds if a[0][0] not in there]
+                log.warning("spool_rows_already_written", rows=len(there))
+                if rest:
+                    await conn.copy_records_to_table("spool", records=rest, columns=SPOOL_COLUMNS)
 
     async def _run_adds(self) -> None:
         """Group commit of new messages, the only write a submitter waits
@@ -505,9 +561,9 @@ class PgSpool:
         it is free: what arrives while one COPY commits goes out in the next
         one within ``flush_interval`` instead of waiting for the first to
         finish (measured: one writer committing ~540 rows per 32 ms COPY kept
-        the submit answer waiting ~1.5 COPYs on average)."""
-        loop = asyncio.get_running_loop()
-        first_failure: float | None = None
+        the submit answer waiting ~1.5 COPYs on average). A batch is always
+        in exactly one place: waiting in ``_adds`` or in flight in
+        ``_in_flight``, so each message is answered exactly once."""
         while True:
             if not self._closing and len(self._adds) < self.batch:
                 try:
@@ -521,47 +577,38 @@ class PgSpool:
                 continue
             adds = self._adds[: self.batch]
             del self._adds[: len(adds)]
+            key = next(self._batch_keys)
+            self._in_flight[key] = adds
             self._writing += len(adds)
             try:
-                async with self.pool.acquire() as conn:
-                    await conn.copy_records_to_table(
-                        "spool", records=[r for r, _ in adds], columns=SPOOL_COLUMNS
-                    )
+                await self._copy(adds)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                self._writing -= len(adds)
-                self._adds[:0] = adds  # first in line again, in their order
+                if self._settle_batch(key) is not None:
+                    self._adds[:0] = adds  # first in line again
                 self.healthy = False
-                now = loop.time()
-                first_failure = first_failure or now
                 log.warning("spool_write_failed", error=type(exc).__name__, waiting=len(self._adds))
-                if now - first_failure > self.write_deadline or self._closing:
-                    # Could not make them durable in time: refuse them now
-                    # rather than leave submitters waiting.
-                    failed, self._adds = self._adds, []
-                    for _, cb in failed:
-                        cb(False)
-                    first_failure = None
+                self._refuse_overdue()
                 if self._closing:
                     return
                 await asyncio.sleep(0.1)
                 continue
             except BaseException:
-                self._writing -= len(adds)
-                self._adds[:0] = adds  # cancelled: close() answers them
+                if self._settle_batch(key) is not None:
+                    self._adds[:0] = adds  # cancelled: close() answers them
                 raise
-            first_failure = None
+            if self._settle_batch(key) is None:
+                continue  # close() gave up on it and answered it already
             self.healthy = True
-            self._writing -= len(adds)
             self.rows += len(adds)
             metrics.SPOOL_ROWS.set(self.rows)
-            for _, cb in adds:
+            for _, cb, _ in adds:
                 cb(True)
 
     async def _run_upkeep(self) -> None:
         """Deletes of rows carriers have taken and receipt-route changes, in
         batches. Every delete follows its row's commit (a message reaches a
-        carrier only once durable), so the two writers cannot reorder a row's
-        life. Nothing waits on these; on failure they are retried."""
+        carrier only once durable), so the row writers and this one cannot
+        reorder a row's life. Nothing waits on these; on failure they are retried."""
         while True:
             if not self._closing:
                 await asyncio.sleep(self.flush_interval)
