@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 
 import aiohttp  # only for the two /metrics scrapes (stats.scrape_counters)
 
-from .stats import Series, Window, counter_delta, scrape_counters, summarize
+from .stats import Series, Window, counter_delta, measure_window, scrape_counters, summarize
 
 TEXT = "Bench: your verification code is 424242. It expires in 10 minutes."
 TICK = 0.001
@@ -312,6 +312,7 @@ class HttpGenerator:
             first = {"status": code, "ms": round((clock() - t) * 1000, 3)}
             self.t0 = self.series.t0 = clock()
             self.submitting = True
+            before = None
             if a.warmup <= 0:
                 self.win.open(clock(), a.duration)
                 before = await scrape_counters(probe, a.ops_url)
@@ -319,13 +320,9 @@ class HttpGenerator:
                 runners = [asyncio.create_task(self.worker()) for _ in range(a.concurrency)]
             else:
                 runners = [asyncio.create_task(self.open_loop())]
-            if a.warmup > 0:
-                await asyncio.sleep(a.warmup)
-                before = await scrape_counters(probe, a.ops_url)
-                self.win.open(clock(), a.duration)
-            cpu0 = time.process_time()
-            await asyncio.sleep(max(0.0, self.win.end - clock()))
-            cpu1 = time.process_time()
+            before, cpu = await measure_window(
+                self.win, a.warmup, a.duration, probe, a.ops_url, before
+            )
             after = await scrape_counters(probe, a.ops_url)
             self.submitting = False
             await asyncio.wait(runners, timeout=a.drain + 30)
@@ -366,7 +363,7 @@ class HttpGenerator:
                 "receipts_per_s": None if delivered is None else delivered / duration,
                 "receipts_source": RECEIPTS_SOURCE,
                 "router_counters": router,
-                "loadgen_cpu_s": cpu1 - cpu0,
+                "loadgen_cpu_s": cpu,
             },
             "latency": {
                 "request": summarize(self.latency),

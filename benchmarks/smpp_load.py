@@ -49,7 +49,7 @@ from router.smpp.pdu import BindTransceiver, Pdu, SubmitSm
 from router.smpp.session import Role, SmppSession
 from router.smpp.transport import SmppProtocol
 
-from .stats import Series, Window, counter_delta, scrape_counters, summarize
+from .stats import Series, Window, counter_delta, measure_window, scrape_counters, summarize
 
 TEXT = b"Bench: your verification code is 424242. It expires in 10 minutes."
 TICK = 0.001  # open-loop scheduling granularity (seconds)
@@ -292,6 +292,7 @@ class Generator:
         self.started = clock()
         self.t0 = self.series.t0 = self.started  # the series starts with the first submit
         self.submitting = True
+        before = None
         if a.warmup <= 0:
             self.win.open(self.started, a.duration)
             before = await scrape_counters(probe, a.ops_url)
@@ -300,13 +301,7 @@ class Generator:
                 self.fill(bind)
         else:
             self.on_tick()
-        if a.warmup > 0:
-            await asyncio.sleep(a.warmup)
-            before = await scrape_counters(probe, a.ops_url)
-            self.win.open(clock(), a.duration)
-        cpu0 = time.process_time()
-        await asyncio.sleep(max(0.0, self.win.end - clock()))
-        cpu1 = time.process_time()
+        before, cpu = await measure_window(self.win, a.warmup, a.duration, probe, a.ops_url, before)
         self.submitting = False
         after = await scrape_counters(probe, a.ops_url)
         if self._tick is not None:
@@ -373,7 +368,7 @@ class Generator:
                 "backlog_at_end": window_backlog,
                 "backlog_dropped": self.backlog_dropped,
                 "receipts_missing_after_drain": len(self.awaiting),
-                "loadgen_cpu_s": cpu1 - cpu0,
+                "loadgen_cpu_s": cpu,
                 "router_counters": counter_delta(before, after),
             },
             "latency": {

@@ -8,7 +8,9 @@ percentiles are exact, not histogram estimates.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from array import array
 from collections import Counter
 from typing import Any
@@ -134,3 +136,25 @@ def counter_delta(
     if before is None or after is None:
         return None
     return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in sorted(set(before) | set(after))}
+
+
+async def measure_window(
+    win: Window,
+    warmup: float,
+    duration: float,
+    probe: object,
+    ops_url: str | None,
+    before: dict[str, float] | None,
+) -> tuple[dict[str, float] | None, float]:
+    """With the load running: let the warm-up pass, then read the router's
+    counters and open the window (with no warm-up the caller opened it, and
+    read ``before``, before the load started); sleep to the window's end.
+    Returns the counters at the window's start and the CPU seconds this
+    process used inside the window."""
+    if warmup > 0:
+        await asyncio.sleep(warmup)
+        before = await scrape_counters(probe, ops_url)
+        win.open(time.monotonic(), duration)
+    cpu0 = time.process_time()
+    await asyncio.sleep(max(0.0, win.end - time.monotonic()))
+    return before, time.process_time() - cpu0

@@ -5,7 +5,10 @@ when a write fails, and refused (never left waiting) after the deadline."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 
@@ -31,20 +34,43 @@ class Answers:
     def count(self) -> int:
         return sum(len(v) for v in self.got.values())
 
+    def add(self, spool: PgSpool, msg: Message) -> None:
+        spool.add(msg, self.callback(msg))
+
+    def add_many(self, spool: PgSpool, n: int) -> None:
+        for i in range(n):
+            self.add(spool, message(i))
+
+
+@contextlib.asynccontextmanager
+async def table_away(db: asyncpg.Pool) -> AsyncIterator[None]:
+    """The spool table renamed away (every write fails) inside the block."""
+    await db.execute("ALTER TABLE spool RENAME TO spool_away")
+    try:
+        yield
+    finally:
+        await db.execute("ALTER TABLE spool_away RENAME TO spool")
+
+
+def started(db: asyncpg.Pool, **options: Any) -> PgSpool:
+    """A spool on ``db`` without a secret key, its writers running."""
+    spool = PgSpool(db, key=None, **options)
+    spool.start()
+    return spool
+
 
 async def spooled_ids(db: asyncpg.Pool) -> set[str]:
     return {r["id"] for r in await db.fetch("SELECT id FROM spool WHERE id LIKE 'spooltest%'")}
 
 
 async def test_concurrent_writers_answer_each_message_once(db: asyncpg.Pool) -> None:
-    spool = PgSpool(db, key=None, batch=200, writers=2)
-    spool.start()
+    spool = started(db, batch=200, writers=2)
     answers = Answers()
     try:
         n = 3_000
         for i in range(n):
             msg = message(i)
-            spool.add(msg, answers.callback(msg))
+            answers.add(spool, msg)
             if i % 250 == 0:
                 await asyncio.sleep(0)  # let writers take batches while adds go on
         await until(lambda: answers.count() == n, timeout=20)
@@ -59,20 +85,14 @@ async def test_concurrent_writers_answer_each_message_once(db: asyncpg.Pool) -> 
 async def test_failed_write_keeps_messages_in_line_until_the_database_is_back(
     db: asyncpg.Pool,
 ) -> None:
-    spool = PgSpool(db, key=None, batch=100, writers=2, write_deadline=30.0)
-    spool.start()
+    spool = started(db, batch=100, writers=2, write_deadline=30.0)
     answers = Answers()
-    await db.execute("ALTER TABLE spool RENAME TO spool_away")
-    try:
-        for i in range(500):
-            msg = message(i)
-            spool.add(msg, answers.callback(msg))
+    async with table_away(db):
+        answers.add_many(spool, 500)
         await until(lambda: not spool.healthy, timeout=10)
         await asyncio.sleep(0.3)  # several failed attempts by both writers
         assert answers.count() == 0  # nobody answered while nothing is durable
         assert spool.size == 500  # the bound still counts them
-    finally:
-        await db.execute("ALTER TABLE spool_away RENAME TO spool")
     try:
         await until(lambda: answers.count() == 500, timeout=20)
         assert all(v == [True] for v in answers.got.values())
@@ -83,36 +103,26 @@ async def test_failed_write_keeps_messages_in_line_until_the_database_is_back(
 
 
 async def test_messages_are_refused_once_the_write_deadline_passes(db: asyncpg.Pool) -> None:
-    spool = PgSpool(db, key=None, batch=100, writers=2, write_deadline=0.5)
-    spool.start()
+    spool = started(db, batch=100, writers=2, write_deadline=0.5)
     answers = Answers()
-    await db.execute("ALTER TABLE spool RENAME TO spool_away")
     try:
-        for i in range(300):
-            msg = message(i)
-            spool.add(msg, answers.callback(msg))
-        await until(lambda: answers.count() == 300, timeout=10)
-        assert all(v == [False] for v in answers.got.values())
-        assert spool.size == 0
+        async with table_away(db):
+            answers.add_many(spool, 300)
+            await until(lambda: answers.count() == 300, timeout=10)
+            assert all(v == [False] for v in answers.got.values())
+            assert spool.size == 0
     finally:
-        await db.execute("ALTER TABLE spool_away RENAME TO spool")
         await spool.close()
     assert await spooled_ids(db) == set()
 
 
 async def test_close_answers_what_was_never_written(db: asyncpg.Pool) -> None:
-    spool = PgSpool(db, key=None, batch=100, writers=2, write_deadline=60.0)
-    spool.start()
+    spool = started(db, batch=100, writers=2, write_deadline=60.0)
     answers = Answers()
-    await db.execute("ALTER TABLE spool RENAME TO spool_away")
-    try:
-        msgs = [message(i) for i in range(50)]
-        for msg in msgs:
-            spool.add(msg, answers.callback(msg))
+    async with table_away(db):
+        answers.add_many(spool, 50)
         await until(lambda: not spool.healthy, timeout=10)
         await spool.close(timeout=5)
-    finally:
-        await db.execute("ALTER TABLE spool_away RENAME TO spool")
     assert len(answers.got) == 50
     assert all(v == [False] for v in answers.got.values())
 
@@ -129,16 +139,13 @@ async def copies_in_progress(db: asyncpg.Pool) -> int:
 
 
 async def test_two_writers_copy_at_the_same_time(db: asyncpg.Pool) -> None:
-    spool = PgSpool(db, key=None, batch=50, writers=2)
-    spool.start()
+    spool = started(db, batch=50, writers=2)
     answers = Answers()
     try:
         async with db.acquire() as locker, locker.transaction():
             # Both writers block on the lock, each with a batch of its own.
             await locker.execute("LOCK TABLE spool IN ACCESS EXCLUSIVE MODE")
-            for i in range(100):
-                msg = message(i)
-                spool.add(msg, answers.callback(msg))
+            answers.add_many(spool, 100)
             for _ in range(250):
                 if await copies_in_progress(db) == 2:
                     break
@@ -152,21 +159,18 @@ async def test_two_writers_copy_at_the_same_time(db: asyncpg.Pool) -> None:
 
 
 async def test_close_gives_up_on_stuck_writes_and_answers_each_once(db: asyncpg.Pool) -> None:
-    spool = PgSpool(db, key=None, batch=50, writers=2)
-    spool.start()
+    spool = started(db, batch=50, writers=2)
     answers = Answers()
     async with db.acquire() as locker:
         tx = locker.transaction()
         await tx.start()
         await locker.execute("LOCK TABLE spool IN ACCESS EXCLUSIVE MODE")
         try:
-            for i in range(120):  # two batches in flight, the rest waiting
-                msg = message(i)
-                spool.add(msg, answers.callback(msg))
+            answers.add_many(spool, 120)  # two batches in flight, the rest waiting
             await until(lambda: spool._writing == 100, timeout=5)
-            started = time.monotonic()
+            began = time.monotonic()
             await spool.close(timeout=0.3)
-            assert time.monotonic() - started < 3
+            assert time.monotonic() - began < 3
         finally:
             await tx.rollback()
     assert len(answers.got) == 120
@@ -177,32 +181,25 @@ async def test_close_gives_up_on_stuck_writes_and_answers_each_once(db: asyncpg.
 async def test_deadline_counts_from_each_message_not_from_an_old_failure(
     db: asyncpg.Pool,
 ) -> None:
-    spool = PgSpool(db, key=None, batch=100, writers=2, write_deadline=1.0)
-    spool.start()
+    spool = started(db, batch=100, writers=2, write_deadline=1.0)
     answers = Answers()
     early, late = message(1), message(2)
-    await db.execute("ALTER TABLE spool RENAME TO spool_away")
-    try:
-        spool.add(early, answers.callback(early))
+    async with table_away(db):
+        answers.add(spool, early)
         await asyncio.sleep(0.7)
-        spool.add(late, answers.callback(late))
+        answers.add(spool, late)
         await until(lambda: early.id in answers.got, timeout=5)
         assert answers.got[early.id] == [False]  # waited past the deadline
         assert late.id not in answers.got  # still within its own
-    finally:
-        await db.execute("ALTER TABLE spool_away RENAME TO spool")
     try:
         await until(lambda: late.id in answers.got, timeout=5)
         assert answers.got[late.id] == [True]
         # A short outage long after the last one refuses nothing.
         await asyncio.sleep(1.2)
         again = message(3)
-        await db.execute("ALTER TABLE spool RENAME TO spool_away")
-        try:
-            spool.add(again, answers.callback(again))
+        async with table_away(db):
+            answers.add(spool, again)
             await until(lambda: not spool.healthy, timeout=5)
-        finally:
-            await db.execute("ALTER TABLE spool_away RENAME TO spool")
         await until(lambda: again.id in answers.got, timeout=5)
         assert answers.got[again.id] == [True]
     finally:
@@ -212,20 +209,18 @@ async def test_deadline_counts_from_each_message_not_from_an_old_failure(
 async def test_rows_an_earlier_copy_committed_count_as_durable(db: asyncpg.Pool) -> None:
     # As if a COPY had committed but its writer saw the connection drop:
     # the retry meets the rows already there.
-    first = PgSpool(db, key=None)
-    first.start()
+    first = started(db)
     answers = Answers()
     kept = message(1)
-    first.add(kept, answers.callback(kept))
+    answers.add(first, kept)
     await until(lambda: answers.count() == 1, timeout=5)
     await first.close()
 
-    retry = PgSpool(db, key=None)
-    retry.start()
+    retry = started(db)
     try:
         new = message(2)
-        retry.add(kept, answers.callback(kept))
-        retry.add(new, answers.callback(new))
+        answers.add(retry, kept)
+        answers.add(retry, new)
         await until(lambda: answers.count() == 3, timeout=5)
         assert answers.got == {kept.id: [True, True], new.id: [True]}
         assert await spooled_ids(db) == {kept.id, new.id}
