@@ -85,6 +85,10 @@ class SmppIngressConfig:
     receipt_buffer: int = 100_000
     reassembly_timeout: float = 30.0  # customer-split parts wait this long for the rest
     reassembly_max_parts: int = 100_000  # parts held router-wide (0 = no reassembly)
+    # After a throttling answer, read nothing more from that bind for this
+    # long, doubling while the answers go on, up to the max (0 = off).
+    throttle_pause: float = 0.01
+    throttle_pause_max: float = 1.0
 
 
 @dataclass(slots=True)
@@ -267,6 +271,10 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
         raise ConfigError("smpp.reassembly_timeout: must be > 0 and <= 3600 seconds")
     if cfg.smpp.reassembly_max_parts < 0:
         raise ConfigError("smpp.reassembly_max_parts: must be >= 0 (0 = no reassembly)")
+    if not 0 <= cfg.smpp.throttle_pause <= cfg.smpp.throttle_pause_max <= 10:
+        raise ConfigError(
+            "smpp.throttle_pause: must be >= 0 and <= smpp.throttle_pause_max (at most 10 s)"
+        )
 
     http_t = data.pop("http", {})
     for name in HttpConfig.__slots__:

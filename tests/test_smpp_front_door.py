@@ -24,6 +24,7 @@ import smpplib.client
 import smpplib.consts
 import smpplib.exceptions
 import smpplib.gsm
+from prometheus_client import REGISTRY
 
 from router.accounts import create_account
 from router.config import SmppIngressConfig
@@ -547,6 +548,39 @@ async def test_window_overflow_throttles_only_the_flooding_bind(stack_factory: A
         assert ok >= 4 and throttled >= 8, flood_statuses
         # Retrying later (as a client should after ESME_RTHROTTLED) works.
         assert (await flood.submit(DK, "retry")).status == Status.ESME_ROK
+    finally:
+        flood.close()
+        calm.close()
+
+
+async def test_throttled_bind_is_read_again_only_after_a_pause(stack_factory: Any) -> None:
+    stack = await stack_factory(
+        smpp=SmppIngressConfig(window=4, throttle_pause=1.0, throttle_pause_max=1.0)
+    )
+    flood, _ = await connect(stack.smpp_port, window=64)
+    calm, _ = await connect(stack.smpp_port, window=64)
+    holds = REGISTRY.get_sample_value("smsrouter_smpp_read_holds_total") or 0.0
+    try:
+        started = time.monotonic()
+        burst = await asyncio.gather(*(flood.submit(DK, f"flood {i}") for i in range(20)))
+        assert Status.ESME_RTHROTTLED in [r.status for r in burst]
+        # The flooding bind is not read for a second after its first
+        # throttling answer (its burst or this retry waits it out) ...
+        calm_started = time.monotonic()
+        calm_statuses = [(await calm.submit(DK, f"calm {i}")).status for i in range(5)]
+        calm_took = time.monotonic() - calm_started
+        retry = await flood.submit(DK, "retry")
+        flood_took = time.monotonic() - started
+        assert retry.status == Status.ESME_ROK
+        assert flood_took >= 0.9, flood_took
+        # ... while other binds are served at once.
+        assert calm_statuses == [Status.ESME_ROK] * 5
+        assert calm_took < 0.5, calm_took
+        assert (REGISTRY.get_sample_value("smsrouter_smpp_read_holds_total") or 0) > holds
+        # Accepted again: the bind is read normally.
+        t = time.monotonic()
+        assert (await flood.submit(DK, "normal")).status == Status.ESME_ROK
+        assert time.monotonic() - t < 0.5
     finally:
         flood.close()
         calm.close()

@@ -71,6 +71,8 @@ _MAX_STATE_FOR_STATUS = {
 }
 _CODING_UNITS = {0x00: "gsm7", 0x08: "ucs2", 0x03: "latin1"}
 _SAR_TAGS = frozenset((Tag.SAR_MSG_REF_NUM, Tag.SAR_TOTAL_SEGMENTS, Tag.SAR_SEGMENT_SEQNUM))
+_THROTTLING = frozenset((Smpp.ESME_RTHROTTLED, Smpp.ESME_RMSGQFUL))
+_SUBMIT_RESPONSES = frozenset((CommandId.SUBMIT_SM_RESP, CommandId.DATA_SM_RESP))
 
 
 class CustomerBind(SmppProtocol):
@@ -94,6 +96,7 @@ class CustomerBind(SmppProtocol):
         self.account: Account | None = None
         self.bind_type: BindType | None = None
         self._binding = False
+        self._throttle_streak = 0  # read holds since the last accepted submit
 
     @property
     def peer_ip(self) -> str | None:
@@ -158,6 +161,27 @@ class CustomerBind(SmppProtocol):
         self.answer(pdu, Smpp.ESME_ROK, system_id="sms-router")
         self.door.add_bind(self)
         log.info("bound", account=account.name, bind_type=bind_type.name.lower())
+
+    def send(self, pdu: Pdu) -> None:
+        super().send(pdu)
+        status = pdu.status
+        if status:
+            if status in _THROTTLING:
+                self._throttled()
+        elif self._throttle_streak and pdu.command_id in _SUBMIT_RESPONSES:
+            self._throttle_streak = 0  # taking again: the next hold starts short
+
+    def _throttled(self) -> None:
+        """A client told to slow down often resends at once, and answering
+        that storm costs the router what accepting would. So after a
+        throttling answer the bind is not read for throttle_pause seconds,
+        doubling per hold while the answers go on (up to throttle_pause_max):
+        what it sends meanwhile waits in the socket, and TCP slows it."""
+        c = self.door.cfg.smpp
+        pause = min(c.throttle_pause * 2 ** min(self._throttle_streak, 16), c.throttle_pause_max)
+        if self.hold_reading(pause):
+            self._throttle_streak += 1
+            metrics.SMPP_READ_HOLDS.inc()
 
     def on_reject(self, event: Reject) -> None:
         metrics.PDU_ERRORS.labels(status_name(event.answer.status)).inc()

@@ -54,6 +54,7 @@ class SmppProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._paused_reading = False
         self._writing_paused = False
+        self._hold: asyncio.TimerHandle | None = None  # reading held until it fires
         self.closed: asyncio.Future[None] | None = None
         # Kept from connection_made: asyncio.get_running_loop() costs a getpid()
         # system call on Python 3.11, too much for once per PDU.
@@ -79,6 +80,9 @@ class SmppProtocol(asyncio.Protocol):
         self.session.close()
         if self._timer is not None:
             self._timer.cancel()
+        if self._hold is not None:
+            self._hold.cancel()
+            self._hold = None
         waiters, self._waiters = self._waiters, {}
         pending = {req.sequence: req for req in self.session.take_outstanding()}
         for seq, waiter in waiters.items():
@@ -276,14 +280,39 @@ class SmppProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The peer is not reading our answers: stop reading its requests.
         self._writing_paused = True
-        if self.transport is not None and not self._paused_reading:
-            self._paused_reading = True
-            self.transport.pause_reading()
+        self._sync_reading()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        if self.transport is not None and self._paused_reading:
-            self._paused_reading = False
+        self._sync_reading()
+
+    def hold_reading(self, seconds: float) -> bool:
+        """Read nothing more from the peer for ``seconds`` (what it sends
+        waits in the kernel, then TCP flow control slows it). False if a
+        hold is on already: it is not extended."""
+        if self._hold is not None or seconds <= 0 or not self.is_open:
+            return False
+        loop = self._loop or asyncio.get_running_loop()
+        self._hold = loop.call_later(seconds, self._end_hold)
+        self._sync_reading()
+        return True
+
+    def _end_hold(self) -> None:
+        self._hold = None
+        self._sync_reading()
+
+    def _sync_reading(self) -> None:
+        """Read from the socket unless the peer does not read our writes or
+        a hold is on."""
+        pause = self._writing_paused or self._hold is not None
+        if self.transport is None or pause == self._paused_reading:
+            return
+        if self.transport.is_closing():
+            return
+        self._paused_reading = pause
+        if pause:
+            self.transport.pause_reading()
+        else:
             self.transport.resume_reading()
 
     # ------------------------------------------------------------- hooks
