@@ -26,6 +26,7 @@ from .ingress.admin import add_admin_routes
 from .ingress.http import make_api
 from .ingress.smpp import SmppFrontDoor
 from .model import Origin
+from .observe import metrics
 from .observe.health import make_ops
 from .store.audit import load_audit_key
 from .store.db import create_pool, migrate
@@ -258,6 +259,7 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
+    metrics.watch_gc()
 
 
 async def _serve(cfg: Config, *, demo: bool, data_dir: Path, config_path: str | None = None) -> int:
@@ -288,6 +290,7 @@ async def _serve(cfg: Config, *, demo: bool, data_dir: Path, config_path: str | 
                             system_id=c.system_id,
                             password=c.password,
                             dlr_delay=0.5,
+                            keep_received=0,  # a demo may run for days
                         )
                     )
                     await sim.start()

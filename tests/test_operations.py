@@ -5,6 +5,7 @@ changes routing; SIGTERM under load drains, exits 0 and loses nothing;
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import signal
 import time
@@ -14,9 +15,11 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from prometheus_client import REGISTRY
 
 from router.accounts import create_account
 from router.config import RouteEntry, RoutesConfig
+from router.observe import metrics
 from router.sim import CarrierSimulator, SimConfig
 from router.smpp.constants import Status
 from tests.esme import connect
@@ -217,3 +220,16 @@ async def test_reload_applies_smpp_settings_to_new_binds(
             new.close()
     finally:
         old.close()
+
+
+def test_gc_pauses_are_timed_once_per_collection() -> None:
+    def full_collections() -> float:
+        labels = {"generation": "2"}
+        return REGISTRY.get_sample_value("smsrouter_gc_pause_seconds_count", labels) or 0.0
+
+    metrics.watch_gc()
+    metrics.watch_gc()  # a second call must not time each collection twice
+    before = full_collections()
+    gc.collect()
+    gc.collect()
+    assert full_collections() == before + 2

@@ -260,6 +260,22 @@ async def test_reject_ratio_answers_submitfail(make_sim: Any, connect: Connect) 
     assert esme.delivered.empty() and sim.stats.receipts_sent == 0
 
 
+async def test_keep_received_bounds_the_records_not_the_counting(
+    make_sim: Any, connect: Connect
+) -> None:
+    sim = await make_sim(keep_received=2)
+    esme, _ = await connect(sim.port)
+    for _ in range(5):
+        assert (await esme.request(submit())).status == Status.ESME_ROK
+    assert sim.stats.accepted == 5 and len(sim.received) == 2
+    await eventually(lambda: sim.stats.receipts_sent == 5)
+
+
+def test_the_cli_simulator_keeps_no_records() -> None:
+    (cfg,) = sim_module._configs(sim_module._parser().parse_args(["--port", "0"]))
+    assert cfg.keep_received == 0
+
+
 async def test_throttle_ratio_answers_throttled(make_sim: Any, connect: Connect) -> None:
     sim = await make_sim(throttle_ratio=1.0)
     esme, _ = await connect(sim.port)

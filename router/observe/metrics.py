@@ -6,6 +6,8 @@ Never a phone number, sender id, text or per-message id (privacy.md 6).
 
 from __future__ import annotations
 
+import gc
+import time
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -107,6 +109,11 @@ THROTTLE_SENT = Counter(
     "Backpressure answers sent to submitters.",
     ["ingress", "reason"],
 )
+SMPP_READ_HOLDS = Counter(
+    "smsrouter_smpp_read_holds_total",
+    "Times the router stopped reading a customer bind for a while after "
+    "answering it ESME_RTHROTTLED or ESME_RMSGQFUL (smpp.throttle_pause).",
+)
 PDU_ERRORS = Counter(
     "smsrouter_smpp_pdu_errors_total",
     "Customer PDUs refused by the protocol layer, by command_status.",
@@ -145,7 +152,35 @@ LOOP_LAG_HIST = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
+GC_PAUSE = Histogram(
+    "smsrouter_gc_pause_seconds",
+    "Time the Python garbage collector held the router, by generation (2 = full collection).",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
 _children: dict[tuple[Any, ...], Any] = {}
+_gc_watched = False
+
+
+def watch_gc() -> None:
+    """Time every garbage collection into GC_PAUSE (once per process): a
+    full collection over many live objects stops the event loop, which
+    shows up as a latency spike with no other cause."""
+    global _gc_watched
+    if _gc_watched:
+        return
+    _gc_watched = True
+    by_generation = [GC_PAUSE.labels(str(g)) for g in range(3)]
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            by_generation[info["generation"]].observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(on_gc)
 
 
 def child(metric: Any, *values: str) -> Any:
