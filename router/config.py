@@ -88,7 +88,7 @@ class SmppIngressConfig:
     # After a throttling answer, read nothing more from that bind for this
     # long, doubling while the answers go on, up to the max (0 = off).
     throttle_pause: float = 0.01
-    throttle_pause_max: float = 1.0
+    throttle_pause_max: float = 0.25
 
 
 @dataclass(slots=True)
