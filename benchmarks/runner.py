@@ -272,7 +272,8 @@ def _git() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
+    # Porcelain lines are "XY path"; strip() above may have eaten the first X.
+    changed = [line[2:].lstrip() for line in git("status", "--porcelain").splitlines()]
     return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(changed),
             "changed_files": changed[:50]}
 
