@@ -199,7 +199,8 @@ class Router:
             await self.accounts.load(self.pool)
 
     async def reload(self, config_path: str | None = None) -> bool:
-        """SIGHUP: routes, carriers and [smpp] settings (for new binds) from
+        """SIGHUP: routes, carriers and [smpp] settings (session settings for
+        new binds; receipts, reassembly and throttle holds at once) from
         the config file, accounts and keys from the database; customer binds
         stay up. A config that does not
         check out is refused whole and the running one stays."""

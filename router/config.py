@@ -271,10 +271,10 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
         raise ConfigError("smpp.reassembly_timeout: must be > 0 and <= 3600 seconds")
     if cfg.smpp.reassembly_max_parts < 0:
         raise ConfigError("smpp.reassembly_max_parts: must be >= 0 (0 = no reassembly)")
-    if not 0 <= cfg.smpp.throttle_pause <= cfg.smpp.throttle_pause_max <= 10:
-        raise ConfigError(
-            "smpp.throttle_pause: must be >= 0 and <= smpp.throttle_pause_max (at most 10 s)"
-        )
+    if not 0 <= cfg.smpp.throttle_pause_max <= 10:
+        raise ConfigError("smpp.throttle_pause_max: must be >= 0 and <= 10 seconds")
+    if not 0 <= cfg.smpp.throttle_pause <= cfg.smpp.throttle_pause_max:
+        raise ConfigError("smpp.throttle_pause: must be >= 0 and <= smpp.throttle_pause_max")
 
     http_t = data.pop("http", {})
     for name in HttpConfig.__slots__:

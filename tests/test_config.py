@@ -43,6 +43,7 @@ def test_env_overrides_and_secret_not_in_repr() -> None:
         ({"smpp": {"window": "64"}}, "smpp.window"),
         ({"smpp": {"throttle_pause": 2.0, "throttle_pause_max": 1.0}}, "smpp.throttle_pause"),
         ({"smpp": {"throttle_pause": -0.1}}, "smpp.throttle_pause"),
+        ({"smpp": {"throttle_pause_max": 11.0}}, "smpp.throttle_pause_max"),
         ({"carriers": [{"name": "a", "bind": "sideways"}]}, r"carriers\[0\].bind"),
         ({"carriers": [{"name": "a"}, {"name": "a"}]}, r"carriers\[1\].name"),
         ({"delivery": {"guarantee": "maybe"}}, "delivery.guarantee"),

@@ -176,9 +176,14 @@ class CustomerBind(SmppProtocol):
         that storm costs the router what accepting would. So after a
         throttling answer the bind is not read for throttle_pause seconds,
         doubling per hold while the answers go on (up to throttle_pause_max):
-        what it sends meanwhile waits in the socket, and TCP slows it."""
+        what it sends meanwhile waits in the socket, and TCP slows it.
+
+        A hold holds the whole bind (one read, of up to the transport's
+        buffer, is answered per hold). When only the bind's window overflows,
+        its in-window submits are accepted and reset the streak, so those
+        holds stay at throttle_pause."""
         c = self.door.cfg.smpp
-        pause = min(c.throttle_pause * 2 ** min(self._throttle_streak, 16), c.throttle_pause_max)
+        pause = throttle_hold(self._throttle_streak, c.throttle_pause, c.throttle_pause_max)
         if self.hold_reading(pause):
             self._throttle_streak += 1
             metrics.SMPP_READ_HOLDS.inc()
@@ -201,6 +206,12 @@ class CustomerBind(SmppProtocol):
         self.door.connections.discard(self)
         if self.account is not None:
             self.door.remove_bind(self)
+
+
+def throttle_hold(streak: int, first: float, cap: float) -> float:
+    """Seconds to hold a bind after ``streak`` holds in a row: ``first``,
+    doubling, at most ``cap``."""
+    return min(first * 2.0 ** min(streak, 16), cap)
 
 
 class PendingReceipt:
@@ -246,9 +257,9 @@ class SmppFrontDoor:
 
     def reconfigure(self, cfg: Config) -> None:
         """SIGHUP: [smpp] settings apply to binds made from now on (window,
-        timers, max_pdu) and at once to receipts and reassembly; binds
-        already up keep their session settings. Listen addresses need a
-        restart."""
+        timers, max_pdu) and at once to receipts, reassembly and throttle
+        holds (from a bind's next hold); binds already up keep their session
+        settings. Listen addresses need a restart."""
         if cfg.smpp_listen != self.cfg.smpp_listen:
             log.warning("reload_listen_ignored", section="listen", hint="restart to change")
         self.cfg = cfg
