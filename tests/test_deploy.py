@@ -92,7 +92,7 @@ def exported_names(rules: dict[str, Any]) -> set[str]:
     }
     names: set[str] = set()
     for value in vars(metrics).values():
-        if isinstance(value, MetricWrapperBase):
+        if isinstance(value, MetricWrapperBase | metrics.FastCounter | metrics.FastHistogram):
             for fam in value.describe():
                 names.update(fam.name + s for s in suffixes[fam.type])
     for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):

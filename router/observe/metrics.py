@@ -6,21 +6,169 @@ Never a phone number, sender id, text or per-message id (privacy.md 6).
 
 from __future__ import annotations
 
+import bisect
 import gc
+import math
 import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+# The exposition format of bucket bounds, as prometheus_client writes them
+# (the function carries no annotations).
+_le: Callable[[float], str] = floatToGoString
+
+
+class _Tally:
+    """One labelled series: a plain float. prometheus_client guards each
+    value with a lock on every update; the router updates its metrics from
+    the event-loop thread only, so the per-message ones skip it (measured
+    ~3% of router CPU at 8k messages/s)."""
+
+    __slots__ = ("value", "created")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class FastCounter(Collector):
+    """A counter for the per-message hot path, exported like prometheus_client's
+    (``_total`` and ``_created`` samples). Event-loop thread only."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
+        if not name.endswith("_total"):
+            raise ValueError("a counter's name ends in _total")
+        self._name = name[: -len("_total")]
+        self._doc = documentation
+        self._labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], _Tally] = {}
+        if not self._labelnames:
+            self._series[()] = _Tally()
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: Any, **by_name: Any) -> _Tally:
+        key = (
+            tuple(str(by_name[n]) for n in self._labelnames)
+            if by_name
+            else tuple(str(v) for v in values)
+        )
+        if len(key) != len(self._labelnames):
+            raise ValueError(f"{self._name}: expected labels {self._labelnames}")
+        tally = self._series.get(key)
+        if tally is None:
+            tally = self._series[key] = _Tally()
+        return tally
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._series[()].inc(amount)
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for key, tally in list(self._series.items()):
+            family.add_metric(key, tally.value, created=tally.created)
+        yield family
+
+
+class _Buckets:
+    """One labelled histogram series: counts per bucket, sum, creation time."""
+
+    __slots__ = ("bounds", "counts", "sum", "created")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        # le buckets: the first bound >= amount counts it
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
+
+
+class FastHistogram(Collector):
+    """A histogram for the per-message hot path, exported like
+    prometheus_client's (cumulative ``le`` buckets, ``_sum``, ``_count``,
+    ``_created``). Event-loop thread only."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        buckets: Sequence[float] = (),
+        registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
+        bounds = tuple(float(b) for b in buckets if not math.isinf(b))
+        if not bounds or list(bounds) != sorted(set(bounds)):
+            raise ValueError("buckets must be increasing")
+        self._name = name
+        self._doc = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = bounds
+        self._edges = [_le(b) for b in bounds] + ["+Inf"]
+        self._series: dict[tuple[str, ...], _Buckets] = {}
+        if not self._labelnames:
+            self._series[()] = _Buckets(bounds)
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: Any) -> _Buckets:
+        key = tuple(str(v) for v in values)
+        if len(key) != len(self._labelnames):
+            raise ValueError(f"{self._name}: expected labels {self._labelnames}")
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Buckets(self._bounds)
+        return series
+
+    def observe(self, amount: float) -> None:
+        self._series[()].observe(amount)
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for key, series in list(self._series.items()):
+            running = 0
+            cumulative = []
+            for edge, n in zip(self._edges, series.counts, strict=True):
+                running += n
+                cumulative.append((edge, float(running)))
+            family.add_metric(list(key), cumulative, series.sum)
+            labels = dict(zip(self._labelnames, key, strict=True))
+            family.add_sample(self._name + "_created", labels, series.created)
+        yield family
+
 
 _LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _DLR_LAT = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 86400)
 
-ACCEPTED = Counter(
+ACCEPTED = FastCounter(
     "smsrouter_messages_accepted_total",
     "Messages accepted for delivery.",
     ["ingress", "account", "country"],
 )
-PARTS_ACCEPTED = Counter(
+PARTS_ACCEPTED = FastCounter(
     "smsrouter_message_parts_accepted_total",
     "Message parts (segments) accepted for delivery.",
     ["ingress", "account"],
@@ -30,12 +178,12 @@ REJECTED = Counter(
     "Messages refused at submission, by reason.",
     ["ingress", "account", "reason"],
 )
-FINAL = Counter(
+FINAL = FastCounter(
     "smsrouter_messages_final_total",
     "Messages that reached a final status, by carrier and status.",
     ["carrier", "status"],
 )
-SUBMITTED = Counter(
+SUBMITTED = FastCounter(
     "smsrouter_carrier_submits_total",
     "Segments accepted by a carrier (positive submit_sm_resp).",
     ["carrier"],
@@ -73,18 +221,18 @@ SUBMIT_LATENCY = Histogram(
     ["carrier"],
     buckets=_LAT,
 )
-ACCEPT_TO_SUBMIT = Histogram(
+ACCEPT_TO_SUBMIT = FastHistogram(
     "smsrouter_accept_to_submit_seconds",
     "Acceptance to the carrier's positive submit_sm_resp.",
     buckets=_LAT,
 )
-DELIVERY_LATENCY = Histogram(
+DELIVERY_LATENCY = FastHistogram(
     "smsrouter_delivery_seconds",
     "Acceptance to the final receipt.",
     ["carrier"],
     buckets=_DLR_LAT,
 )
-RECEIPTS_IN = Counter(
+RECEIPTS_IN = FastCounter(
     "smsrouter_carrier_receipts_total", "Receipts received from carriers.", ["carrier", "status"]
 )
 RECEIPTS_UNMATCHED = Counter(
@@ -92,7 +240,7 @@ RECEIPTS_UNMATCHED = Counter(
     "Receipts from carriers that matched no message.",
     ["carrier"],
 )
-RECEIPTS_OUT = Counter(
+RECEIPTS_OUT = FastCounter(
     "smsrouter_receipts_sent_total",
     "Receipts delivered to customers, by channel and outcome.",
     ["channel", "outcome"],
@@ -119,7 +267,9 @@ PDU_ERRORS = Counter(
     "Customer PDUs refused by the protocol layer, by command_status.",
     ["status"],
 )
-HTTP_REQUESTS = Counter("smsrouter_http_requests_total", "HTTP API requests.", ["route", "code"])
+HTTP_REQUESTS = FastCounter(
+    "smsrouter_http_requests_total", "HTTP API requests.", ["route", "code"]
+)
 TRAFFIC_LOG_BUFFER = Gauge(
     "smsrouter_traffic_log_buffer_rows", "Traffic-log rows waiting to be written."
 )
