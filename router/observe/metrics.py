@@ -11,7 +11,7 @@ import gc
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -21,6 +21,7 @@ from prometheus_client.utils import floatToGoString
 # The exposition format of bucket bounds, as prometheus_client writes them
 # (the function carries no annotations).
 _le: Callable[[float], str] = floatToGoString
+S = TypeVar("S")
 
 
 class _Tally:
@@ -40,7 +41,42 @@ class _Tally:
         self.value += amount
 
 
-class FastCounter(Collector):
+class _Family(Collector, Generic[S]):
+    """Series by label values, made on first use; registered as a collector."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry | None,
+        make: Callable[[], S],
+    ) -> None:
+        self._name = name
+        self._doc = documentation
+        self._labelnames = tuple(labelnames)
+        self._make = make
+        self._series: dict[tuple[str, ...], S] = {}
+        if not self._labelnames:
+            self._series[()] = make()
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: Any, **by_name: Any) -> S:
+        key = (
+            tuple(str(by_name[n]) for n in self._labelnames)
+            if by_name
+            else tuple(str(v) for v in values)
+        )
+        if len(key) != len(self._labelnames):
+            raise ValueError(f"{self._name}: expected labels {self._labelnames}")
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = self._make()
+        return series
+
+
+class FastCounter(_Family[_Tally]):
     """A counter for the per-message hot path, exported like prometheus_client's
     (``_total`` and ``_created`` samples). Event-loop thread only."""
 
@@ -53,27 +89,7 @@ class FastCounter(Collector):
     ) -> None:
         if not name.endswith("_total"):
             raise ValueError("a counter's name ends in _total")
-        self._name = name[: -len("_total")]
-        self._doc = documentation
-        self._labelnames = tuple(labelnames)
-        self._series: dict[tuple[str, ...], _Tally] = {}
-        if not self._labelnames:
-            self._series[()] = _Tally()
-        if registry is not None:
-            registry.register(self)
-
-    def labels(self, *values: Any, **by_name: Any) -> _Tally:
-        key = (
-            tuple(str(by_name[n]) for n in self._labelnames)
-            if by_name
-            else tuple(str(v) for v in values)
-        )
-        if len(key) != len(self._labelnames):
-            raise ValueError(f"{self._name}: expected labels {self._labelnames}")
-        tally = self._series.get(key)
-        if tally is None:
-            tally = self._series[key] = _Tally()
-        return tally
+        super().__init__(name[: -len("_total")], documentation, labelnames, registry, _Tally)
 
     def inc(self, amount: float = 1.0) -> None:
         self._series[()].inc(amount)
@@ -105,7 +121,7 @@ class _Buckets:
         self.counts[bisect.bisect_left(self.bounds, amount)] += 1
 
 
-class FastHistogram(Collector):
+class FastHistogram(_Family[_Buckets]):
     """A histogram for the per-message hot path, exported like
     prometheus_client's (cumulative ``le`` buckets, ``_sum``, ``_count``,
     ``_created``). Event-loop thread only."""
@@ -121,25 +137,8 @@ class FastHistogram(Collector):
         bounds = tuple(float(b) for b in buckets if not math.isinf(b))
         if not bounds or list(bounds) != sorted(set(bounds)):
             raise ValueError("buckets must be increasing")
-        self._name = name
-        self._doc = documentation
-        self._labelnames = tuple(labelnames)
-        self._bounds = bounds
         self._edges = [_le(b) for b in bounds] + ["+Inf"]
-        self._series: dict[tuple[str, ...], _Buckets] = {}
-        if not self._labelnames:
-            self._series[()] = _Buckets(bounds)
-        if registry is not None:
-            registry.register(self)
-
-    def labels(self, *values: Any) -> _Buckets:
-        key = tuple(str(v) for v in values)
-        if len(key) != len(self._labelnames):
-            raise ValueError(f"{self._name}: expected labels {self._labelnames}")
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = _Buckets(self._bounds)
-        return series
+        super().__init__(name, documentation, labelnames, registry, lambda: _Buckets(bounds))
 
     def observe(self, amount: float) -> None:
         self._series[()].observe(amount)
