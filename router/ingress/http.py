@@ -775,7 +775,7 @@ async def _submit(
         try:
             drafts.append(_check_item(engine, account, index, item))
         except BadItem as exc:
-            metrics.REJECTED.labels("http", account.name, exc.slug).inc()
+            metrics.child(metrics.REJECTED, "http", account.name, exc.slug).inc()
             errors.append(_error(index, exc.slug, exc.field, exc.detail))
             to = item.get("to") if isinstance(item, dict) else None
             refused += len(to) if isinstance(to, list) and to else 1
@@ -825,9 +825,9 @@ async def _submit(
     for d, r, msg, fut in submitted:
         result = fut.result()
         if isinstance(result, Rejected):
-            metrics.REJECTED.labels("http", account.name, result.reason).inc()
+            metrics.child(metrics.REJECTED, "http", account.name, result.reason).inc()
             if result.http_status in (429, 503):
-                metrics.THROTTLE_SENT.labels("http", result.reason).inc()
+                metrics.child(metrics.THROTTLE_SENT, "http", result.reason).inc()
                 if throttled is None or result.http_status == 503:
                     throttled = result
             errors.append(

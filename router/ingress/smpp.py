@@ -189,9 +189,9 @@ class CustomerBind(SmppProtocol):
             metrics.SMPP_READ_HOLDS.inc()
 
     def on_reject(self, event: Reject) -> None:
-        metrics.PDU_ERRORS.labels(status_name(event.answer.status)).inc()
+        metrics.child(metrics.PDU_ERRORS, status_name(event.answer.status)).inc()
         if event.answer.status == Smpp.ESME_RTHROTTLED:
-            metrics.THROTTLE_SENT.labels("smpp", "window").inc()
+            metrics.child(metrics.THROTTLE_SENT, "smpp", "window").inc()
 
     def on_internal_error(self, pdu: Pdu, exc: Exception) -> None:
         # Type only: an exception message may quote a field of the PDU.
@@ -334,11 +334,13 @@ class SmppFrontDoor:
             msg, part = self._build(account, pdu)
         except InvalidField as exc:
             status = Smpp.ESME_RINVDSTADR if exc.field == "to" else Smpp.ESME_RINVSRCADR
-            metrics.REJECTED.labels("smpp", account.name, f"invalid_{exc.field}").inc()
+            metrics.child(metrics.REJECTED, "smpp", account.name, f"invalid_{exc.field}").inc()
             bind.answer(pdu, status)
             return
         except SmppError as exc:
-            metrics.REJECTED.labels("smpp", account.name, status_name(exc.status).lower()).inc()
+            metrics.child(
+                metrics.REJECTED, "smpp", account.name, status_name(exc.status).lower()
+            ).inc()
             bind.answer(pdu, exc.status)
             return
 
@@ -350,9 +352,9 @@ class SmppFrontDoor:
         def done(result: Delivery | Rejected) -> None:
             # The answer goes out only now: after the message is durable.
             if isinstance(result, Rejected):
-                metrics.REJECTED.labels("smpp", account.name, result.reason).inc()
+                metrics.child(metrics.REJECTED, "smpp", account.name, result.reason).inc()
                 if result.smpp_status in (Smpp.ESME_RTHROTTLED, Smpp.ESME_RMSGQFUL):
-                    metrics.THROTTLE_SENT.labels("smpp", result.reason).inc()
+                    metrics.child(metrics.THROTTLE_SENT, "smpp", result.reason).inc()
                 bind.answer(pdu, result.smpp_status)
             else:
                 bind.answer(pdu, Smpp.ESME_ROK, message_id=result.message.id)
