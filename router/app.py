@@ -18,6 +18,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from . import __version__, accel
 from .accounts import AccountStore, ensure_demo_account
 from .config import CarrierConfig, Config, ConfigError, RouteEntry, RoutesConfig, load_config
 from .dlr.webhooks import WebhookSender
@@ -72,6 +73,23 @@ def demo_config(base: Config, sim_ports: tuple[int, int] = DEMO_SIM_PORTS) -> Co
     return base
 
 
+def _log_build() -> None:
+    """Say whether the per-message modules run compiled (router/accel.py)."""
+    st = accel.status()
+    compiled, interpreted = st["compiled"], st["interpreted"]
+    kind = "all" if not interpreted else "none" if not compiled else "partial"
+    metrics.BUILD_INFO.labels(version=__version__, compiled=kind).set(1)
+    fields: dict[str, object] = {"version": __version__, "compiled": kind}
+    if interpreted:
+        fields["interpreted"] = interpreted
+    if st["stale"]:
+        fields["stale"] = st["stale"]
+        fields["fix"] = "rebuild: make build (or pip install .)"
+        log.warning("build", **fields)
+    else:
+        log.info("build", **fields)
+
+
 @dataclass
 class Router:
     """A running router: what ``start`` built, so ``stop`` can undo it."""
@@ -92,6 +110,7 @@ class Router:
 
     async def start(self, *, migrate_schema: bool = False) -> None:
         cfg = self.cfg
+        _log_build()
         if cfg.database_url is None:
             raise RuntimeError("no database: set ROUTER_DATABASE_URL or database.url")
         self.pool = await create_pool(cfg.database_url)

@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("sim", help="run carrier SMSC simulators", add_help=False)
     sub.add_parser("migrate", help="apply database migrations")
+    p_build = sub.add_parser(
+        "build-info", help="which per-message modules run compiled (JSON)"
+    )
+    p_build.add_argument("--require-compiled", action="store_true",
+                         help="exit 1 unless all of them run compiled and fresh")
     p_routes = sub.add_parser("routes", help="inspect routing")
     p_routes_sub = p_routes.add_subparsers(dest="routes_command", required=True)
     p_check = p_routes_sub.add_parser("check", help="which carrier would take NUMBER")
@@ -63,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
 
             configure_logging()
             return asyncio.run(migrate_only(args.config))
+        if args.command == "build-info":
+            from .accel import report
+
+            return report(require_compiled=args.require_compiled)
         if args.command == "routes":
             return _routes_check(args.config, args.number, args.account)
         if args.command in ("accounts", "retention", "dsr"):

@@ -446,7 +446,10 @@ def test_dockerfile_static() -> None:
     assert f"http://127.0.0.1:{OPS_PORT}/healthz" in exec_form[2]
     compile(exec_form[2], "HEALTHCHECK", "exec")
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text()
-    assert "!router/" in ignore and "!pyproject.toml" in ignore
+    assert "!router/" in ignore and "!pyproject.toml" in ignore and "!setup.py" in ignore
+    # The compiled per-message modules: built in the image, and required there.
+    assert any(ln.startswith("COPY ") and "setup.py" in ln for ln in lines)
+    assert any("build-info --require-compiled" in ln for ln in lines)
 
 
 def test_dockerfile_hadolint() -> None:

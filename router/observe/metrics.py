@@ -288,6 +288,12 @@ TRAFFIC_LOG_ERRORS = Counter(
 )
 LOOP_LAG = Gauge("smsrouter_event_loop_lag_seconds", "Event-loop scheduling lag, last sample.")
 READY = Gauge("smsrouter_ready", "1 when /readyz answers 200.")
+BUILD_INFO = Gauge(
+    "smsrouter_build_info",
+    "Always 1; version, and whether the per-message modules run compiled "
+    "(all, partial or none; router/accel.py).",
+    ["version", "compiled"],
+)
 SPOOL_ROWS = Gauge(
     "smsrouter_spool_rows", "Accepted messages not yet taken by a carrier (durable spool)."
 )

@@ -1,0 +1,137 @@
+"""Which modules run compiled (Cython, see setup.py), and never a stale one.
+
+The per-message modules below may be compiled in place next to their source
+(``pip install .`` or ``pip install -e .`` does it when Cython and a C compiler
+are present). Python would import such a ``.so`` in preference to the ``.py``
+even after the source was edited; :func:`install_guard` (run by
+``router/__init__.py`` before any of them is imported) makes a compiled module
+whose source is newer load from its source instead, so an edit always takes
+effect and a stale build is reported, not run.
+
+This module imports nothing outside the standard library: setup.py reads
+:data:`COMPILED_MODULES` from it before the dependencies are installed.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+# The per-message path; measured in the commit that introduced them (setup.py).
+COMPILED_MODULES: tuple[str, ...] = (
+    "router.model",
+    "router.engine",
+    "router.smpp.pdu",
+    "router.smpp.session",
+    "router.smpp.transport",
+    "router.carriers.carrier",
+    "router.carriers.correlate",
+    "router.carriers.ratelimit",
+    "router.carriers.receipt",
+    "router.ingress.smpp",
+    "router.ingress.validate",
+    "router.ingress.concat",
+    "router.store.spool",
+    "router.store.trafficlog",
+    "router.text.gsm7",
+    "router.text.segment",
+    "router.routing",
+    "router.observe.metrics",
+)
+
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+_stale: set[str] = set()
+
+
+def _paths(name: str) -> tuple[str, str | None]:
+    """(source .py, compiled extension or None) of a module of this package."""
+    rel = name.split(".")[1:]
+    base = os.path.join(_ROOT, *rel)
+    if os.path.isdir(base):
+        base = os.path.join(base, "__init__")
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if os.path.exists(base + suffix):
+            return base + ".py", base + suffix
+    return base + ".py", None
+
+
+def stale_modules(names: Sequence[str] = COMPILED_MODULES) -> list[str]:
+    """Modules whose compiled file is older than their source."""
+    out = []
+    for name in names:
+        src, ext = _paths(name)
+        try:
+            if ext is not None and os.stat(src).st_mtime > os.stat(ext).st_mtime:
+                out.append(name)
+        except OSError:
+            continue
+    return out
+
+
+class _SourceFirst:
+    """A meta-path finder that loads the listed modules from their ``.py``."""
+
+    def find_spec(self, fullname: str, path: object, target: ModuleType | None = None
+                  ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in _stale:
+            return None
+        src, _ = _paths(fullname)
+        is_pkg = os.path.basename(src) == "__init__.py"
+        loader = importlib.machinery.SourceFileLoader(fullname, src)
+        return importlib.util.spec_from_file_location(
+            fullname, src, loader=loader,
+            submodule_search_locations=[os.path.dirname(src)] if is_pkg else None)
+
+
+def install_guard() -> None:
+    """Route stale compiled modules to their source; idempotent.
+
+    ``SMS_ROUTER_NO_EXTENSIONS=1`` at run time loads every listed module from
+    source (the pure-Python build, e.g. to compare the two).
+    """
+    if os.environ.get("SMS_ROUTER_NO_EXTENSIONS", "") not in ("", "0"):
+        _stale.update(COMPILED_MODULES)
+    else:
+        _stale.update(stale_modules())
+    if _stale and not any(isinstance(f, _SourceFirst) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SourceFirst())
+
+
+def status() -> dict[str, object]:
+    """What runs compiled: for the start-up log line, /readyz-style reports and tests."""
+    compiled: list[str] = []
+    interpreted: list[str] = []
+    for name in COMPILED_MODULES:
+        mod = sys.modules.get(name)
+        path = getattr(mod, "__file__", None) if mod is not None else None
+        if path is None:
+            path = _paths(name)[1] if name not in _stale else None
+        is_ext = path is not None and not path.endswith(".py")
+        (compiled if is_ext else interpreted).append(name)
+    return {
+        "compiled": compiled,
+        "interpreted": interpreted,
+        "stale": sorted(_stale) if os.environ.get("SMS_ROUTER_NO_EXTENSIONS", "")
+        in ("", "0") else [],
+    }
+
+
+
+def report(require_compiled: bool = False) -> int:
+    """``sms-router build-info``: import the listed modules, print :func:`status`.
+
+    Exit status 1 with *require_compiled* unless every one runs compiled and
+    fresh (the Docker build uses it).
+    """
+    import importlib
+    import json
+
+    for name in COMPILED_MODULES:
+        importlib.import_module(name)
+    st = status()
+    print(json.dumps(st, indent=2))
+    return 1 if require_compiled and (st["interpreted"] or st["stale"]) else 0
