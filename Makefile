@@ -28,9 +28,9 @@ help:
 
 venv: $(STAMP)
 
+# Compiling is `make build`'s job (in place, incremental); not twice.
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	# Compiling is `make build`'s job (in place, incremental); not twice.
 	SMS_ROUTER_NO_EXTENSIONS=1 $(VENV)/bin/pip install $(PIP_FLAGS) -e '.[dev]'
 	@touch $@
 

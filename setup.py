@@ -64,21 +64,24 @@ def _extensions() -> list:  # type: ignore[type-arg]
         print("WARNING: sms-router: Cython not available; pure-Python modules only",
               file=sys.stderr)
         return []
-    sources = [name.replace(".", "/") + ".py" for name in COMPILED_MODULES]
-    sources = [s if os.path.exists(s) else s[:-3] + "/__init__.py" for s in sources]
-    return cythonize(
-        sources,
-        quiet=True,
-        nthreads=os.cpu_count() or 1,
-        compiler_directives={
-            "language_level": 3,
-            # Python semantics exactly: annotations are documentation, never C types
-            # (an `int` argument must still accept an IntEnum, a bool, a subclass).
-            "annotation_typing": False,
-            "binding": True,
-            "always_allow_keywords": True,
-        },
-    )
+    directives = {
+        "language_level": 3,
+        # Python semantics exactly: annotations are documentation, never C types
+        # (an `int` argument must still accept an IntEnum, a bool, a subclass).
+        "annotation_typing": False,
+        "binding": True,
+        "always_allow_keywords": True,
+    }
+    extensions = []
+    for name in COMPILED_MODULES:
+        source = name.replace(".", "/") + ".py"
+        if not os.path.exists(source):
+            source = source[:-3] + "/__init__.py"
+        try:  # one module Cython cannot translate costs that module only
+            extensions += cythonize([source], quiet=True, compiler_directives=directives)
+        except Exception as exc:  # noqa: BLE001  (Cython's CompileError and kin)
+            OptionalBuildExt._warn(exc, name)
+    return extensions
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})

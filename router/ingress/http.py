@@ -985,7 +985,11 @@ async def get_openapi(request: web.Request) -> web.Response:
 
 def _idempotency_context(
     pool: asyncpg.Pool | None, database_url: str | None, purge_every: float
-) -> Callable[[web.Application], AsyncIterator[None]]:
+) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    # An explicit context manager: aiohttp then uses it as is (a bare async
+    # generator function it probes by calling it once, which a compiled build
+    # of this module answers with a coroutine that is never awaited).
+    @contextlib.asynccontextmanager
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         own: asyncpg.Pool | None = None
         store = app[IDEMPOTENCY]

@@ -815,6 +815,3 @@ def main(argv: list[str] | None = None) -> int:
     print("simulators stopped", flush=True)
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
