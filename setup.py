@@ -4,8 +4,9 @@ The router is CPU-bound on one core (README, Performance), and most of that
 core goes to interpreting the per-message path: PDU decode/encode, the SMPP
 session, routing, the engine, the spool and traffic-log row encoders and the
 metrics. Cython compiles those modules *unchanged* (they stay plain Python,
-no cdef types): measured on smpp-e2e, 7,691 -> 8,730 msg/s and ~110 -> ~92 us
-of router CPU per message (commit message of this change).
+no cdef types). Measured A/B on one machine in one hour (README, Performance;
+benchmarks/results/build-ab/): smpp-e2e ~7,800 -> ~8,500 msg/s, router CPU
+per message ~108 -> ~97 us; http-batch ~3% less CPU per message.
 
 Like aiohttp, yarl and multidict, the compiled modules are optional:
 
@@ -13,8 +14,9 @@ Like aiohttp, yarl and multidict, the compiled modules are optional:
 * a machine without a C compiler (or a failed compile) gets a warning and the
   pure-Python modules, which remain the source of truth and behave the same;
 * ``router.accel.status()`` (logged at start-up, exported as
-  ``smsrouter_build_info``) says which modules run compiled, and refuses to
-  count a compiled module whose source is newer (a stale in-place build).
+  ``smsrouter_build_info``) says which modules run compiled; a compiled module
+  whose source changed since (its ``.sha256`` beside it no longer matches)
+  runs from source instead and is reported stale.
 """
 
 from __future__ import annotations
@@ -26,7 +28,17 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from router.accel import COMPILED_MODULES  # noqa: E402  (no third-party imports)
+from router.accel import (  # noqa: E402  (stdlib only)
+    COMPILED_MODULES,
+    DIGEST_SUFFIX,
+    source_digest,
+)
+
+
+def _source_of(name: str) -> str:
+    source = name.replace(".", "/") + ".py"
+    return source if os.path.exists(source) else source[:-3] + "/__init__.py"
+
 
 
 class OptionalBuildExt(build_ext):
@@ -48,6 +60,21 @@ class OptionalBuildExt(build_ext):
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
             self._warn(exc, ext.name)
+            return
+        # What it was built from, for router.accel's stale-build guard.
+        source = _source_of(ext.name)
+        with open(self.get_ext_fullpath(ext.name) + DIGEST_SUFFIX, "w") as f:
+            f.write(source_digest(source) + "\n")
+
+    def copy_extensions_to_source(self) -> None:
+        """In place (``make build``): each extension's digest goes with it."""
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            if os.path.exists(regular_file + DIGEST_SUFFIX):
+                self.copy_file(regular_file + DIGEST_SUFFIX, inplace_file + DIGEST_SUFFIX,
+                               level=self.verbose)
 
     @staticmethod
     def _warn(exc: Exception, name: str = "extensions") -> None:
@@ -74,9 +101,7 @@ def _extensions() -> list:  # type: ignore[type-arg]
     }
     extensions = []
     for name in COMPILED_MODULES:
-        source = name.replace(".", "/") + ".py"
-        if not os.path.exists(source):
-            source = source[:-3] + "/__init__.py"
+        source = _source_of(name)
         try:  # one module Cython cannot translate costs that module only
             extensions += cythonize([source], quiet=True, compiler_directives=directives)
         except Exception as exc:  # noqa: BLE001  (Cython's CompileError and kin)

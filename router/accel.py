@@ -1,12 +1,15 @@
 """Which modules run compiled (Cython, see setup.py), and never a stale one.
 
-The per-message modules below may be compiled in place next to their source
-(``pip install .`` or ``pip install -e .`` does it when Cython and a C compiler
-are present). Python would import such a ``.so`` in preference to the ``.py``
-even after the source was edited; :func:`install_guard` (run by
-``router/__init__.py`` before any of them is imported) makes a compiled module
-whose source is newer load from its source instead, so an edit always takes
-effect and a stale build is reported, not run.
+The per-message modules below may be compiled next to their source (``make
+build`` in place, or ``pip install .``, when Cython and a C compiler are
+present). Python would import such a ``.so`` in preference to the ``.py`` even
+after the source was edited. So the build writes beside each extension the
+SHA-256 of the source it was compiled from (``<extension>.sha256``), and
+:func:`install_guard` (run by ``router/__init__.py`` before any of them is
+imported) loads from source every module whose source no longer matches, or
+whose digest is missing: an edit always takes effect, and a stale build is
+reported, never run. Content, not mtimes: a wheel install or a checkout may
+leave any order of timestamps.
 
 This module imports nothing outside the standard library: setup.py reads
 :data:`COMPILED_MODULES` from it before the dependencies are installed.
@@ -14,6 +17,7 @@ This module imports nothing outside the standard library: setup.py reads
 
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import importlib.util
 import os
@@ -61,16 +65,31 @@ def _paths(name: str) -> tuple[str, str | None]:
     return base + ".py", None
 
 
+DIGEST_SUFFIX = ".sha256"
+
+
+def source_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def stale_modules(names: Sequence[str] = COMPILED_MODULES) -> list[str]:
-    """Modules whose compiled file is older than their source."""
+    """Compiled modules not built from their current source (~1 ms for all)."""
     out = []
     for name in names:
         src, ext = _paths(name)
+        if ext is None:
+            continue
         try:
-            if ext is not None and os.stat(src).st_mtime > os.stat(ext).st_mtime:
+            with open(ext + DIGEST_SUFFIX) as f:
+                built_from = f.read().strip()
+        except OSError:
+            built_from = ""
+        try:
+            if built_from != source_digest(src):
                 out.append(name)
         except OSError:
-            continue
+            continue  # no source to fall back to (a stripped install): keep the extension
     return out
 
 

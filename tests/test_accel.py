@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -68,20 +67,27 @@ def test_edited_source_runs_instead_of_its_stale_compiled_module(tmp_path: Path)
     src = tmp_path / "router" / "ingress" / "validate.py"
     assert list(src.parent.glob("validate.*.so")), "no compiled validate module to go stale"
     src.write_text(src.read_text() + "\nEDITED = True\n")
-    later = time.time() + 5
-    os.utime(src, (later, later))
+    # Timestamps prove nothing (a checkout or a wheel install sets them in any
+    # order): make the edited source look *older* than its compiled module.
+    os.utime(src, (0, 0))
+    # A compiled module whose digest is missing cannot be vouched for either.
+    gsm7 = tmp_path / "router" / "text"
+    for digest in gsm7.glob("gsm7.*.so" + accel.DIGEST_SUFFIX):
+        digest.unlink()
     probe = (
-        "import json, router.accel as a, router.ingress.validate as v, router.smpp.pdu as p;"
-        "print(json.dumps([v.__file__, getattr(v, 'EDITED', False), p.__file__,"
+        "import json, router.accel as a, router.ingress.validate as v, router.smpp.pdu as p,"
+        " router.text.gsm7 as g;"
+        "print(json.dumps([v.__file__, getattr(v, 'EDITED', False), p.__file__, g.__file__,"
         " a.status()['stale']]))"
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60, env=_env(PYTHONPATH=str(tmp_path)))
     assert out.returncode == 0, out.stderr
-    v_file, edited, p_file, stale = json.loads(out.stdout)
+    v_file, edited, p_file, g_file, stale = json.loads(out.stdout)
     assert v_file == str(src) and edited is True
+    assert g_file == str(gsm7 / "gsm7.py")
     assert p_file.startswith(str(tmp_path)) and not p_file.endswith(".py")  # others stay compiled
-    assert stale == ["router.ingress.validate"]
+    assert stale == ["router.ingress.validate", "router.text.gsm7"]
 
 
 @pytest.mark.skipif(PURE, reason="this run is the pure-Python build already")
