@@ -46,6 +46,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "router.routing",
     "router.observe.metrics",
     "router.ingress.http",
+    "router.dlr.webhooks",
     "router.sim.smsc",  # the built-in carrier simulator shares the box in benchmarks
 )
 

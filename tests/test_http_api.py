@@ -17,7 +17,7 @@ import pytest
 
 from router.accounts import add_api_key
 from router.config import HttpConfig
-from router.ingress.http import IdempotencyStore
+from router.ingress.http import IdempotencyStore, _Outcomes
 from router.ingress.openapi import PROBLEM_BASE
 from router.model import Status
 
@@ -694,3 +694,26 @@ async def test_secret_message_keeps_parts_but_forgets_userref(
     row = await db.fetchrow("SELECT source, destination, body FROM traffic_log WHERE id = $1", mid)
     assert row is not None
     assert row["source"] is None and row["destination"] is None and row["body"] is None
+
+
+async def test_one_future_per_request_waits_for_every_answer_in_order() -> None:
+    # The engine may answer at once (a refusal, the in-memory spool) or later
+    # (the durable spool); answers before the last hand-over must not end the
+    # wait early, and a second answer for one message is ignored.
+    out = _Outcomes(asyncio.get_running_loop())
+    first = out.slot()
+    first("early")  # type: ignore[arg-type]
+    late = [out.slot() for _ in range(3)]
+    waiter = asyncio.create_task(out.wait())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    late[2]("c")  # type: ignore[arg-type]
+    late[0]("a")  # type: ignore[arg-type]
+    late[0]("again")  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    late[1]("b")  # type: ignore[arg-type]
+    await asyncio.wait_for(waiter, 1)
+    assert out.results == ["early", "a", "b", "c"]
+    empty = _Outcomes(asyncio.get_running_loop())
+    await asyncio.wait_for(empty.wait(), 1)  # nothing handed over: no wait

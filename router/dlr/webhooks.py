@@ -376,7 +376,7 @@ class WebhookSender:
                 self._hand_over(job, now)
             try:
                 await asyncio.wait_for(self._flush(), grace)
-            except (*_DB_ERRORS, TimeoutError) as exc:
+            except _DB_ERRORS as exc:  # TimeoutError included
                 lost = sum(1 for j in self._unwritten if j.handed)
                 log.error("webhook_outbox_final_write_failed", error=type(exc).__name__, lost=lost)
                 if lost:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import json
 import re
@@ -782,8 +781,8 @@ async def _submit(
     # Hand every recipient to the engine first (each reserves its room at
     # once), then wait for all of them to be durable together: a batch costs
     # one spool commit, not one per recipient.
-    loop = asyncio.get_running_loop()
-    submitted: list[tuple[Draft, int, Message, asyncio.Future[Delivery | Rejected]]] = []
+    outcomes = _Outcomes(engine.loop)
+    submitted: list[tuple[Draft, int, Message]] = []
     now = engine.wall()
     count = 0
     for d in drafts:
@@ -814,16 +813,14 @@ async def _submit(
                 callback_url=d.callback_url,
                 send_at=d.send_at if d.send_at is not None and d.send_at > now else None,
             )
-            fut: asyncio.Future[Delivery | Rejected] = loop.create_future()
-            engine.submit(msg, functools.partial(_settle, fut))
-            submitted.append((d, r, msg, fut))
-    if submitted:
-        await asyncio.gather(*(f for *_, f in submitted))
+            engine.submit(msg, outcomes.slot())
+            submitted.append((d, r, msg))
+    await outcomes.wait()
     accepted: list[dict[str, Any]] = []
     throttled: Rejected | None = None
     extras = request.app[EXTRAS]
-    for d, r, msg, fut in submitted:
-        result = fut.result()
+    for (d, r, msg), result in zip(submitted, outcomes.results, strict=True):
+        assert result is not None  # wait() returns once every slot is settled
         if isinstance(result, Rejected):
             metrics.child(metrics.REJECTED, "http", account.name, result.reason).inc()
             if result.http_status in (429, 503):
@@ -901,9 +898,43 @@ async def _submit(
     )
 
 
-def _settle(fut: asyncio.Future[Delivery | Rejected], result: Delivery | Rejected) -> None:
-    if not fut.done():
-        fut.set_result(result)
+class _Outcomes:
+    """What the engine answered for each message of one request, and one
+    future for all of them (not a future per recipient and a gather: a
+    10,000-recipient batch allocated 10,000 futures)."""
+
+    __slots__ = ("results", "_pending", "_all")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.results: list[Delivery | Rejected | None] = []
+        # The request's own hold, released by wait(): answers that come while
+        # messages are still being handed over must not complete it early.
+        self._pending = 1
+        self._all: asyncio.Future[None] = loop.create_future()
+
+    def slot(self) -> Callable[[Delivery | Rejected], None]:
+        """The callback for the next message; the engine calls it once."""
+        i = len(self.results)
+        self.results.append(None)
+        self._pending += 1
+
+        def settle(result: Delivery | Rejected) -> None:
+            if self.results[i] is None:
+                self.results[i] = result
+                self._release()
+
+        return settle
+
+    def _release(self) -> None:
+        self._pending -= 1
+        if self._pending == 0 and not self._all.done():
+            self._all.set_result(None)
+
+    async def wait(self) -> None:
+        """Return once every slot has its answer."""
+        self._release()
+        if not self._all.done():
+            await self._all
 
 
 def _iso(ts: float) -> str:
