@@ -41,8 +41,28 @@ def _source_of(name: str) -> str:
 
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _write(path: str, digest: str) -> None:
+    with open(path, "w") as f:
+        f.write(digest + "\n")
+
+
 class OptionalBuildExt(build_ext):
-    """A failed compile costs speed, never the install."""
+    """A failed compile costs speed, never the install.
+
+    Each extension carries the digest of the source it is built from, taken
+    *before* Cython read it (``_extensions``). A compiled file is reused only
+    when the digest recorded beside it is that one; otherwise it is rebuilt,
+    whatever the timestamps say (an edit with an older mtime, or during a
+    build, must never leave old code looking fresh).
+    """
 
     def finalize_options(self) -> None:
         super().finalize_options()
@@ -56,22 +76,29 @@ class OptionalBuildExt(build_ext):
             self._warn(exc)
 
     def build_extension(self, ext) -> None:  # type: ignore[no-untyped-def]
+        digest = getattr(ext, "source_digest", "")
+        target = self.get_ext_fullpath(ext.name)
+        if _read(target + DIGEST_SUFFIX) != digest and os.path.exists(target):
+            # Not known to be built from this source: build it again. (Removing
+            # it, not setting self.force: extensions build in parallel threads.)
+            os.remove(target)
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
             self._warn(exc, ext.name)
             return
-        # What it was built from, for router.accel's stale-build guard.
-        source = _source_of(ext.name)
-        with open(self.get_ext_fullpath(ext.name) + DIGEST_SUFFIX, "w") as f:
-            f.write(source_digest(source) + "\n")
+        if digest:
+            _write(target + DIGEST_SUFFIX, digest)
 
     def copy_extensions_to_source(self) -> None:
-        """In place (``make build``): each extension's digest goes with it."""
-        super().copy_extensions_to_source()
+        """In place (``make build``): each extension's digest goes with it;
+        one that failed to build is skipped (its module stays interpreted)."""
         build_py = self.get_finalized_command("build_py")
         for ext in self.extensions:
             inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            if not os.path.exists(regular_file):
+                continue
+            self.copy_file(regular_file, inplace_file, level=self.verbose)
             if os.path.exists(regular_file + DIGEST_SUFFIX):
                 self.copy_file(regular_file + DIGEST_SUFFIX, inplace_file + DIGEST_SUFFIX,
                                level=self.verbose)
@@ -102,10 +129,20 @@ def _extensions() -> list:  # type: ignore[type-arg]
     extensions = []
     for name in COMPILED_MODULES:
         source = _source_of(name)
+        digest = source_digest(source)  # before Cython reads it
+        c_file = source[:-3] + ".c"
         try:  # one module Cython cannot translate costs that module only
-            extensions += cythonize([source], quiet=True, compiler_directives=directives)
+            # Cython regenerates a .c only if the .py is newer: not good enough.
+            exts = cythonize([source], quiet=True, compiler_directives=directives,
+                             force=_read(c_file + DIGEST_SUFFIX) != digest)
         except Exception as exc:  # noqa: BLE001  (Cython's CompileError and kin)
             OptionalBuildExt._warn(exc, name)
+            continue
+        _write(c_file + DIGEST_SUFFIX, digest)
+        for ext in exts:
+            ext.source_digest = digest
+            ext.optional = True
+        extensions += exts
     return extensions
 
 

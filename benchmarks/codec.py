@@ -218,7 +218,12 @@ def _version(dist: str) -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
+    from router import accel  # our codec ran compiled or not: say which
+
+    st = accel.status()
     return {
+        "router_build": "all" if not st["interpreted"] else "none" if not st["compiled"]
+        else "partial",
         "cores": os.cpu_count(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,

@@ -80,9 +80,16 @@ def main(argv: list[str]) -> int:
     if found:
         dates = sorted({r["date"][:10] for r in found})
         commits = sorted({(r.get("git") or {}).get("commit", "?")[:10] for r in found})
+        builds = sorted({
+            ((r.get("machine") or {}).get("router_build") or {"compiled": "not recorded"})[
+                "compiled"
+            ]
+            for r in found
+        })
         print(
             "<!-- python -m benchmarks readme: runs of "
-            f"{', '.join(dates)}, commits {', '.join(commits)} -->"
+            f"{', '.join(dates)}, commits {', '.join(commits)}, "
+            f"compiled modules: {', '.join(builds)} -->"
         )
         print(load_table(found))
     codec = results_dir / "codec.json"

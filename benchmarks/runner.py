@@ -303,8 +303,23 @@ def machine_info() -> dict[str, Any]:
         "uname": {"system": u.system, "release": u.release, "version": u.version,
                   "machine": u.machine},
         "packages": {p: _version(p) for p in PACKAGES},
+        "router_build": router_build(),
         "loadavg_at_start": list(os.getloadavg()),
     }
+
+
+def router_build() -> dict[str, Any] | None:
+    """Whether the router this run starts has its per-message modules compiled
+    (``sms-router build-info``, in this environment: SMS_ROUTER_NO_EXTENSIONS
+    included); None if it cannot tell."""
+    try:
+        out = subprocess.run([*cli(), "build-info"], capture_output=True, text=True,
+                             timeout=60, env=child_env())
+        st = json.loads(out.stdout)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+    kind = "all" if not st["interpreted"] else "none" if not st["compiled"] else "partial"
+    return {"compiled": kind, "interpreted": st["interpreted"], "stale": st["stale"]}
 
 
 # ---------------------------------------------------------------- the stack

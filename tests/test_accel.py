@@ -26,6 +26,8 @@ PURE = os.environ.get("SMS_ROUTER_NO_EXTENSIONS", "") not in ("", "0")
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "SMS_ROUTER_NO_EXTENSIONS"}
+    if PURE:
+        env["SMS_ROUTER_NO_EXTENSIONS"] = "1"  # what this run asked for, unless overridden
     env.update(extra)
     return env
 
@@ -51,7 +53,10 @@ def test_cli_reports_and_requires() -> None:
     out = subprocess.run([str(exe), "build-info"], capture_output=True, text=True,
                          env=_env(), timeout=60, check=True)
     st = json.loads(out.stdout)
-    assert sorted(st["compiled"] + st["interpreted"]) == sorted(accel.COMPILED_MODULES)
+    assert sorted(st["compiled"]) == ([] if PURE else sorted(accel.COMPILED_MODULES))
+    required = subprocess.run([str(exe), "build-info", "--require-compiled"],
+                              capture_output=True, text=True, env=_env(), timeout=60)
+    assert required.returncode == (1 if PURE else 0), required.stdout + required.stderr
     pure = subprocess.run([str(exe), "build-info", "--require-compiled"],
                           capture_output=True, text=True, timeout=60,
                           env=_env(SMS_ROUTER_NO_EXTENSIONS="1"))
@@ -102,3 +107,29 @@ def test_pure_python_build_passes_the_unit_suites() -> None:
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and " failed" not in out.stdout
+
+
+@pytest.mark.skipif(PURE, reason="needs the compiled build")
+def test_rebuild_compiles_an_edit_whatever_its_timestamp(tmp_path: Path) -> None:
+    # The build must not trust timestamps either: an edit that looks older than
+    # the compiled module (cp -p, rsync -a, tar) is compiled by the next build.
+    if not (ROOT / "build").is_dir():
+        pytest.skip("no incremental build directory (run `make build`)")
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    for name in ("router", "build"):
+        shutil.copytree(ROOT / name, tmp_path / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    src = tmp_path / "router" / "ingress" / "validate.py"
+    src.write_text(src.read_text() + "\nEDITED = True\n")
+    os.utime(src, (0, 0))
+    build = subprocess.run([sys.executable, "setup.py", "--quiet", "build_ext", "--inplace"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env=_env())
+    assert build.returncode == 0, build.stderr[-3000:]
+    probe = ("import json, router.accel as a, router.ingress.validate as v;"
+             "print(json.dumps([v.__file__, getattr(v, 'EDITED', False), a.status()['stale']]))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env=_env(PYTHONPATH=str(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    v_file, edited, stale = json.loads(out.stdout)
+    assert not v_file.endswith(".py") and edited is True and stale == []
