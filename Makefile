@@ -76,5 +76,5 @@ sim: $(STAMP)
 clean:
 	-@test -x $(VENV)/bin/python && $(VENV)/bin/python scripts/test_database.py stop 2>/dev/null; true
 	rm -rf $(VENV) .pgdata .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
-	find router \( -name '*.so' -o -name '*.c' \) -delete
+	find router \( -name '*.so' -o -name '*.c' -o -name '*.sha256' \) -delete
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
