@@ -127,6 +127,13 @@ def _extensions() -> list:  # type: ignore[type-arg]
         "always_allow_keywords": True,
     }
     extensions = []
+    changed = [n for n in COMPILED_MODULES
+               if _read(_source_of(n)[:-3] + ".c" + DIGEST_SUFFIX) != source_digest(_source_of(n))]
+    if changed:
+        # The first build takes a minute or two; say so rather than look hung.
+        print(f"sms-router: compiling {len(changed)} per-message module(s) whose source "
+              "changed (Cython + C compiler; a first build takes a minute or two)",
+              file=sys.stderr, flush=True)
     for name in COMPILED_MODULES:
         source = _source_of(name)
         digest = source_digest(source)  # before Cython reads it
