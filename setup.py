@@ -31,14 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from router.accel import (  # noqa: E402  (stdlib only)
     COMPILED_MODULES,
     DIGEST_SUFFIX,
+    extensions_disabled,
     source_digest,
+    source_path,
 )
-
-
-def _source_of(name: str) -> str:
-    source = name.replace(".", "/") + ".py"
-    return source if os.path.exists(source) else source[:-3] + "/__init__.py"
-
 
 
 def _read(path: str) -> str:
@@ -110,7 +106,7 @@ class OptionalBuildExt(build_ext):
 
 
 def _extensions() -> list:  # type: ignore[type-arg]
-    if os.environ.get("SMS_ROUTER_NO_EXTENSIONS", "") not in ("", "0"):
+    if extensions_disabled():
         return []
     try:
         from Cython.Build import cythonize
@@ -126,22 +122,25 @@ def _extensions() -> list:  # type: ignore[type-arg]
         "binding": True,
         "always_allow_keywords": True,
     }
-    extensions = []
-    changed = [n for n in COMPILED_MODULES
-               if _read(_source_of(n)[:-3] + ".c" + DIGEST_SUFFIX) != source_digest(_source_of(n))]
+    # Relative paths (cythonize names modules from them); digests taken before
+    # Cython reads a source, so they describe what it compiles.
+    sources = {name: source_path(name, root="router") for name in COMPILED_MODULES}
+    digests = {name: source_digest(src) for name, src in sources.items()}
+    changed = [n for n, src in sources.items()
+               if _read(src[:-3] + ".c" + DIGEST_SUFFIX) != digests[n]]
     if changed:
         # The first build takes a minute or two; say so rather than look hung.
         print(f"sms-router: compiling {len(changed)} per-message module(s) whose source "
               "changed (Cython + C compiler; a first build takes a minute or two)",
               file=sys.stderr, flush=True)
-    for name in COMPILED_MODULES:
-        source = _source_of(name)
-        digest = source_digest(source)  # before Cython reads it
+    extensions = []
+    for name, source in sources.items():
+        digest = digests[name]
         c_file = source[:-3] + ".c"
         try:  # one module Cython cannot translate costs that module only
             # Cython regenerates a .c only if the .py is newer: not good enough.
             exts = cythonize([source], quiet=True, compiler_directives=directives,
-                             force=_read(c_file + DIGEST_SUFFIX) != digest)
+                             force=name in changed)
         except Exception as exc:  # noqa: BLE001  (Cython's CompileError and kin)
             OptionalBuildExt._warn(exc, name)
             continue

@@ -220,10 +220,8 @@ def _version(dist: str) -> str | None:
 def machine_info() -> dict[str, Any]:
     from router import accel  # our codec ran compiled or not: say which
 
-    st = accel.status()
     return {
-        "router_build": "all" if not st["interpreted"] else "none" if not st["compiled"]
-        else "partial",
+        "router_build": accel.status()["kind"],
         "cores": os.cpu_count(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,

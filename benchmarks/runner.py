@@ -318,8 +318,7 @@ def router_build() -> dict[str, Any] | None:
         st = json.loads(out.stdout)
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
-    kind = "all" if not st["interpreted"] else "none" if not st["compiled"] else "partial"
-    return {"compiled": kind, "interpreted": st["interpreted"], "stale": st["stale"]}
+    return {"compiled": st["kind"], "interpreted": st["interpreted"], "stale": st["stale"]}
 
 
 # ---------------------------------------------------------------- the stack

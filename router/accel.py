@@ -54,16 +54,25 @@ _ROOT = os.path.dirname(os.path.abspath(__file__))
 _stale: set[str] = set()
 
 
+def extensions_disabled() -> bool:
+    """``SMS_ROUTER_NO_EXTENSIONS`` set (not empty, not 0): build and run pure Python."""
+    return os.environ.get("SMS_ROUTER_NO_EXTENSIONS", "") not in ("", "0")
+
+
+def source_path(name: str, root: str = _ROOT) -> str:
+    """The ``.py`` of a module of this package, under *root* (the package dir)."""
+    base = os.path.join(root, *name.split(".")[1:])
+    return os.path.join(base, "__init__.py") if os.path.isdir(base) else base + ".py"
+
+
 def _paths(name: str) -> tuple[str, str | None]:
     """(source .py, compiled extension or None) of a module of this package."""
-    rel = name.split(".")[1:]
-    base = os.path.join(_ROOT, *rel)
-    if os.path.isdir(base):
-        base = os.path.join(base, "__init__")
+    src = source_path(name)
+    base = src[:-3]
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         if os.path.exists(base + suffix):
-            return base + ".py", base + suffix
-    return base + ".py", None
+            return src, base + suffix
+    return src, None
 
 
 DIGEST_SUFFIX = ".sha256"
@@ -115,7 +124,7 @@ def install_guard() -> None:
     ``SMS_ROUTER_NO_EXTENSIONS=1`` at run time loads every listed module from
     source (the pure-Python build, e.g. to compare the two).
     """
-    if os.environ.get("SMS_ROUTER_NO_EXTENSIONS", "") not in ("", "0"):
+    if extensions_disabled():
         _stale.update(COMPILED_MODULES)
     else:
         _stale.update(stale_modules())
@@ -135,12 +144,11 @@ def status() -> dict[str, object]:
         is_ext = path is not None and not path.endswith(".py")
         (compiled if is_ext else interpreted).append(name)
     return {
+        "kind": "all" if not interpreted else "none" if not compiled else "partial",
         "compiled": compiled,
         "interpreted": interpreted,
-        "stale": sorted(_stale) if os.environ.get("SMS_ROUTER_NO_EXTENSIONS", "")
-        in ("", "0") else [],
+        "stale": [] if extensions_disabled() else sorted(_stale),
     }
-
 
 
 def report(require_compiled: bool = False) -> int:

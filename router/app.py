@@ -76,12 +76,10 @@ def demo_config(base: Config, sim_ports: tuple[int, int] = DEMO_SIM_PORTS) -> Co
 def _log_build() -> None:
     """Say whether the per-message modules run compiled (router/accel.py)."""
     st = accel.status()
-    compiled, interpreted = st["compiled"], st["interpreted"]
-    kind = "all" if not interpreted else "none" if not compiled else "partial"
-    metrics.BUILD_INFO.labels(version=__version__, compiled=kind).set(1)
-    fields: dict[str, object] = {"version": __version__, "compiled": kind}
-    if interpreted:
-        fields["interpreted"] = interpreted
+    metrics.BUILD_INFO.labels(version=__version__, compiled=str(st["kind"])).set(1)
+    fields: dict[str, object] = {"version": __version__, "compiled": st["kind"]}
+    if st["interpreted"]:
+        fields["interpreted"] = st["interpreted"]
     if st["stale"]:
         fields["stale"] = st["stale"]
         fields["fix"] = "rebuild: make build (or pip install .)"

@@ -211,12 +211,12 @@ class Engine:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         for c in self.carriers.values():
             c.start()
-        self._tick = asyncio.get_running_loop().call_later(1.0, self._health_tick)
+        self._tick = loop.call_later(1.0, self._health_tick)
         if isinstance(self.spool, PgSpool) and self._scheduler is None:
-            self._scheduler = asyncio.get_running_loop().create_task(
+            self._scheduler = loop.create_task(
                 self._release_scheduled(), name="scheduler"
             )
 

@@ -21,7 +21,7 @@ import pytest
 from router import accel
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = os.environ.get("SMS_ROUTER_NO_EXTENSIONS", "") not in ("", "0")
+PURE = accel.extensions_disabled()
 
 
 def _env(**extra: str) -> dict[str, str]:
