@@ -106,16 +106,20 @@ def stale_modules(names: Sequence[str] = COMPILED_MODULES) -> list[str]:
 class _SourceFirst:
     """A meta-path finder that loads the listed modules from their ``.py``."""
 
-    def find_spec(self, fullname: str, path: object, target: ModuleType | None = None
-                  ) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: object, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in _stale:
             return None
         src, _ = _paths(fullname)
         is_pkg = os.path.basename(src) == "__init__.py"
         loader = importlib.machinery.SourceFileLoader(fullname, src)
         return importlib.util.spec_from_file_location(
-            fullname, src, loader=loader,
-            submodule_search_locations=[os.path.dirname(src)] if is_pkg else None)
+            fullname,
+            src,
+            loader=loader,
+            submodule_search_locations=[os.path.dirname(src)] if is_pkg else None,
+        )
 
 
 def install_guard() -> None:

@@ -39,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("sim", help="run carrier SMSC simulators", add_help=False)
     sub.add_parser("migrate", help="apply database migrations")
-    p_build = sub.add_parser(
-        "build-info", help="which per-message modules run compiled (JSON)"
+    p_build = sub.add_parser("build-info", help="which per-message modules run compiled (JSON)")
+    p_build.add_argument(
+        "--require-compiled",
+        action="store_true",
+        help="exit 1 unless all of them run compiled and fresh",
     )
-    p_build.add_argument("--require-compiled", action="store_true",
-                         help="exit 1 unless all of them run compiled and fresh")
     p_routes = sub.add_parser("routes", help="inspect routing")
     p_routes_sub = p_routes.add_subparsers(dest="routes_command", required=True)
     p_check = p_routes_sub.add_parser("check", help="which carrier would take NUMBER")

@@ -50,16 +50,26 @@ def test_this_run_uses_the_build_it_asked_for() -> None:
 
 def test_cli_reports_and_requires() -> None:
     exe = Path(sys.executable).parent / "sms-router"
-    out = subprocess.run([str(exe), "build-info"], capture_output=True, text=True,
-                         env=_env(), timeout=60, check=True)
+    out = subprocess.run(
+        [str(exe), "build-info"], capture_output=True, text=True, env=_env(), timeout=60, check=True
+    )
     st = json.loads(out.stdout)
     assert sorted(st["compiled"]) == ([] if PURE else sorted(accel.COMPILED_MODULES))
-    required = subprocess.run([str(exe), "build-info", "--require-compiled"],
-                              capture_output=True, text=True, env=_env(), timeout=60)
+    required = subprocess.run(
+        [str(exe), "build-info", "--require-compiled"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
     assert required.returncode == (1 if PURE else 0), required.stdout + required.stderr
-    pure = subprocess.run([str(exe), "build-info", "--require-compiled"],
-                          capture_output=True, text=True, timeout=60,
-                          env=_env(SMS_ROUTER_NO_EXTENSIONS="1"))
+    pure = subprocess.run(
+        [str(exe), "build-info", "--require-compiled"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(SMS_ROUTER_NO_EXTENSIONS="1"),
+    )
     assert pure.returncode == 1
     assert json.loads(pure.stdout)["compiled"] == []
 
@@ -67,8 +77,9 @@ def test_cli_reports_and_requires() -> None:
 @pytest.mark.skipif(PURE, reason="needs the compiled build to make one stale")
 def test_edited_source_runs_instead_of_its_stale_compiled_module(tmp_path: Path) -> None:
     # A copy of the package with its compiled files; then "edit" one source.
-    shutil.copytree(ROOT / "router", tmp_path / "router",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "router", tmp_path / "router", ignore=shutil.ignore_patterns("__pycache__")
+    )
     src = tmp_path / "router" / "ingress" / "validate.py"
     assert list(src.parent.glob("validate.*.so")), "no compiled validate module to go stale"
     src.write_text(src.read_text() + "\nEDITED = True\n")
@@ -85,8 +96,14 @@ def test_edited_source_runs_instead_of_its_stale_compiled_module(tmp_path: Path)
         "print(json.dumps([v.__file__, getattr(v, 'EDITED', False), p.__file__, g.__file__,"
         " a.status()['stale']]))"
     )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60, env=_env(PYTHONPATH=str(tmp_path)))
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(PYTHONPATH=str(tmp_path)),
+    )
     assert out.returncode == 0, out.stderr
     v_file, edited, p_file, g_file, stale = json.loads(out.stdout)
     assert v_file == str(src) and edited is True
@@ -97,12 +114,28 @@ def test_edited_source_runs_instead_of_its_stale_compiled_module(tmp_path: Path)
 
 @pytest.mark.skipif(PURE, reason="this run is the pure-Python build already")
 def test_pure_python_build_passes_the_unit_suites() -> None:
-    files = ["test_smpp_codec.py", "test_smpp_session.py", "test_text.py",
-             "test_metrics_fast.py", "test_concat.py"]
+    files = [
+        "test_smpp_codec.py",
+        "test_smpp_session.py",
+        "test_text.py",
+        "test_metrics_fast.py",
+        "test_concat.py",
+    ]
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-         *[str(ROOT / "tests" / f) for f in files]],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-x",
+            *[str(ROOT / "tests" / f) for f in files],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env=_env(SMS_ROUTER_NO_EXTENSIONS="1"),
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
@@ -118,18 +151,36 @@ def test_rebuild_compiles_an_edit_whatever_its_timestamp(tmp_path: Path) -> None
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, tmp_path / name)
     for name in ("router", "build"):
-        shutil.copytree(ROOT / name, tmp_path / name, symlinks=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            ROOT / name,
+            tmp_path / name,
+            symlinks=True,
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
     src = tmp_path / "router" / "ingress" / "validate.py"
     src.write_text(src.read_text() + "\nEDITED = True\n")
     os.utime(src, (0, 0))
-    build = subprocess.run([sys.executable, "setup.py", "--quiet", "build_ext", "--inplace"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env=_env())
+    build = subprocess.run(
+        [sys.executable, "setup.py", "--quiet", "build_ext", "--inplace"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
     assert build.returncode == 0, build.stderr[-3000:]
-    probe = ("import json, router.accel as a, router.ingress.validate as v;"
-             "print(json.dumps([v.__file__, getattr(v, 'EDITED', False), a.status()['stale']]))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60, env=_env(PYTHONPATH=str(tmp_path)))
+    probe = (
+        "import json, router.accel as a, router.ingress.validate as v;"
+        "print(json.dumps([v.__file__, getattr(v, 'EDITED', False), a.status()['stale']]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(PYTHONPATH=str(tmp_path)),
+    )
     assert out.returncode == 0, out.stderr
     v_file, edited, stale = json.loads(out.stdout)
     assert not v_file.endswith(".py") and edited is True and stale == []

@@ -814,4 +814,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("simulators stopped", flush=True)
     return 0
-
