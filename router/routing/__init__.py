@@ -88,9 +88,16 @@ class RouteTable:
     # Lengths of the prefix overrides, longest first: a lookup tries only
     # those instead of every length up to 15.
     _prefix_lengths: tuple[int, ...] = field(default=(), init=False, repr=False)
+    # Each rule's carriers grouped by priority once, not on every message.
+    _default_plan: _Plan | None = field(default=None, init=False, repr=False)
+    _country_plans: dict[str, _Plan] = field(default_factory=dict, init=False, repr=False)
+    _prefix_plans: dict[str, _Plan] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._prefix_lengths = tuple(sorted({len(p) for p in self.prefixes}, reverse=True))
+        self._default_plan = _Plan(self.default) if self.default else None
+        self._country_plans = {k: _Plan(v) for k, v in self.countries.items() if v}
+        self._prefix_plans = {k: _Plan(v) for k, v in self.prefixes.items() if v}
 
     @classmethod
     def from_config(cls, cfg: RoutesConfig) -> RouteTable:
@@ -130,38 +137,59 @@ class RouteTable:
         longest = min(len(digits), 15)
         for n in self._prefix_lengths:
             if n <= longest:
-                entries = self.prefixes.get(digits[:n])
-                if entries:
-                    return RouteDecision(order(entries, rng), f"prefix +{digits[:n]}")
-        entries = self.countries.get(country)
-        if entries:
-            return RouteDecision(order(entries, rng), f"country {country}")
-        if self.default:
-            return RouteDecision(order(self.default, rng), "default")
+                plan = self._prefix_plans.get(digits[:n])
+                if plan is not None:
+                    return RouteDecision(plan.order(rng), f"prefix +{digits[:n]}")
+        plan = self._country_plans.get(country)
+        if plan is not None:
+            return RouteDecision(plan.order(rng), f"country {country}")
+        if self._default_plan is not None:
+            return RouteDecision(self._default_plan.order(rng), "default")
         raise NoRoute(f"no route for country {country or 'unknown'}")
 
 
-def order(entries: list[RouteEntry], rng: random.Random) -> list[str]:
-    """Carriers by priority; within a priority, a weighted random order."""
-    if len(entries) == 1:
-        return [entries[0].carrier]
-    by_prio: dict[int, list[RouteEntry]] = {}
-    for e in entries:
-        by_prio.setdefault(e.priority, []).append(e)
-    out: list[str] = []
-    for prio in sorted(by_prio):
-        group = list(by_prio[prio])
-        while group:
-            if len(group) == 1:
-                out.append(group.pop().carrier)
-                break
-            total = sum(e.weight for e in group)
-            pick = rng.random() * total
-            for i, e in enumerate(group):
-                pick -= e.weight
-                if pick < 0:
-                    out.append(group.pop(i).carrier)
-                    break
-            else:
-                out.append(group.pop().carrier)
-    return out
+class _Plan:
+    """A rule's carriers, grouped by priority (lowest first) once, with each
+    group's carrier names, weights and total weight, so that picking an order
+    per message is only the weighted draws."""
+
+    __slots__ = ("groups", "single")
+
+    def __init__(self, entries: list[RouteEntry]) -> None:
+        by_prio: dict[int, list[RouteEntry]] = {}
+        for e in entries:
+            by_prio.setdefault(e.priority, []).append(e)
+        self.groups: tuple[tuple[tuple[str, ...], tuple[int, ...], int], ...] = tuple(
+            (
+                tuple(e.carrier for e in by_prio[prio]),
+                tuple(e.weight for e in by_prio[prio]),
+                sum(e.weight for e in by_prio[prio]),
+            )
+            for prio in sorted(by_prio)
+        )
+        self.single = entries[0].carrier if len(entries) == 1 else None
+
+    def order(self, rng: random.Random) -> list[str]:
+        """Carriers by priority; within a priority, a weighted random order."""
+        if self.single is not None:
+            return [self.single]
+        out: list[str] = []
+        for names, weights, total in self.groups:
+            if len(names) == 1:
+                out.append(names[0])
+                continue
+            left_names = list(names)
+            left_weights = list(weights)
+            while len(left_names) > 1:
+                pick = rng.random() * total
+                i = 0
+                last = len(left_weights) - 1
+                while i < last:
+                    pick -= left_weights[i]
+                    if pick < 0:
+                        break
+                    i += 1
+                out.append(left_names.pop(i))
+                total -= left_weights.pop(i)
+            out.append(left_names[0])
+        return out
