@@ -8,6 +8,7 @@ import asyncio
 import gc
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -71,6 +72,19 @@ def demo_config(base: Config, sim_ports: tuple[int, int] = DEMO_SIM_PORTS) -> Co
     )
     base.demo = True
     return base
+
+
+def node_id(cfg: Config) -> str:
+    """This router's id among the routers sharing its database: the
+    configured ``delivery.node``, else host name and SMPP port (stable across
+    restarts, so a restarted router resends what it left queued at once).
+    With an ephemeral port (0) there is nothing stable to name it by: the
+    process id stands in, and what it leaves after a crash is adopted by a
+    live node (itself, restarted) after node_grace seconds."""
+    if cfg.node:
+        return cfg.node
+    port = cfg.smpp_listen[1] or cfg.http_listen[1]
+    return f"{socket.gethostname()}:{port if port else f'pid{os.getpid()}'}"
 
 
 def _log_build() -> None:
@@ -143,6 +157,8 @@ class Router:
                 key=key,
                 max_rows=cfg.spool_max_rows,
                 flush_interval=cfg.spool_flush_interval,
+                node=node_id(cfg),
+                node_grace=cfg.node_grace,
             )
         else:
             log.warning(
@@ -168,6 +184,9 @@ class Router:
         self.engine.sinks[Origin.HTTP] = self.webhooks
         self.webhooks.start()
         replay = await self.spool.load()
+        if isinstance(self.spool, PgSpool):
+            log.info("spool_node", node=self.spool.node)
+            self.spool.on_adopt = self.engine.resume
         self.spool.start()
         self.engine.start()
         if replay:

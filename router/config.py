@@ -123,6 +123,9 @@ class Config:
     failover_after: float = 5.0  # seconds a carrier may be down before its queue moves
     spool_max_rows: int = 1_000_000
     spool_flush_interval: float = 0.005
+    node: str = ""  # this router's id among those sharing the database ("" = host:smpp port)
+    receipt_memory: float = 3600.0  # a submitted message waits in memory this long for its receipt
+    node_grace: float = 30.0  # a node not seen this long (and not holding its lock) is dead
     max_memory_mb: int = 0  # refuse new messages above this RSS (0 = no brake)
     max_schedule_ahead: float = 30 * 86400.0  # furthest send_at accepted, seconds
     schedule_poll_interval: float = 0.5  # how often due scheduled messages are released
@@ -240,6 +243,15 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
         delivery_t, "spool_flush_interval", "delivery.", float, cfg.spool_flush_interval
     )
     cfg.failover_after = _take(delivery_t, "failover_after", "delivery.", float, cfg.failover_after)
+    cfg.receipt_memory = _take(delivery_t, "receipt_memory", "delivery.", float, cfg.receipt_memory)
+    if not 60.0 <= cfg.receipt_memory <= 7 * 86400.0:
+        raise ConfigError("delivery.receipt_memory: 60 s .. 7 days")
+    cfg.node = _take(delivery_t, "node", "delivery.", str, cfg.node)
+    if len(cfg.node) > 200 or not cfg.node.isprintable():
+        raise ConfigError("delivery.node: at most 200 printable characters")
+    cfg.node_grace = _take(delivery_t, "node_grace", "delivery.", float, cfg.node_grace)
+    if not 3.0 <= cfg.node_grace <= 3600.0:
+        raise ConfigError("delivery.node_grace: 3..3600 seconds")
     cfg.max_memory_mb = _take(delivery_t, "max_memory_mb", "delivery.", int, cfg.max_memory_mb)
     if cfg.max_memory_mb < 0:
         raise ConfigError("delivery.max_memory_mb: must be >= 0 (0 = no brake)")

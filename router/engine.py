@@ -190,6 +190,7 @@ class Engine:
         # passes of 300-500 ms in a 10-minute soak).
         self.recent: OrderedDict[str, Summary] = OrderedDict()
         self.recent_limit = recent_limit
+        self._ticks = 0
         self.sinks: dict[Origin, ReceiptSink] = {}
         self.accepting = True
         self._tick: asyncio.TimerHandle | None = None
@@ -216,9 +217,7 @@ class Engine:
             c.start()
         self._tick = loop.call_later(1.0, self._health_tick)
         if isinstance(self.spool, PgSpool) and self._scheduler is None:
-            self._scheduler = loop.create_task(
-                self._release_scheduled(), name="scheduler"
-            )
+            self._scheduler = loop.create_task(self._release_scheduled(), name="scheduler")
 
     async def stop(self, timeout: float = 5.0) -> None:
         self.accepting = False
@@ -740,6 +739,11 @@ class Engine:
         sink = self.sinks.get(msg.origin)
         if sink is not None:
             sink.deliver(d)
+        self._retire(d)
+
+    def _retire(self, d: Delivery) -> None:
+        """Out of the active set; its summary answers status lookups."""
+        msg = d.message
         self.active.pop(msg.id, None)
         summary = _summary(d)
         self.recent[msg.id] = summary
@@ -749,6 +753,30 @@ class Engine:
             self.recent[pid] = summary
         while len(self.recent) > self.recent_limit:
             self.recent.popitem(last=False)
+
+    def release_receipt_waits(self, scan_limit: int = 50_000) -> int:
+        """Let go from memory of messages at a carrier whose receipt has not
+        come within ``delivery.receipt_memory`` (carriers lose some receipts;
+        kept forever they would grow memory without bound). A receipt that
+        comes later is still matched through receipt_routes, as after a
+        restart (at-least-once mode). Messages are in acceptance order, so
+        the scan stops at the first one too young."""
+        cutoff = self.wall() - self.cfg.receipt_memory
+        old: list[Delivery] = []
+        for scanned, d in enumerate(self.active.values()):
+            if d.message.accepted_at >= cutoff or scanned >= scan_limit:
+                break
+            if d.status is Status.SUBMITTED and d.updated_at < cutoff:
+                old.append(d)
+        for d in old:
+            for carrier_id in d.carrier_ids:
+                for carrier in self.carriers.values():
+                    carrier.correlator.forget(carrier_id)
+            self._retire(d)
+        if old:
+            metrics.RECEIPT_WAITS_RELEASED.inc(len(old))
+            log.info("receipt_waits_released", messages=len(old))
+        return len(old)
 
     def _taken(self, msg: Message) -> None:
         """The spool rows of a message may go: its own, or its parts'."""
@@ -820,6 +848,9 @@ class Engine:
         try:
             self.failover()
             self.check_memory()
+            self._ticks += 1
+            if self._ticks % 30 == 0:
+                self.release_receipt_waits()
         finally:
             self._tick = asyncio.get_running_loop().call_later(1.0, self._health_tick)
 

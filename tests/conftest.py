@@ -73,7 +73,7 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     assert pool is not None
     await pool.execute(
-        "TRUNCATE accounts, api_keys, traffic_log, delivery_events, opt_out, spool,"
+        "TRUNCATE accounts, api_keys, traffic_log, delivery_events, opt_out, spool, router_nodes,"
         " receipt_routes RESTART IDENTITY CASCADE"
     )
     try:

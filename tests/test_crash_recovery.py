@@ -233,3 +233,80 @@ async def test_kill_9_with_held_parts_and_a_scheduled_message(
     finally:
         stop_router(proc)
         await sim.stop()
+
+
+async def test_two_nodes_share_the_database_without_taking_each_others_messages(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    """Two routers on one database. Restarting one after kill -9 resends
+    only its own backlog (the other's messages reach the carrier once);
+    when it dies for good, the live one adopts its backlog and delivers it."""
+    await create_account(db, "acme", system_id="acme", password="acme-pw1")
+    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.1))
+    sim_port = await sim.start()
+    routers = {}
+    for name in ("a", "b"):
+        ports = free_ports()
+        cfg = tmp_path / f"router-{name}.toml"
+        # A slow carrier, so each router holds a backlog in its spool.
+        cfg.write_text(
+            listen_toml(ports)
+            + f'[delivery]\nguarantee = "at-least-once"\nnode = "node-{name}"\nnode_grace = 3.0\n'
+            + carrier_toml("sim", sim_port, tps=60.0, window=8)
+            + '[routes]\ndefault = ["sim"]\n'
+        )
+        routers[name] = (cfg, ports, tmp_path / f"router-{name}.log")
+    procs = {
+        n: await start_router(c, database_url, p["ops"], log) for n, (c, p, log) in routers.items()
+    }
+    acked: dict[str, set[str]] = {"a": set(), "b": set()}
+    try:
+        for n in ("a", "b"):
+            esme, resp = await connect(routers[n][1]["smpp"])
+            assert resp.status == 0
+
+            async def one(i: int, n: str = n, esme=esme) -> None:  # type: ignore[no-untyped-def]
+                text = f"two-nodes-{n}-{i:04d}"
+                r = await esme.submit("+4512345678", text)
+                if r.status == Status.ESME_ROK:
+                    acked[n].add(text)
+
+            await asyncio.gather(*(one(i) for i in range(300)))
+            esme.close()
+        assert len(acked["a"]) == len(acked["b"]) == 300
+        rows = {
+            r["node"]: r["n"]
+            for r in await db.fetch("SELECT node, count(*) AS n FROM spool GROUP BY node")
+        }
+        assert rows.get("node-a", 0) > 100 and rows.get("node-b", 0) > 100, rows
+
+        # a dies and comes back at once: it resends its own backlog only.
+        os.kill(procs["a"].pid, signal.SIGKILL)
+        procs["a"].wait(timeout=10)
+        cfg, ports, log = routers["a"]
+        procs["a"] = await start_router(cfg, database_url, ports["ops"], log)
+        # a dies for good: b adopts what a still held once a is not seen for 3 s.
+        await asyncio.sleep(0.5)
+        os.kill(procs["a"].pid, signal.SIGKILL)
+        procs["a"].wait(timeout=10)
+
+        want = acked["a"] | acked["b"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not want <= texts(sim):
+            await asyncio.sleep(0.2)
+        seen = Counter(m.payload.decode() for m in sim.received)
+        missing = want - set(seen)
+        assert not missing, f"{len(missing)} acknowledged messages never reached the carrier"
+        # b never crashed and nobody else sent its messages: each exactly once.
+        twice = [t for t in acked["b"] if seen[t] != 1]
+        assert not twice, f"{len(twice)} of b's messages reached the carrier more than once"
+        deadline = time.monotonic() + 10
+        while await db.fetchval("SELECT count(*) FROM spool") and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert await db.fetchval("SELECT count(*) FROM spool") == 0
+        b_log = routers["b"][2].read_text()
+        assert '"spool_adopted"' in b_log and '"dead_node": "node-a"' in b_log
+    finally:
+        for p in procs.values():
+            stop_router(p)
+        await sim.stop()

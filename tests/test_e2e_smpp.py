@@ -141,3 +141,48 @@ async def test_suite_runs_on_uvloop_like_the_daemon() -> None:
     # uvloop differs from asyncio in details (timer handles have no when());
     # the suite must exercise the loop production uses.
     assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+
+
+async def test_a_receipt_wait_is_let_go_from_memory_and_a_late_receipt_still_matches(
+    stack_factory: Any, db: Any
+) -> None:
+    """A message at a carrier whose receipt is slow leaves the router's memory
+    after delivery.receipt_memory (carriers lose receipts; memory must not
+    grow with them); when the receipt does come, it is matched from the
+    database and still reaches the customer."""
+    stack = await stack_factory(
+        sims={"sim-eu": SimConfig(port=0, dlr_delay=3.0), "sim-world": SimConfig(port=0)}
+    )
+    engine = stack.router.engine
+    client = Smpplib(stack.smpp_port)
+    await asyncio.to_thread(client.bind, "transceiver")
+    try:
+        for i in range(3):
+            await asyncio.to_thread(client.submit, "+4512345678", f"slow receipt {i}")
+        await wait_for(lambda: len(client.sent) == 3)
+        ids = {p.message_id.decode() for p in client.sent}
+        await wait_for(lambda: all(engine.lookup(i).status.value == "submitted" for i in ids))
+        # Their receipt routes are durable before anything is let go.
+        deadline = time.monotonic() + 5
+        while await db.fetchval("SELECT count(*) FROM receipt_routes") < 3:
+            assert time.monotonic() < deadline, "receipt routes not written"
+            await asyncio.sleep(0.05)
+        assert engine.release_receipt_waits() == 0  # younger than receipt_memory
+        engine.cfg.receipt_memory = 0.0
+        assert engine.release_receipt_waits() == 3
+        assert not ids & set(engine.active)
+        assert all(not c.correlator for c in engine.carriers.values())
+        # Still answered from memory meanwhile, as submitted.
+        assert {engine.lookup(i).status.value for i in ids} == {"submitted"}
+        # The receipts come ~3 s after the submit: matched through the database.
+        await wait_for(lambda: len(client.delivers) == 3, timeout=15)
+        assert {
+            r.receipted_message_id.decode()
+            if isinstance(r.receipted_message_id, bytes)
+            else r.receipted_message_id
+            for r in client.delivers
+        } == ids
+        assert all(b"stat:DELIVRD" in r.short_message for r in client.delivers)
+        assert {engine.lookup(i).status.value for i in ids} == {"delivered"}
+    finally:
+        client.close()

@@ -297,6 +297,15 @@ BUILD_INFO = Gauge(
 SPOOL_ROWS = Gauge(
     "smsrouter_spool_rows", "Accepted messages not yet taken by a carrier (durable spool)."
 )
+RECEIPT_WAITS_RELEASED = Counter(
+    "smsrouter_receipt_waits_released_total",
+    "Messages at a carrier let go from memory after delivery.receipt_memory without a"
+    " receipt (a later receipt is still matched through the database).",
+)
+SPOOL_ADOPTED = Counter(
+    "smsrouter_spool_adopted_total",
+    "Queued messages this node took over from a router sharing the database that died.",
+)
 FAILOVERS = Counter(
     "smsrouter_carrier_failover_messages_total",
     "Queued messages moved off a carrier that stayed down.",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -40,6 +41,16 @@ from ..observe import metrics
 
 log = structlog.get_logger("router.spool")
 
+# A node's liveness: a session advisory lock on this prefix + its id.
+_NODE_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('sms-router-node:' || $1, 0))"
+_NODE_XACT_LOCK = "SELECT pg_try_advisory_xact_lock(hashtextextended('sms-router-node:' || $1, 0))"
+_NODE_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('sms-router-node:' || $1, 0))"
+
+
+class NodeInUse(RuntimeError):
+    """Another running router holds this node id."""
+
+
 DurableCallback = Callable[[bool], None]
 _Add = tuple[tuple[Any, ...], DurableCallback, float]
 """A message waiting to be durable: (spool row, callback, monotonic time of add)."""
@@ -52,6 +63,7 @@ SPOOL_COLUMNS = (
     "encrypted",
     "payload",
     "due_at",
+    "node",
 )
 ROUTE_COLUMNS = (
     "carrier",
@@ -366,9 +378,20 @@ class PgSpool:
         batch: int = 5_000,
         write_deadline: float = 5.0,
         writers: int = 2,
+        node: str = "local",
+        node_grace: float = 30.0,
+        node_wait: float = 10.0,
     ) -> None:
         self.pool = pool
         self.aead = AESGCM(key) if key else None
+        # This router's id among the nodes sharing the database (see load()).
+        self.node = node
+        self.node_grace = node_grace
+        self.node_wait = node_wait
+        self._node_conn: asyncpg.pool.PoolConnectionProxy | None = None
+        self._nodes_task: asyncio.Task[None] | None = None
+        # Called with the messages adopted from a dead node (the engine queues them).
+        self.on_adopt: Callable[[list[Message]], object] | None = None
         self.max_rows = max_rows
         self.flush_interval = flush_interval
         self.batch = batch
@@ -417,6 +440,7 @@ class PgSpool:
             encrypted,
             payload,
             None if msg.send_at is None else dt.datetime.fromtimestamp(msg.send_at, _UTC),
+            self.node,
         )
         self._adds.append((row, done, time.monotonic()))
         if len(self._adds) >= self.batch:
@@ -486,6 +510,8 @@ class PgSpool:
                 for i in range(self.writers)
             ]
             self._upkeep = asyncio.create_task(self._run_upkeep(), name="spool-upkeep")
+        if self._node_conn is not None and self._nodes_task is None:
+            self._nodes_task = asyncio.create_task(self._run_nodes(), name="spool-nodes")
 
     async def close(self, timeout: float = 5.0) -> None:
         """Write what is waiting (bounded by ``timeout`` in all) and stop;
@@ -510,6 +536,7 @@ class PgSpool:
             waiting.extend(self._settle_batch(key) or ())
         for _, cb, _ in waiting:
             cb(False)
+        await self._leave()
 
     def _settle_batch(self, key: int) -> list[_Add] | None:
         """Take a batch out of flight; None if close() has answered it."""
@@ -676,28 +703,155 @@ class PgSpool:
         return out
 
     async def load(self) -> list[Message]:
-        """Every message left in the spool (after a crash) that is not
-        waiting for its send time, oldest first."""
-        rows = await self.pool.fetch(
-            "SELECT id, encrypted, payload FROM spool WHERE due_at IS NULL ORDER BY created_at"
-        )
+        """Take this node's id (NodeInUse if a running router holds it) and
+        return every message this node left in the spool (after a crash or a
+        stop with messages still queued) that is not waiting for its send
+        time, oldest first, with any row of a version that did not name its
+        node. Rows of other nodes stay theirs; those of a dead node are
+        adopted later by whichever live node sees it dead first."""
+        await self._claim_node()
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE spool SET node = $1 WHERE node IS NULL AND due_at IS NULL", self.node
+            )
+            rows = await conn.fetch(
+                "SELECT id, encrypted, payload FROM spool WHERE node = $1 AND due_at IS NULL"
+                " ORDER BY created_at",
+                self.node,
+            )
         out = self._decode_rows(rows)
         self.rows = int(await self.pool.fetchval("SELECT count(*) FROM spool"))
         metrics.SPOOL_ROWS.set(self.rows)
         return out
+
+    # ---------------------------------------------------------------- nodes
+
+    async def _claim_node(self) -> None:
+        """Hold the node's advisory lock on a connection of its own for the
+        life of this spool. A router killed a moment ago may still hold it
+        until PostgreSQL sees its connection close: wait up to node_wait."""
+        conn = await self.pool.acquire()
+        try:
+            deadline = time.monotonic() + self.node_wait
+            while not await conn.fetchval(_NODE_LOCK, self.node):
+                if time.monotonic() >= deadline:
+                    raise NodeInUse(
+                        f"node id {self.node!r} is held by another running router;"
+                        " give each router sharing the database its own delivery.node"
+                    )
+                await asyncio.sleep(0.2)
+            await conn.execute(
+                "INSERT INTO router_nodes (node) VALUES ($1) ON CONFLICT (node)"
+                " DO UPDATE SET started_at = now(), seen_at = now()",
+                self.node,
+            )
+        except BaseException:
+            await self.pool.release(conn)
+            raise
+        self._node_conn = conn
+
+    async def _run_nodes(self) -> None:
+        """Every node_grace/3 s: say this node is alive, and adopt the
+        queued rows of nodes that are not (lock free, not seen for node_grace)."""
+        while True:
+            try:
+                await self._heartbeat()
+                await self.adopt_orphans()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("spool_node_upkeep_failed", node=self.node, error=type(exc).__name__)
+            await asyncio.sleep(self.node_grace / 3)
+
+    async def _heartbeat(self) -> None:
+        conn = self._node_conn
+        if conn is None or conn.is_closed():
+            # The lock went with its connection (a database restart): take it
+            # again. Until then other nodes still see this one alive for
+            # node_grace seconds.
+            if conn is not None:
+                self._node_conn = None
+                with contextlib.suppress(Exception):
+                    await self.pool.release(conn)
+            conn = await self.pool.acquire()
+            if not await conn.fetchval(_NODE_LOCK, self.node):
+                await self.pool.release(conn)
+                log.error("spool_node_lock_lost", node=self.node)
+                return
+            self._node_conn = conn
+        await conn.execute(
+            "INSERT INTO router_nodes (node) VALUES ($1) ON CONFLICT (node)"
+            " DO UPDATE SET seen_at = now()",
+            self.node,
+        )
+
+    async def adopt_orphans(self) -> int:
+        """Take over the queued rows of every dead node; hand them to
+        on_adopt. Returns how many were adopted."""
+        dead = await self.pool.fetch(
+            "SELECT node FROM router_nodes WHERE node <> $1"
+            " AND seen_at < now() - make_interval(secs => $2)",
+            self.node,
+            self.node_grace,
+        )
+        total = 0
+        for r in dead:
+            async with self.pool.acquire() as conn, conn.transaction():
+                # A node that is alive holds its lock: this fails and its rows stay.
+                if not await conn.fetchval(_NODE_XACT_LOCK, r["node"]):
+                    continue
+                rows = await conn.fetch(
+                    "UPDATE spool SET node = $1 WHERE node = $2 AND due_at IS NULL"
+                    " RETURNING id, encrypted, payload, created_at",
+                    self.node,
+                    r["node"],
+                )
+                await conn.execute("DELETE FROM router_nodes WHERE node = $1", r["node"])
+            if not rows:
+                continue
+            rows = sorted(rows, key=lambda row: row["created_at"])
+            messages = self._decode_rows(rows)
+            total += len(rows)
+            metrics.SPOOL_ADOPTED.inc(len(rows))
+            log.warning("spool_adopted", node=self.node, dead_node=r["node"], messages=len(rows))
+            if self.on_adopt is not None and messages:
+                self.on_adopt(messages)
+        return total
+
+    async def _leave(self) -> None:
+        """After a clean stop: mark this node gone so others adopt what it
+        left queued at once, and let go of its lock."""
+        if self._nodes_task is not None:
+            self._nodes_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._nodes_task
+            self._nodes_task = None
+        conn, self._node_conn = self._node_conn, None
+        if conn is None:
+            return
+        try:
+            await conn.execute(
+                "UPDATE router_nodes SET seen_at = '-infinity' WHERE node = $1", self.node
+            )
+            await conn.fetchval(_NODE_UNLOCK, self.node)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("spool_node_leave_failed", node=self.node, error=type(exc).__name__)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn)
 
     # ------------------------------------------------------------ scheduled
 
     async def release_due(self, now: float, limit: int) -> list[Message]:
         """Scheduled messages whose time has come, earliest first, marked as
         released in the same statement (SKIP LOCKED: several routers may
-        share the spool without taking the same row twice)."""
+        share the spool without taking the same row twice) and now this
+        node's to send (adopted by another if it dies)."""
         rows = await self.pool.fetch(
-            "UPDATE spool SET due_at = NULL WHERE id IN ("
+            "UPDATE spool SET due_at = NULL, node = $3 WHERE id IN ("
             " SELECT id FROM spool WHERE due_at <= $1 ORDER BY due_at LIMIT $2"
             " FOR UPDATE SKIP LOCKED) RETURNING id, encrypted, payload",
             dt.datetime.fromtimestamp(now, _UTC),
             limit,
+            self.node,
         )
         return sorted(self._decode_rows(rows), key=lambda m: m.send_at or 0.0)
 
