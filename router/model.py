@@ -84,6 +84,10 @@ class Message:
     # Ids the customer was given for the parts of a message it split itself
     # (SMPP concatenation, reassembled here); () for everything else.
     part_ids: tuple[str, ...] = field(default=())
+    # registered_delivery of each of those parts, in the same order: each part
+    # id gets a receipt only if its own submit_sm asked for one (Kannel asks
+    # on part 1 only, others on every part or the last). () = all as above.
+    part_receipts: tuple[int, ...] = field(default=())
     # A part held for reassembly: logged only when released (see Engine.resume).
     held: bool = False
 

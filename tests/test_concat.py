@@ -606,10 +606,26 @@ def test_buffer_completes_in_segment_order_with_part_1s_fields() -> None:
     msg = combine(out.combined)
     assert (msg.id, msg.part_ids, msg.parts) == ("a", ("a", "b", "c"), 3)
     assert msg.text == "hello world!!"
-    assert msg.registered_delivery == 1  # part 1's
+    assert msg.registered_delivery == 1  # a part asks for a final receipt
+    assert msg.part_receipts == (1, 1, 0)  # each part's own wish, in part order
     assert (msg.accepted_at, msg.expires_at) == (90.0, 500.0)  # earliest of each
     assert msg.esm_class & 0x40 and msg.tlvs == ()
     assert [s[:6] for s in msg.segments] == [bytes((5, 0, 3, 1, 3, i)) for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize(
+    ("asks", "carrier"),
+    [((1, 0, 0), 1), ((0, 0, 1), 1), ((0, 2, 0), 2), ((2, 1, 0), 1), ((0, 0, 0), 0)],
+)
+def test_the_carrier_is_asked_for_a_receipt_if_any_part_wants_one(
+    asks: tuple[int, int, int], carrier: int
+) -> None:
+    """Kannel asks on part 1 only, others on the last part: either way the
+    carrier's receipt is requested, and each part id keeps its own wish."""
+    parts = [_part(f"p{i}", i + 1, b"x", registered_delivery=a | 0x10) for i, a in enumerate(asks)]
+    msg = combine(parts)
+    assert msg.registered_delivery == carrier | 0x10  # other bits: part 1's
+    assert msg.part_receipts == tuple(a | 0x10 for a in asks)
 
 
 def test_buffer_duplicate_reuse_mismatch_and_full() -> None:

@@ -247,8 +247,9 @@ class ConcatBuffer:
 def combine(parts: list[HeldPart]) -> Message:
     """One Message from a complete group, for ``Engine.release``.
 
-    Id and every per-message field (registered_delivery, userref, source
-    TON/NPI) from part 1; accepted_at the earliest, expires_at the earliest
+    Id and every per-message field (userref, source TON/NPI) from part 1;
+    receipts as each part's registered_delivery asks (the carrier is asked
+    for one if any part wants it); accepted_at the earliest, expires_at the earliest
     of the parts. UDH parts go out as the customer built them; SAR parts get
     a concatenation UDH of ours (8-bit if the reference is below 256, else
     16-bit, unless a segment does not fit with the longer UDH: then 8-bit
@@ -260,10 +261,16 @@ def combine(parts: list[HeldPart]) -> Message:
     else:
         segments = tuple(hp.msg.segments[0] for hp in parts)
     body = b"".join(hp.body for hp in parts)
+    asks = {hp.msg.registered_delivery & 0x03 for hp in parts}
+    # The carrier's receipt is needed if any part wants one: final wins over
+    # failure-only (the per-part wishes are applied on the way back).
+    low = 1 if 1 in asks else (2 if 2 in asks else 0)
     return dataclasses.replace(
         head,
         segments=segments,
         part_ids=tuple(hp.msg.id for hp in parts),
+        part_receipts=tuple(hp.msg.registered_delivery for hp in parts),
+        registered_delivery=(head.registered_delivery & ~0x03) | low,
         esm_class=head.esm_class | ESM_UDHI,
         text=None if head.secret else decode_payload(head.data_coding, body),
         tlvs=tuple((t, v) for t, v in head.tlvs if t not in SAR_TAGS),

@@ -589,19 +589,24 @@ class SmppFrontDoor:
         """ReceiptSink: a message of an SMPP customer reached a final status.
 
         A message reassembled from customer parts gets one receipt per part
-        id (each one SMS: sub:001), all with the message's final state, as
-        part 1's registered_delivery asks."""
+        id (each one SMS: sub:001), all with the message's final state, for
+        each part whose own registered_delivery asks for it."""
         msg = d.message
-        want = msg.registered_delivery & 0x03
-        if want == 0 or (want == REGDLV_FAILURE and d.status is Status.DELIVERED):
-            return
-        assert want in (REGDLV_FINAL, REGDLV_FAILURE)
-        expires = self.clock() + self.cfg.smpp.receipt_retention
-        for message_id in msg.part_ids or (msg.id,):
+        delivered = d.status is Status.DELIVERED
+        ids = msg.part_ids or (msg.id,)
+        asks = msg.part_receipts if len(msg.part_receipts) == len(ids) else None
+        expires = 0.0
+        for i, message_id in enumerate(ids):
+            want = (asks[i] if asks is not None else msg.registered_delivery) & 0x03
+            if want == 0 or (want == REGDLV_FAILURE and delivered):
+                continue
+            assert want in (REGDLV_FINAL, REGDLV_FAILURE)
+            if not expires:
+                expires = self.clock() + self.cfg.smpp.receipt_retention
             pdu = build_receipt(
                 message_id=message_id,
                 state=_MAX_STATE_FOR_STATUS[d.status],
-                error="000" if d.status is Status.DELIVERED else "001",
+                error="000" if delivered else "001",
                 submitted_at=msg.accepted_at,
                 done_at=d.updated_at,
                 source=msg.source,
