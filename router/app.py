@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -79,12 +80,15 @@ def node_id(cfg: Config) -> str:
     configured ``delivery.node``, else host name and SMPP port (stable across
     restarts, so a restarted router resends what it left queued at once).
     With an ephemeral port (0) there is nothing stable to name it by: the
-    process id stands in, and what it leaves after a crash is adopted by a
+    process id and a random suffix stand in (several routers may run in one
+    process, as in tests), and what it leaves after a crash is adopted by a
     live node (itself, restarted) after node_grace seconds."""
     if cfg.node:
         return cfg.node
     port = cfg.smpp_listen[1] or cfg.http_listen[1]
-    return f"{socket.gethostname()}:{port if port else f'pid{os.getpid()}'}"
+    if port:
+        return f"{socket.gethostname()}:{port}"
+    return f"{socket.gethostname()}:pid{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _log_build() -> None:

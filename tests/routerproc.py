@@ -76,3 +76,13 @@ def stop_router(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
             proc.kill()
             proc.wait()
     return int(proc.returncode)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {"name{labels}": value}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out

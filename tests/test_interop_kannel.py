@@ -67,6 +67,7 @@ from tests.routerproc import (
     free_port,
     free_ports,
     listen_toml,
+    parse_metrics,
     start_router,
     stop_router,
 )
@@ -134,15 +135,6 @@ class DlrSink:
             for c in self.calls
             if c.get("ref") == ref and (dlr_type is None or c.get("type") == dlr_type)
         ]
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 def nonzero(metrics: dict[str, float], prefix: str) -> dict[str, float]:

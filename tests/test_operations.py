@@ -23,7 +23,14 @@ from router.observe import metrics
 from router.sim import CarrierSimulator, SimConfig
 from router.smpp.constants import Status
 from tests.esme import connect
-from tests.routerproc import carrier_toml, free_ports, listen_toml, start_router, stop_router
+from tests.routerproc import (
+    carrier_toml,
+    free_ports,
+    listen_toml,
+    parse_metrics,
+    start_router,
+    stop_router,
+)
 
 
 async def wait_for(cond: Any, timeout: float = 10.0) -> None:
@@ -124,15 +131,6 @@ async def test_sigterm_under_load_drains_exits_0_and_loses_nothing(
     finally:
         stop_router(proc)
         await sim.stop()
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 async def test_metrics_move_with_traffic_and_carry_no_personal_data(stack_factory: Any) -> None:

@@ -33,7 +33,14 @@ from router.sim import CarrierSimulator, SimConfig
 from router.smpp.constants import Status
 from router.smpp.pdu import Pdu, SubmitSm
 from tests.esme import connect
-from tests.routerproc import carrier_toml, free_ports, listen_toml, start_router, stop_router
+from tests.routerproc import (
+    carrier_toml,
+    free_ports,
+    listen_toml,
+    parse_metrics,
+    start_router,
+    stop_router,
+)
 
 CARRIER_TPS = 100.0  # per carrier (router tps and simulator max_tps)
 CARRIERS = ("sim-1", "sim-2")
@@ -58,15 +65,6 @@ def proc_status_kb(pid: int, field: str) -> int | None:
     except (OSError, ValueError):
         return None
     return None
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 def metric_sum(m: dict[str, float], name: str, **labels: str) -> float:
