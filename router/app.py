@@ -26,6 +26,7 @@ from .config import CarrierConfig, Config, ConfigError, RouteEntry, RoutesConfig
 from .dlr.webhooks import WebhookSender
 from .engine import Engine
 from .ingress.admin import add_admin_routes
+from .ingress.handoff import ReceiptHandoff
 from .ingress.http import make_api
 from .ingress.smpp import SmppFrontDoor
 from .model import Origin
@@ -118,6 +119,7 @@ class Router:
     spool: MemorySpool | PgSpool | None = None
     webhooks: WebhookSender | None = None
     smpp: SmppFrontDoor | None = None
+    handoff: ReceiptHandoff | None = None
     optout: OptOutList | None = None
     retention: RetentionTask | None = None
     runners: list[web.AppRunner] = field(default_factory=list)
@@ -196,6 +198,10 @@ class Router:
         if replay:
             log.info("spool_replayed", messages=self.engine.resume(replay))
         self.smpp = SmppFrontDoor(cfg, self.engine, self.accounts)
+        if isinstance(self.spool, PgSpool):
+            self.handoff = ReceiptHandoff(self.pool, self.spool.node, self.smpp.take_handed_over)
+            self.smpp.handoff = self.handoff
+            self.handoff.start()
         self.ports["smpp"] = await self.smpp.start()
         api = make_api(cfg, self.engine, self.accounts, pool=self.pool)
         add_admin_routes(api, lambda: self.pool, self.accounts, self.optout, audit_key)
@@ -279,6 +285,8 @@ class Router:
             await self.engine.stop(timeout=min(5.0, timeout))
         if self.webhooks is not None:
             await self.webhooks.stop(grace=min(3.0, timeout))
+        if self.handoff is not None:
+            await self.handoff.stop()
         if self.spool is not None:
             await self.spool.close(timeout=min(5.0, timeout))
         if self.traffic_log is not None:

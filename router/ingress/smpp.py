@@ -51,6 +51,7 @@ from ..smpp.session import Reject, Role, SmppSession
 from ..smpp.transport import ResponseCallback, SmppProtocol
 from ..text.segment import Concat, Encoded, decode_payload, parse_udh, split
 from .concat import ConcatBuffer, HeldPart, PartRef, combine, fits_one_sms, locate
+from .handoff import ReceiptHandoff
 from .validate import InvalidField, check_destination, check_sender, parse_smpp_time
 
 log = structlog.get_logger("router.ingress.smpp")
@@ -215,12 +216,16 @@ def throttle_hold(streak: int, first: float, cap: float) -> float:
 
 
 class PendingReceipt:
-    __slots__ = ("pdu", "expires", "tries")
+    __slots__ = ("pdu", "expires", "tries", "secret", "handed")
 
-    def __init__(self, pdu: DeliverSm, expires: float) -> None:
+    def __init__(
+        self, pdu: DeliverSm, expires: float, secret: bool = False, handed: bool = False
+    ) -> None:
         self.pdu = pdu
         self.expires = expires
         self.tries = 0
+        self.secret = secret  # a secret message's: never written down with its addresses
+        self.handed = handed  # came from another node: not handed on again
 
 
 class SmppFrontDoor:
@@ -254,6 +259,9 @@ class SmppFrontDoor:
         self.concat = ConcatBuffer(cfg.smpp.reassembly_timeout, cfg.smpp.reassembly_max_parts)
         self._concat_timer: asyncio.TimerHandle | None = None
         self._concat_stopped = False
+        # Receipts for accounts bound only to other routers sharing the
+        # database (set by the app when the spool is durable).
+        self.handoff: ReceiptHandoff | None = None
 
     def reconfigure(self, cfg: Config) -> None:
         """SIGHUP: [smpp] settings apply to binds made from now on (window,
@@ -312,7 +320,10 @@ class SmppFrontDoor:
         self.binds.setdefault(b.account.id, []).append(b)
         metrics.BINDS.labels(b.account.name, b.bind_type.name.lower()).inc()
         if b.bind_type.can_receive:
-            self.receivers.setdefault(b.account.id, []).append(b)
+            rl = self.receivers.setdefault(b.account.id, [])
+            rl.append(b)
+            if self.handoff is not None:
+                self.handoff.bound(b.account.id, len(rl))
             self._flush_pending(b.account.id)
 
     def remove_bind(self, b: CustomerBind) -> None:
@@ -324,6 +335,8 @@ class SmppFrontDoor:
         rl = self.receivers.get(b.account.id)
         if rl and b in rl:
             rl.remove(b)
+            if self.handoff is not None:
+                self.handoff.bound(b.account.id, len(rl))
 
     # --------------------------------------------------------------- submit
 
@@ -615,7 +628,23 @@ class SmppFrontDoor:
                 source_npi=msg.source_npi,
                 parts=1 if msg.part_ids else msg.parts,
             )
-            self._send_receipt(msg.account_id, PendingReceipt(pdu, expires))
+            self._send_receipt(msg.account_id, PendingReceipt(pdu, expires, msg.secret))
+
+    def take_handed_over(self, account_id: int, pdu: DeliverSm, seconds_left: float) -> None:
+        """A receipt another node finished for an account bound here."""
+        self._send_receipt(
+            account_id, PendingReceipt(pdu, self.clock() + seconds_left, handed=True)
+        )
+
+    def _hand_over(self, account_id: int, pr: PendingReceipt, again: bool = False) -> bool:
+        """No bind of the account here: give the receipt to a node that has
+        one. One that came from another node waits here for the sweep
+        (``again``) rather than bounce straight back."""
+        return (
+            self.handoff is not None
+            and (again or not pr.handed)
+            and self.handoff.offer(account_id, pr.pdu, pr.expires - self.clock(), pr.secret)
+        )
 
     def _send_receipt(self, account_id: int, pr: PendingReceipt) -> None:
         binds = self.receivers.get(account_id)
@@ -630,6 +659,8 @@ class SmppFrontDoor:
                     pr.pdu.sequence = 0  # a resend gets the new bind's next sequence
                     b.send_request(pr.pdu, self._receipt_callback(account_id, pr))
                     return
+        elif self._hand_over(account_id, pr):
+            return
         q = self.pending.setdefault(account_id, deque())
         if len(q) >= self.cfg.smpp.receipt_buffer:
             q.popleft()
@@ -674,6 +705,15 @@ class SmppFrontDoor:
     def _sweep(self) -> None:
         for account_id in list(self.pending):
             self._flush_pending(account_id)
+            q = self.pending.get(account_id)
+            if q and not self.receivers.get(account_id):
+                # Bound elsewhere since: hand what waits here over.
+                for _ in range(len(q)):
+                    pr = q.popleft()
+                    if self._hand_over(account_id, pr, again=True):
+                        metrics.RECEIPTS_PENDING.dec()
+                    else:
+                        q.append(pr)
             q = self.pending.get(account_id)
             now = self.clock()
             while q and q[0].expires < now:

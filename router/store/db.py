@@ -50,7 +50,10 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
     return applied
 
 
-async def create_pool(url: str, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:
+async def create_pool(url: str, min_size: int = 1, max_size: int = 12) -> asyncpg.Pool:
+    """Three connections are held for the router's life (the opt-out/accounts
+    listener, the node lock, the receipt hand-off listener); the rest serve
+    the spool writers and upkeep, the traffic log, webhooks and lookups."""
     pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=60)
     assert pool is not None
     return pool

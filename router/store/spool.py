@@ -804,6 +804,11 @@ class PgSpool:
                     self.node,
                     r["node"],
                 )
+                # Receipts other nodes left for it, and its binds (handoff.py).
+                await conn.execute(
+                    "UPDATE receipt_handoff SET node = $1 WHERE node = $2", self.node, r["node"]
+                )
+                await conn.execute("DELETE FROM receipt_binds WHERE node = $1", r["node"])
                 await conn.execute("DELETE FROM router_nodes WHERE node = $1", r["node"])
             if not rows:
                 continue

@@ -1,0 +1,279 @@
+"""Receipts across routers sharing one database.
+
+A delivery receipt goes to a receiver or transceiver bind of the account
+that submitted the message. With several routers (nodes) behind a load
+balancer, that account's receiving binds may all be on another node than
+the one that finished the message. This module carries such receipts over:
+
+- each node publishes, per account, how many receiving binds it holds
+  (table ``receipt_binds``; NOTIFY ``sms_router_binds`` on change) and keeps
+  a cache of the other nodes' binds;
+- a receipt with no local bind but a remote one is written to
+  ``receipt_handoff`` for one of those nodes (round robin) and that node is
+  woken (NOTIFY ``sms_router_receipts``); it claims its rows (SKIP LOCKED,
+  deleted as taken) and sends them as its own, or keeps them pending like
+  any receipt of an account that is not bound;
+- rows addressed to a node that died are adopted with its spool rows
+  (store/spool.py) and sent by the adopter.
+
+Rows hold the encoded deliver_sm: the receipt text carries no message text
+(carriers/receipt.py), and for a ``secret`` message the addresses are
+blanked before it is written (privacy.md 2). A row lives until a node takes
+it (normally milliseconds) or its retention ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import structlog
+
+from ..observe import metrics
+from ..smpp.pdu import DeliverSm, decode
+
+log = structlog.get_logger("router.ingress.handoff")
+
+BINDS_CHANNEL = "sms_router_binds"
+RECEIPTS_CHANNEL = "sms_router_receipts"
+_UTC = dt.UTC
+
+# What a receipt handed over needs: account, remaining retention (s), PDU.
+Deliver = Callable[[int, DeliverSm, float], None]
+
+
+class ReceiptHandoff:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        node: str,
+        deliver: Deliver,
+        *,
+        sync_interval: float = 0.2,
+        poll_interval: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.node = node
+        self.deliver = deliver
+        self.sync_interval = sync_interval
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self.local: dict[int, int] = {}  # account id -> receiving binds here
+        self._published: dict[int, int] = {}
+        self.remote: dict[int, list[str]] = {}  # account id -> other nodes with binds
+        self._rr: dict[int, int] = {}
+        self._out: list[tuple[str, int, bytes, float]] = []  # node, account, pdu, seconds left
+        self._wake = asyncio.Event()
+        self._claim = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._refreshers: set[asyncio.Future[None]] = set()
+
+    # ---------------------------------------------------------- hot side
+
+    def bound(self, account_id: int, receivers: int) -> None:
+        """The SMPP front door's count of receiving binds of an account changed."""
+        if receivers:
+            self.local[account_id] = receivers
+        else:
+            self.local.pop(account_id, None)
+        self._wake.set()
+
+    def can_take(self, account_id: int) -> bool:
+        return bool(self.remote.get(account_id))
+
+    def offer(self, account_id: int, pdu: DeliverSm, seconds_left: float, secret: bool) -> bool:
+        """Hand a receipt to another node holding a bind of the account;
+        False if none does (the caller keeps it)."""
+        nodes = self.remote.get(account_id)
+        if not nodes or seconds_left <= 0:
+            return False
+        i = self._rr.get(account_id, 0) % len(nodes)
+        self._rr[account_id] = i + 1
+        if secret:
+            pdu = _blank_addresses(pdu)
+        pdu.sequence = 0
+        self._out.append((nodes[i], account_id, pdu.encode(), seconds_left))
+        self._wake.set()
+        metrics.RECEIPTS_OUT.labels("smpp", "handed_over").inc()
+        return True
+
+    # ------------------------------------------------------------ tasks
+
+    def start(self) -> None:
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._run_writer(), name="receipt-handoff-writer"),
+                asyncio.create_task(self._run_listener(), name="receipt-handoff-listener"),
+            ]
+
+    async def stop(self) -> None:
+        """Write what is waiting to go, stop publishing binds here."""
+        self.local.clear()
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await self._flush()
+            await self.pool.execute("DELETE FROM receipt_binds WHERE node = $1", self.node)
+            await self.pool.execute(f"NOTIFY {BINDS_CHANNEL}")
+        tasks = [*self._tasks, *self._refreshers]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        self._refreshers.clear()
+
+    async def _run_writer(self) -> None:
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await self.pool.execute("DELETE FROM receipt_binds WHERE node = $1", self.node)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(self.sync_interval)  # a burst of changes: one write
+            try:
+                await self._flush()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("receipt_handoff_write_failed", error=type(exc).__name__)
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
+    async def _flush(self) -> None:
+        out, self._out = self._out, []
+        changed = {a: n for a, n in self.local.items() if self._published.get(a) != n} | {
+            a: 0 for a in self._published if a not in self.local
+        }
+        if not out and not changed:
+            return
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if out:
+                    await conn.executemany(
+                        "INSERT INTO receipt_handoff (node, account_id, pdu, expires_at)"
+                        " VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+                        out,
+                    )
+                    for target in {o[0] for o in out}:
+                        await conn.execute("SELECT pg_notify($1, $2)", RECEIPTS_CHANNEL, target)
+                for account_id, n in changed.items():
+                    if n:
+                        await conn.execute(
+                            "INSERT INTO receipt_binds (node, account_id, binds)"
+                            " VALUES ($1, $2, $3)"
+                            " ON CONFLICT (node, account_id) DO UPDATE SET binds = $3",
+                            self.node,
+                            account_id,
+                            n,
+                        )
+                    else:
+                        await conn.execute(
+                            "DELETE FROM receipt_binds WHERE node = $1 AND account_id = $2",
+                            self.node,
+                            account_id,
+                        )
+                if changed:
+                    await conn.execute(f"NOTIFY {BINDS_CHANNEL}")
+        except BaseException:
+            self._out[:0] = out  # first in line again
+            raise
+        for account_id, n in changed.items():
+            if n:
+                self._published[account_id] = n
+            else:
+                self._published.pop(account_id, None)
+
+    async def _run_listener(self) -> None:
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    await conn.add_listener(BINDS_CHANNEL, self._notified)
+                    await conn.add_listener(RECEIPTS_CHANNEL, self._notified)
+                    try:
+                        refresh_at = 0.0
+                        while not conn.is_closed():
+                            if self.clock() >= refresh_at:
+                                await self._refresh()
+                                refresh_at = self.clock() + 5.0
+                            await self._take()
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(self._claim.wait(), self.poll_interval)
+                            self._claim.clear()
+                    finally:
+                        for ch in (BINDS_CHANNEL, RECEIPTS_CHANNEL):
+                            with contextlib.suppress(
+                                OSError, asyncpg.PostgresError, asyncpg.InterfaceError
+                            ):
+                                await conn.remove_listener(ch, self._notified)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("receipt_handoff_listen_failed", error=type(exc).__name__)
+                await asyncio.sleep(1.0)
+
+    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        if channel == BINDS_CHANNEL:
+            self._spawn_refresh()
+        elif payload == self.node:
+            self._claim.set()
+
+    def _spawn_refresh(self) -> None:
+        task = asyncio.ensure_future(self._refresh_quietly())
+        self._refreshers.add(task)
+        task.add_done_callback(self._refreshers.discard)
+
+    async def _refresh_quietly(self) -> None:
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await self._refresh()
+
+    async def _refresh(self) -> None:
+        rows = await self.pool.fetch(
+            "SELECT account_id, node FROM receipt_binds WHERE node <> $1 AND binds > 0"
+            " ORDER BY account_id, node",
+            self.node,
+        )
+        remote: dict[int, list[str]] = {}
+        for r in rows:
+            remote.setdefault(r["account_id"], []).append(r["node"])
+        self.remote = remote
+
+    async def _take(self) -> int:
+        """Claim and deliver the receipts other nodes left for this one."""
+        total = 0
+        while True:
+            rows = await self.pool.fetch(
+                "DELETE FROM receipt_handoff WHERE id IN (SELECT id FROM receipt_handoff"
+                " WHERE node = $1 ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED)"
+                " RETURNING account_id, pdu,"
+                " extract(epoch FROM expires_at - now())::float8 AS left",
+                self.node,
+            )
+            for r in rows:
+                if r["left"] <= 0:
+                    metrics.RECEIPTS_OUT.labels("smpp", "expired").inc()
+                    continue
+                pdu = decode(bytes(r["pdu"]))
+                if isinstance(pdu, DeliverSm):
+                    self.deliver(r["account_id"], pdu, r["left"])
+            total += len(rows)
+            if len(rows) < 500:
+                return total
+
+
+def _blank_addresses(pdu: DeliverSm) -> DeliverSm:
+    """A copy of a secret message's receipt without the handset's number or
+    the sender id, fit to be written down."""
+    return DeliverSm.make(
+        pdu.source_addr_ton,
+        pdu.source_addr_npi,
+        "",
+        pdu.dest_addr_ton,
+        pdu.dest_addr_npi,
+        "",
+        pdu.esm_class,
+        pdu.registered_delivery,
+        pdu.data_coding,
+        pdu.short_message,
+        dict(pdu.tlvs),
+    )

@@ -1,0 +1,128 @@
+"""Receipts across two routers sharing one database: the customer's
+transmitter bind is on one node, its receiver bind on the other (what a
+load balancer in front of several nodes does). Real routers, real sockets,
+real PostgreSQL (LISTEN/NOTIFY, SKIP LOCKED)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import asyncpg
+
+from router.carriers.receipt import build_receipt
+from router.smpp.constants import MessageState, Tag
+from router.smpp.pdu import BindReceiver, BindTransmitter
+from tests.esme import connect, until
+
+SECRET_TLV = {0x1400: b"\x01"}
+
+
+async def two_nodes(stack_factory: Any) -> tuple[Any, Any]:
+    a = await stack_factory()
+    b = await stack_factory()
+    assert a.router.spool.node != b.router.spool.node
+    return a, b
+
+
+async def receiver_on(stack: Any) -> Any:
+    esme, resp = await connect(stack.smpp_port, bind_cls=BindReceiver)
+    assert resp.status == 0
+    return esme
+
+
+async def test_a_receipt_reaches_the_accounts_receiver_on_another_node(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    a, b = await two_nodes(stack_factory)
+    rx = await receiver_on(b)
+    tx, resp = await connect(a.smpp_port, bind_cls=BindTransmitter)
+    assert resp.status == 0
+    try:
+        # a learns that acme's receiving bind is on b.
+        acme = await db.fetchval("SELECT id FROM accounts WHERE name = 'acme'")
+        await until(lambda: a.router.handoff.can_take(acme), 5, "a sees b's receiver")
+        ids = []
+        for i in range(5):
+            r = await tx.submit("+4512345678", f"handed over {i}")
+            assert r.status == 0
+            ids.append(r.message_id)
+        r = await tx.submit("+4512345679", "secret one", tlvs=dict(SECRET_TLV))
+        assert r.status == 0
+        secret_id = r.message_id
+        await until(lambda: len(rx.receipts) == 6, 15, "6 receipts on b's receiver")
+        assert set(rx.receipts) == {*ids, secret_id}
+        for mid in ids:
+            pdu = rx.receipts[mid]
+            assert b"stat:DELIVRD" in pdu.short_message
+            assert pdu.source_addr == "4512345678"  # the handset, as in any receipt
+            assert pdu.tlv_str(Tag.RECEIPTED_MESSAGE_ID) == mid
+        secret = rx.receipts[secret_id]
+        assert b"stat:DELIVRD" in secret.short_message
+        # Written down on its way between nodes: so without its addresses.
+        assert (secret.source_addr, secret.destination_addr) == ("", "")
+        assert await db.fetchval("SELECT count(*) FROM receipt_handoff") == 0
+        assert not tx.delivers  # a transmitter bind is never sent a receipt
+    finally:
+        tx.close()
+        rx.close()
+
+
+async def test_receipts_waiting_for_a_bind_move_to_the_node_where_it_appears(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    a, b = await two_nodes(stack_factory)
+    tx, _ = await connect(a.smpp_port, bind_cls=BindTransmitter)
+    try:
+        ids = []
+        for i in range(3):
+            r = await tx.submit("+4512345678", f"waiting {i}")
+            assert r.status == 0
+            ids.append(r.message_id)
+        acme = await db.fetchval("SELECT id FROM accounts WHERE name = 'acme'")
+        # No receiving bind anywhere: they wait at a.
+        await until(lambda: len(a.router.smpp.pending.get(acme, ())) == 3, 10, "pending at a")
+        rx = await receiver_on(b)
+        try:
+            # a's sweep (every 5 s) hands them to b.
+            await until(lambda: len(rx.receipts) == 3, 15, "receipts moved to b")
+            assert set(rx.receipts) == set(ids)
+            assert not a.router.smpp.pending.get(acme)
+        finally:
+            rx.close()
+    finally:
+        tx.close()
+
+
+async def test_receipts_left_for_a_node_that_died_are_sent_by_the_adopter(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    b = await stack_factory()
+    rx = await receiver_on(b)
+    try:
+        acme = await db.fetchval("SELECT id FROM accounts WHERE name = 'acme'")
+        now = time.time()
+        pdu = build_receipt(
+            message_id="ghostmsg0001",
+            state=MessageState.DELIVERED,
+            error="000",
+            submitted_at=now - 2,
+            done_at=now,
+            source="Acme",
+            destination="4512345678",
+        )
+        # A node that died with a receipt handed to it still unsent.
+        await db.execute(
+            "INSERT INTO router_nodes (node, seen_at) VALUES ('ghost', now() - interval '1 hour')"
+        )
+        await db.execute(
+            "INSERT INTO receipt_handoff (node, account_id, pdu, expires_at)"
+            " VALUES ('ghost', $1, $2, now() + interval '1 hour')",
+            acme,
+            pdu.encode(),
+        )
+        await b.router.spool.adopt_orphans()
+        await until(lambda: "ghostmsg0001" in rx.receipts, 10, "the adopted receipt")
+        assert await db.fetchval("SELECT count(*) FROM receipt_handoff") == 0
+    finally:
+        rx.close()
