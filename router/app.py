@@ -199,8 +199,15 @@ class Router:
             log.info("spool_replayed", messages=self.engine.resume(replay))
         self.smpp = SmppFrontDoor(cfg, self.engine, self.accounts)
         if isinstance(self.spool, PgSpool):
-            self.handoff = ReceiptHandoff(self.pool, self.spool.node, self.smpp.take_handed_over)
+            self.handoff = ReceiptHandoff(
+                self.pool,
+                self.spool.node,
+                self.smpp.take_handed_over,
+                self.engine.take_forwarded_receipt,
+                node_grace=cfg.node_grace,
+            )
             self.smpp.handoff = self.handoff
+            self.engine.forward_receipt = self.handoff.forward_carrier_receipt
             self.handoff.start()
         self.ports["smpp"] = await self.smpp.start()
         api = make_api(cfg, self.engine, self.accounts, pool=self.pool)

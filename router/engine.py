@@ -37,6 +37,11 @@ from .store.trafficlog import TrafficLog
 
 log = structlog.get_logger("router.engine")
 
+# Seconds to wait before each lookup of an unknown receipt's route (the
+# submitting node writes it within milliseconds of the submit_sm_resp,
+# longer when the database is busy).
+_ROUTE_LOOKUP_DELAYS = (0.0, 0.25, 1.0, 3.0)
+
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -191,6 +196,9 @@ class Engine:
         self.recent: OrderedDict[str, Summary] = OrderedDict()
         self.recent_limit = recent_limit
         self._ticks = 0
+        # Hands a carrier receipt to the live node that owns its message
+        # (set by the app; False when that node is not known alive).
+        self.forward_receipt: Callable[[str, str, CarrierReceipt], bool] | None = None
         self.sinks: dict[Origin, ReceiptSink] = {}
         self.accepting = True
         self._tick: asyncio.TimerHandle | None = None
@@ -659,21 +667,61 @@ class Engine:
         else:
             self._finish(d, Status.FAILED, d.error, carrier)
 
+    def take_forwarded_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
+        """A carrier receipt another node got for a message this node sent."""
+        c = self.carriers.get(carrier)
+        if c is not None and c.take_receipt(receipt):
+            return
+        if isinstance(self.spool, PgSpool):
+            # Let go from memory meanwhile (receipt_memory) or never ours: from the route.
+            task = asyncio.get_running_loop().create_task(
+                self._recover_receipt(carrier, receipt, forwarded=True)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
     def on_unknown_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
         if isinstance(self.spool, PgSpool):
             task = asyncio.get_running_loop().create_task(self._recover_receipt(carrier, receipt))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _recover_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
-        """A receipt for a message sent before a restart: rebuild what its
-        origin needs from receipt_routes and finish it like any other."""
+    async def _recover_receipt(
+        self, carrier: str, receipt: CarrierReceipt, forwarded: bool = False
+    ) -> None:
+        """A receipt whose submission this node does not hold: one sent by
+        another node (carriers send receipts over any bind of the system_id),
+        or before a restart, or let go after receipt_memory. A live owning
+        node is handed it (it finishes the message); otherwise what the
+        origin needs is rebuilt from receipt_routes and it is finished here.
+        Its route may not be written yet (the owner writes it a moment
+        after the submit_sm_resp): looked up again a few times."""
         assert isinstance(self.spool, PgSpool)
         forms = [normalise_carrier_id(receipt.carrier_id), *alternate_forms(receipt.carrier_id)]
         try:
-            row = await self.spool.find_route(carrier, forms)
+            row = None
+            for delay in _ROUTE_LOOKUP_DELAYS:
+                if delay:
+                    await asyncio.sleep(delay)
+                    c = self.carriers.get(carrier)
+                    if not forwarded and (c is None or not c.correlator.is_parked(receipt)):
+                        return  # our own submit_sm_resp came meanwhile and took it
+                row = await self.spool.find_route(carrier, forms)
+                if row is not None:
+                    break
             if row is None:
-                return  # still parked: its submit_sm_resp may yet come
+                return  # still parked, for its early_ttl
+            owner = row["node"]
+            if (
+                not forwarded
+                and owner
+                and owner != self.spool.node
+                and self.forward_receipt is not None
+                and self.forward_receipt(owner, carrier, receipt)
+            ):
+                if carrier in self.carriers:
+                    self.carriers[carrier].correlator.unpark(receipt.carrier_id)
+                return
             d = self.active.get(row["message_id"])
             if d is None:
                 remaining = await self.spool.remaining_parts(row["message_id"])

@@ -74,7 +74,7 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     assert pool is not None
     await pool.execute(
         "TRUNCATE accounts, api_keys, traffic_log, delivery_events, opt_out, spool, router_nodes,"
-        " receipt_binds, receipt_handoff,"
+        " receipt_binds, receipt_handoff, carrier_receipt_handoff,"
         " receipt_routes RESTART IDENTITY CASCADE"
     )
     try:

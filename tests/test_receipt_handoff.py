@@ -8,12 +8,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import aiohttp
 import asyncpg
 
 from router.carriers.receipt import build_receipt
 from router.smpp.constants import MessageState, Tag
 from router.smpp.pdu import BindReceiver, BindTransmitter
 from tests.esme import connect, until
+from tests.routerproc import parse_metrics
 
 SECRET_TLV = {0x1400: b"\x01"}
 
@@ -126,3 +128,43 @@ async def test_receipts_left_for_a_node_that_died_are_sent_by_the_adopter(
         assert await db.fetchval("SELECT count(*) FROM receipt_handoff") == 0
     finally:
         rx.close()
+
+
+async def test_a_carrier_receipt_on_another_nodes_bind_is_finished_by_the_sender(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    """Both nodes bind to the same carriers; the carrier sends each receipt
+    over any bind of the system_id (round robin, as SMSCs do), so about
+    half reach the node that did not send the message. That node hands
+    them to the sender, which finishes each message: every receipt reaches
+    the customer and nothing stays waiting in the sender's memory."""
+    a = await stack_factory()
+    shared = {name: {"port": sim.port} for name, sim in a.sims.items()}
+    b = await stack_factory(carrier_kw=shared)
+    assert all(c.cfg.port == a.sims[name].port for name, c in b.router.engine.carriers.items())
+    esme, resp = await connect(a.smpp_port)
+    assert resp.status == 0
+    try:
+        await until(lambda: b.router.handoff.live, 10, "b sees a alive")
+        await until(lambda: a.router.handoff.live, 10, "a sees b alive")
+        ids = []
+        for i in range(40):
+            r = await esme.submit("+4512345678", f"round robin {i}")
+            assert r.status == 0
+            ids.append(r.message_id)
+        await until(lambda: len(esme.receipts) == 40, 20, "40 receipts at the customer")
+        assert set(esme.receipts) == set(ids)
+        # The sender finished every one of them itself.
+        await until(lambda: not set(ids) & set(a.router.engine.active), 5, "a holds none")
+        assert {a.router.engine.lookup(i).status.value for i in ids} == {"delivered"}
+        forwarded = (await _metrics(b)).get("smsrouter_carrier_receipts_forwarded_total", 0)
+        assert forwarded > 0, "no receipt reached b: the test did not exercise the hand-off"
+        assert await db.fetchval("SELECT count(*) FROM carrier_receipt_handoff") == 0
+    finally:
+        esme.close()
+
+
+async def _metrics(stack: Any) -> dict[str, float]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{stack.router.ports['ops']}/metrics") as r:
+            return parse_metrics(await r.text())

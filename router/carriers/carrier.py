@@ -499,6 +499,17 @@ class Carrier:
             return
         self._receipt(sub, receipt)
 
+    def take_receipt(self, receipt: CarrierReceipt) -> bool:
+        """A receipt of this carrier that reached another node (carriers
+        send receipts over any bind): handle it as if it came here; False if
+        no submission of ours has that id (any more)."""
+        sub = self.correlator.lookup(receipt.carrier_id)
+        if sub is None:
+            return False
+        self.correlator.unpark(receipt.carrier_id)
+        self._receipt(sub, receipt)
+        return True
+
     def _receipt(self, sub: Submission, receipt: CarrierReceipt) -> None:
         if receipt.state not in _NOT_FINAL_STATES:
             self.correlator.forget(receipt.carrier_id)

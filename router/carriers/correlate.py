@@ -68,6 +68,9 @@ class Correlator(Generic[T]):
                 if self._ids.pop(alt, None) is not None:
                     break
 
+    def is_parked(self, receipt: CarrierReceipt) -> bool:
+        return normalise_carrier_id(receipt.carrier_id) in self._early
+
     def unpark(self, carrier_id: str) -> None:
         self._early.pop(normalise_carrier_id(carrier_id), None)
 

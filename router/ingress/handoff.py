@@ -14,7 +14,11 @@ the one that finished the message. This module carries such receipts over:
   deleted as taken) and sends them as its own, or keeps them pending like
   any receipt of an account that is not bound;
 - rows addressed to a node that died are adopted with its spool rows
-  (store/spool.py) and sent by the adopter.
+  (store/spool.py) and sent by the adopter;
+- a carrier's receipt that reached another node than the one that sent the
+  message (carriers send receipts over any bind of the system_id) is handed
+  to that node if it is alive (``carrier_receipt_handoff``: carrier, id,
+  state and error only), which finishes the message as if it had come there.
 
 Rows hold the encoded deliver_sm: the receipt text carries no message text
 (carriers/receipt.py), and for a ``secret`` message the addresses are
@@ -34,7 +38,9 @@ from typing import Any
 import asyncpg
 import structlog
 
+from ..carriers.receipt import CarrierReceipt
 from ..observe import metrics
+from ..smpp.constants import MessageState
 from ..smpp.pdu import DeliverSm, decode
 
 log = structlog.get_logger("router.ingress.handoff")
@@ -45,6 +51,8 @@ _UTC = dt.UTC
 
 # What a receipt handed over needs: account, remaining retention (s), PDU.
 Deliver = Callable[[int, DeliverSm, float], None]
+# A carrier's receipt for a message this node sent: carrier name, receipt.
+TakeCarrierReceipt = Callable[[str, CarrierReceipt], None]
 
 
 class ReceiptHandoff:
@@ -53,7 +61,9 @@ class ReceiptHandoff:
         pool: asyncpg.Pool,
         node: str,
         deliver: Deliver,
+        take_carrier_receipt: TakeCarrierReceipt | None = None,
         *,
+        node_grace: float = 30.0,
         sync_interval: float = 0.2,
         poll_interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
@@ -61,6 +71,11 @@ class ReceiptHandoff:
         self.pool = pool
         self.node = node
         self.deliver = deliver
+        self.take_carrier_receipt = take_carrier_receipt
+        self.node_grace = node_grace
+        self.live: set[str] = set()  # other nodes seen within node_grace
+        # Carrier receipts for the node that sent their message.
+        self._out_carrier: list[tuple[str, str, str, int, str]] = []
         self.sync_interval = sync_interval
         self.poll_interval = poll_interval
         self.clock = clock
@@ -101,6 +116,18 @@ class ReceiptHandoff:
         self._out.append((nodes[i], account_id, pdu.encode(), seconds_left))
         self._wake.set()
         metrics.RECEIPTS_OUT.labels("smpp", "handed_over").inc()
+        return True
+
+    def forward_carrier_receipt(self, owner: str, carrier: str, receipt: CarrierReceipt) -> bool:
+        """Hand a carrier's receipt to the live node that sent its message;
+        False if that node is not known alive (the caller finishes it)."""
+        if owner not in self.live:
+            return False
+        self._out_carrier.append(
+            (owner, carrier, receipt.carrier_id, int(receipt.state), receipt.error)
+        )
+        self._wake.set()
+        metrics.CARRIER_RECEIPTS_FORWARDED.inc()
         return True
 
     # ------------------------------------------------------------ tasks
@@ -144,10 +171,11 @@ class ReceiptHandoff:
 
     async def _flush(self) -> None:
         out, self._out = self._out, []
+        out_carrier, self._out_carrier = self._out_carrier, []
         changed = {a: n for a, n in self.local.items() if self._published.get(a) != n} | {
             a: 0 for a in self._published if a not in self.local
         }
-        if not out and not changed:
+        if not out and not out_carrier and not changed:
             return
         try:
             async with self.pool.acquire() as conn, conn.transaction():
@@ -157,8 +185,14 @@ class ReceiptHandoff:
                         " VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
                         out,
                     )
-                    for target in {o[0] for o in out}:
-                        await conn.execute("SELECT pg_notify($1, $2)", RECEIPTS_CHANNEL, target)
+                if out_carrier:
+                    await conn.executemany(
+                        "INSERT INTO carrier_receipt_handoff (node, carrier, carrier_id, state,"
+                        " error) VALUES ($1, $2, $3, $4, $5)",
+                        out_carrier,
+                    )
+                for target in {o[0] for o in out} | {o[0] for o in out_carrier}:
+                    await conn.execute("SELECT pg_notify($1, $2)", RECEIPTS_CHANNEL, target)
                 for account_id, n in changed.items():
                     if n:
                         await conn.execute(
@@ -179,6 +213,7 @@ class ReceiptHandoff:
                     await conn.execute(f"NOTIFY {BINDS_CHANNEL}")
         except BaseException:
             self._out[:0] = out  # first in line again
+            self._out_carrier[:0] = out_carrier
             raise
         for account_id, n in changed.items():
             if n:
@@ -237,10 +272,30 @@ class ReceiptHandoff:
         for r in rows:
             remote.setdefault(r["account_id"], []).append(r["node"])
         self.remote = remote
+        live = await self.pool.fetch(
+            "SELECT node FROM router_nodes WHERE node <> $1"
+            " AND seen_at > now() - make_interval(secs => $2)",
+            self.node,
+            self.node_grace,
+        )
+        self.live = {r["node"] for r in live}
 
     async def _take(self) -> int:
         """Claim and deliver the receipts other nodes left for this one."""
         total = 0
+        while self.take_carrier_receipt is not None:
+            rows = await self.pool.fetch(
+                "DELETE FROM carrier_receipt_handoff WHERE id IN (SELECT id"
+                " FROM carrier_receipt_handoff WHERE node = $1 ORDER BY id LIMIT 1000"
+                " FOR UPDATE SKIP LOCKED) RETURNING carrier, carrier_id, state, error",
+                self.node,
+            )
+            for r in rows:
+                receipt = CarrierReceipt(r["carrier_id"], _state(r["state"]), r["error"])
+                self.take_carrier_receipt(r["carrier"], receipt)
+            total += len(rows)
+            if len(rows) < 1000:
+                break
         while True:
             rows = await self.pool.fetch(
                 "DELETE FROM receipt_handoff WHERE id IN (SELECT id FROM receipt_handoff"
@@ -259,6 +314,13 @@ class ReceiptHandoff:
             total += len(rows)
             if len(rows) < 500:
                 return total
+
+
+def _state(n: int) -> MessageState:
+    try:
+        return MessageState(n)
+    except ValueError:
+        return MessageState.UNKNOWN
 
 
 def _blank_addresses(pdu: DeliverSm) -> DeliverSm:

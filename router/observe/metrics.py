@@ -302,6 +302,11 @@ RECEIPT_WAITS_RELEASED = Counter(
     "Messages at a carrier let go from memory after delivery.receipt_memory without a"
     " receipt (a later receipt is still matched through the database).",
 )
+CARRIER_RECEIPTS_FORWARDED = Counter(
+    "smsrouter_carrier_receipts_forwarded_total",
+    "Carrier receipts that reached this node for a message another live node sent,"
+    " handed to that node.",
+)
 SPOOL_ADOPTED = Counter(
     "smsrouter_spool_adopted_total",
     "Queued messages this node took over from a router sharing the database that died.",

@@ -79,6 +79,7 @@ ROUTE_COLUMNS = (
     "registered_delivery",
     "accepted_at",
     "info",
+    "node",
 )
 _UTC = dt.UTC
 
@@ -480,6 +481,7 @@ class PgSpool:
                 msg.registered_delivery,
                 dt.datetime.fromtimestamp(msg.accepted_at, _UTC),
                 info,
+                self.node,
             )
         )
 
@@ -807,6 +809,11 @@ class PgSpool:
                 # Receipts other nodes left for it, and its binds (handoff.py).
                 await conn.execute(
                     "UPDATE receipt_handoff SET node = $1 WHERE node = $2", self.node, r["node"]
+                )
+                await conn.execute(
+                    "UPDATE carrier_receipt_handoff SET node = $1 WHERE node = $2",
+                    self.node,
+                    r["node"],
                 )
                 await conn.execute("DELETE FROM receipt_binds WHERE node = $1", r["node"])
                 await conn.execute("DELETE FROM router_nodes WHERE node = $1", r["node"])
