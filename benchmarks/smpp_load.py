@@ -136,7 +136,9 @@ class Generator:
         loop = asyncio.get_running_loop()
         a = self.args
         for i in range(a.binds):
-            _, proto = await loop.create_connection(lambda: LoadBind(self), a.host, a.port)
+            # Several routers (nodes behind a load balancer): binds round robin.
+            port = a.port[i % len(a.port)]
+            _, proto = await loop.create_connection(lambda: LoadBind(self), a.host, port)
             resp = await asyncio.wait_for(
                 proto.request(BindTransceiver(system_id=a.system_id, password=a.password)), 10
             )
@@ -454,11 +456,16 @@ def bind_callback(gen: Generator, bind: LoadBind) -> Any:
     return cb
 
 
+def _ports(text: str) -> list[int]:
+    return [int(p) for p in text.split(",") if p]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.smpp_load", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=_ports, required=True,
+                   help="router SMPP port, or several separated by commas (binds spread)")
     p.add_argument("--system-id", default="demo")
     p.add_argument("--password", default="demo-pass")
     p.add_argument("--ops-url", default=None, help="http://127.0.0.1:PORT: read /metrics too")
