@@ -32,6 +32,18 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _probe(tmp_path: Path, code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter importing the router copy in tmp_path."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(PYTHONPATH=str(tmp_path)),
+    )
+
+
 def test_this_run_uses_the_build_it_asked_for() -> None:
     for name in accel.COMPILED_MODULES:
         importlib.import_module(name)
@@ -96,14 +108,7 @@ def test_edited_source_runs_instead_of_its_stale_compiled_module(tmp_path: Path)
         "print(json.dumps([v.__file__, getattr(v, 'EDITED', False), p.__file__, g.__file__,"
         " a.status()['stale']]))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_env(PYTHONPATH=str(tmp_path)),
-    )
+    out = _probe(tmp_path, probe)
     assert out.returncode == 0, out.stderr
     v_file, edited, p_file, g_file, stale = json.loads(out.stdout)
     assert v_file == str(src) and edited is True
@@ -173,14 +178,7 @@ def test_rebuild_compiles_an_edit_whatever_its_timestamp(tmp_path: Path) -> None
         "import json, router.accel as a, router.ingress.validate as v;"
         "print(json.dumps([v.__file__, getattr(v, 'EDITED', False), a.status()['stale']]))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_env(PYTHONPATH=str(tmp_path)),
-    )
+    out = _probe(tmp_path, probe)
     assert out.returncode == 0, out.stderr
     v_file, edited, stale = json.loads(out.stdout)
     assert not v_file.endswith(".py") and edited is True and stale == []
