@@ -306,7 +306,10 @@ class Carrier:
     def _session_closed(self, session: CarrierSession) -> None:
         if session in self.sessions:
             self.sessions.remove(session)
-            log.warning("carrier_session_lost", carrier=self.name)
+            if self._stopping:  # our own unbind at shutdown: expected, not an alarm
+                log.info("carrier_session_closed", carrier=self.name)
+            else:
+                log.warning("carrier_session_lost", carrier=self.name)
             self._health_changed()
 
     def _health_changed(self) -> None:
