@@ -53,6 +53,7 @@ from aiohttp import web
 
 from router.accounts import create_account
 from router.sim import CarrierSimulator, SimConfig
+from tests.esme import until
 from tests.kannel import (
     SMSC_ID,
     Kannel,
@@ -139,15 +140,6 @@ class DlrSink:
 
 def nonzero(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k.startswith(prefix) and v}
-
-
-async def wait_for(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not within {timeout:.0f} s: {what}")
 
 
 @dataclass
@@ -267,10 +259,8 @@ async def test_kannel_sends_gsm_ucs2_and_long_text_and_gets_one_delivered_dlr_ea
         await rig.sendsms(ref, to, text, coding, mask)
 
     try:
-        await wait_for(
-            lambda: rig.sim.received_count() >= 5, DLR_TIMEOUT, "5 segments at the carrier"
-        )
-        await wait_for(
+        await until(lambda: rig.sim.received_count() >= 5, DLR_TIMEOUT, "5 segments at the carrier")
+        await until(
             lambda: all(rig.dlr.of(ref, "1") for ref in sent),
             DLR_TIMEOUT,
             "a delivered DLR for each message",
@@ -281,7 +271,7 @@ async def test_kannel_sends_gsm_ucs2_and_long_text_and_gets_one_delivered_dlr_ea
             # "in": the router answered Kannel's; "out": Kannel answered the router's.
             return {("in", "enquire_link_resp", 0), ("out", "enquire_link_resp", 0)} <= seen
 
-        await wait_for(enquired_both_ways, 10, "enquire_link answered in both directions")
+        await until(enquired_both_ways, 10, "enquire_link answered in both directions")
         await asyncio.sleep(0.5)  # room for a duplicate or late DLR to show up
     except AssertionError as exc:
         raise AssertionError(f"{exc}\nDLRs: {rig.dlr.calls}\n{rig.kannel.log_tail()}") from None
@@ -408,7 +398,7 @@ async def test_kannel_long_message_parts_without_registered_delivery_get_no_rece
     """
     await rig.sendsms("long", "+4512345680", LONG_TEXT, 0, 1)
     try:
-        await wait_for(lambda: rig.dlr.of("long", "1"), DLR_TIMEOUT, "the delivered DLR")
+        await until(lambda: rig.dlr.of("long", "1"), DLR_TIMEOUT, "the delivered DLR")
         await asyncio.sleep(1.0)  # the other parts' receipts, if any, come with it
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{rig.kannel.log_tail()}") from None
