@@ -24,7 +24,8 @@ import structlog
 
 from .carriers import Carrier, Submission
 from .carriers.ratelimit import TokenBucket
-from .carriers.receipt import CarrierReceipt, alternate_forms, normalise_carrier_id
+from .carriers.receipt import CarrierReceipt
+from .carriers.recovery import RouteRecovery, Waiting
 from .config import Config
 from .model import Delivery, Message, MessageClass, Origin, Status
 from .observe import metrics
@@ -36,11 +37,6 @@ from .store.spool import MemorySpool, PgSpool
 from .store.trafficlog import TrafficLog
 
 log = structlog.get_logger("router.engine")
-
-# Seconds to wait before each lookup of an unknown receipt's route (the
-# submitting node writes it within milliseconds of the submit_sm_resp,
-# longer when the database is busy).
-_ROUTE_LOOKUP_DELAYS = (0.0, 0.25, 1.0, 3.0)
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -200,9 +196,14 @@ class Engine:
         # (set by the app; False when that node is not known alive).
         self.forward_receipt: Callable[[str, str, CarrierReceipt], bool] | None = None
         self.sinks: dict[Origin, ReceiptSink] = {}
+        # Receipts matched through receipt_routes (durable spool only).
+        self.recovery: RouteRecovery | None = None
+        if isinstance(self.spool, PgSpool):
+            self.recovery = RouteRecovery(
+                self.spool.find_routes, self._recovered, self._still_parked
+            )
         self.accepting = True
         self._tick: asyncio.TimerHandle | None = None
-        self._background: set[asyncio.Task[None]] = set()
         self.account_limits: dict[int, TokenBucket] = {}
         # Part id -> message id for messages reassembled from customer parts.
         self.alias: dict[str, str] = {}
@@ -241,6 +242,8 @@ class Engine:
             self._scheduler = None
         for c in self.carriers.values():
             await c.stop(timeout)
+        if self.recovery is not None:
+            await self.recovery.stop()
 
     # ------------------------------------------------------------- accept
 
@@ -672,65 +675,45 @@ class Engine:
         c = self.carriers.get(carrier)
         if c is not None and c.take_receipt(receipt):
             return
-        if isinstance(self.spool, PgSpool):
+        if self.recovery is not None:
             # Let go from memory meanwhile (receipt_memory) or never ours: from the route.
-            task = asyncio.get_running_loop().create_task(
-                self._recover_receipt(carrier, receipt, forwarded=True)
-            )
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self.recovery.add(carrier, receipt, forwarded=True)
 
     def on_unknown_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
-        if isinstance(self.spool, PgSpool):
-            task = asyncio.get_running_loop().create_task(self._recover_receipt(carrier, receipt))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        if self.recovery is not None:
+            self.recovery.add(carrier, receipt)
 
-    async def _recover_receipt(
-        self, carrier: str, receipt: CarrierReceipt, forwarded: bool = False
-    ) -> None:
-        """A receipt whose submission this node does not hold: one sent by
-        another node (carriers send receipts over any bind of the system_id),
-        or before a restart, or let go after receipt_memory. A live owning
+    def _still_parked(self, w: Waiting) -> bool:
+        c = self.carriers.get(w.carrier)
+        return c is not None and c.correlator.is_parked(w.receipt)
+
+    async def _recovered(self, w: Waiting, row: Any) -> None:
+        """A receipt whose submission this node does not hold, with its
+        receipt_routes row (see router.carriers.recovery). A live owning
         node is handed it (it finishes the message); otherwise what the
-        origin needs is rebuilt from receipt_routes and it is finished here.
-        Its route may not be written yet (the owner writes it a moment
-        after the submit_sm_resp): looked up again a few times."""
-        assert isinstance(self.spool, PgSpool)
-        forms = [normalise_carrier_id(receipt.carrier_id), *alternate_forms(receipt.carrier_id)]
-        try:
-            row = None
-            for delay in _ROUTE_LOOKUP_DELAYS:
-                if delay:
-                    await asyncio.sleep(delay)
-                    c = self.carriers.get(carrier)
-                    if not forwarded and (c is None or not c.correlator.is_parked(receipt)):
-                        return  # our own submit_sm_resp came meanwhile and took it
-                row = await self.spool.find_route(carrier, forms)
-                if row is not None:
-                    break
-            if row is None:
-                return  # still parked, for its early_ttl
-            owner = row["node"]
-            if (
-                not forwarded
-                and owner
-                and owner != self.spool.node
-                and self.forward_receipt is not None
-                and self.forward_receipt(owner, carrier, receipt)
-            ):
-                if carrier in self.carriers:
-                    self.carriers[carrier].correlator.unpark(receipt.carrier_id)
-                return
-            d = self.active.get(row["message_id"])
-            if d is None:
-                remaining = await self.spool.remaining_parts(row["message_id"])
-                d = self._rebuild_delivery(row, carrier, remaining)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("receipt_recovery_failed", carrier=carrier, error=type(exc).__name__)
+        origin needs is rebuilt from the row and it is finished here."""
+        carrier, receipt = w.carrier, w.receipt
+        owner = row["node"]
+        c = self.carriers.get(carrier)
+        if (
+            not w.forwarded
+            and owner
+            and owner != getattr(self.spool, "node", None)
+            and self.forward_receipt is not None
+            and self.forward_receipt(owner, carrier, receipt)
+        ):
+            if c is not None:
+                c.correlator.unpark(receipt.carrier_id)
             return
-        if carrier in self.carriers:
-            self.carriers[carrier].correlator.unpark(receipt.carrier_id)
+        d = self.active.get(row["message_id"])
+        if d is None:
+            assert isinstance(self.spool, PgSpool)
+            remaining = await self.spool.remaining_parts(row["message_id"])
+            d = self.active.get(row["message_id"])  # it may have come meanwhile
+            if d is None:
+                d = self._rebuild_delivery(row, carrier, remaining)
+        if c is not None:
+            c.correlator.unpark(receipt.carrier_id)
         self.on_receipt(Submission(d, row["part"]), carrier, receipt)
 
     def _rebuild_delivery(self, row: Any, carrier: str, remaining: int) -> Delivery:

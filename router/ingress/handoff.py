@@ -77,6 +77,7 @@ class ReceiptHandoff:
         # Carrier receipts for the node that sent their message.
         self._out_carrier: list[tuple[str, str, str, int, str]] = []
         self.sync_interval = sync_interval
+        self.receipt_interval = min(sync_interval, 0.01)
         self.poll_interval = poll_interval
         self.clock = clock
         self.local: dict[int, int] = {}  # account id -> receiving binds here
@@ -161,7 +162,10 @@ class ReceiptHandoff:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await asyncio.sleep(self.sync_interval)  # a burst of changes: one write
+            # A burst of bind changes: one write. Receipts wait less: they
+            # are someone's latency (what comes during a write goes in the next).
+            receipts = bool(self._out or self._out_carrier)
+            await asyncio.sleep(self.receipt_interval if receipts else self.sync_interval)
             try:
                 await self._flush()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:

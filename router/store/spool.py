@@ -28,7 +28,7 @@ import json
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -488,13 +488,35 @@ class PgSpool:
     def forget_route(self, carrier: str, carrier_id: str) -> None:
         self._route_deletes.append((carrier, normalise_carrier_id(carrier_id)))
 
-    async def find_route(self, carrier: str, carrier_ids: list[str]) -> asyncpg.Record | None:
-        return await self.pool.fetchrow(
-            "SELECT * FROM receipt_routes WHERE carrier = $1 AND carrier_id = ANY($2::text[])"
-            " LIMIT 1",
-            carrier,
-            carrier_ids,
+    async def find_routes(
+        self, wanted: Sequence[tuple[str, list[str]]]
+    ) -> list[asyncpg.Record | None]:
+        """The receipt_routes row of each (carrier, forms of a carrier id), or
+        None; one query for all of them."""
+        idx: list[int] = []
+        carriers: list[str] = []
+        ids: list[str] = []
+        for i, (carrier, forms) in enumerate(wanted):
+            for f in forms:
+                idx.append(i)
+                carriers.append(carrier)
+                ids.append(f)
+        # LATERAL: a primary-key probe per id. A plain join let the planner
+        # hash-join over a scan of this insert/delete-churned table
+        # (measured: ~100 ms per 200 receipts under load).
+        rows = await self.pool.fetch(
+            "SELECT q.i, r.* FROM unnest($1::int[], $2::text[], $3::text[])"
+            " AS q(i, carrier, carrier_id) CROSS JOIN LATERAL (SELECT * FROM receipt_routes"
+            " WHERE carrier = q.carrier AND carrier_id = q.carrier_id) r",
+            idx,
+            carriers,
+            ids,
         )
+        out: list[asyncpg.Record | None] = [None] * len(wanted)
+        for r in rows:
+            if out[r["i"]] is None:
+                out[r["i"]] = r
+        return out
 
     async def remaining_parts(self, message_id: str) -> int:
         return int(
