@@ -38,6 +38,7 @@ from .store.optout import ACCOUNTS_CHANNEL, OptOutList
 from .store.retention import RetentionTask
 from .store.spool import MemorySpool, PgSpool, load_key
 from .store.trafficlog import TrafficLog
+from .store.vacuum import QueueVacuum
 
 log = structlog.get_logger("router.app")
 
@@ -122,6 +123,7 @@ class Router:
     handoff: ReceiptHandoff | None = None
     optout: OptOutList | None = None
     retention: RetentionTask | None = None
+    vacuum: QueueVacuum | None = None
     runners: list[web.AppRunner] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
     draining: bool = False
@@ -144,6 +146,10 @@ class Router:
         self.optout.start(self.pool, also={ACCOUNTS_CHANNEL: self._reload_accounts})
         self.retention = RetentionTask(self.pool)
         self.retention.start()
+        self.vacuum = QueueVacuum(
+            self.pool, dead_rows=cfg.vacuum_dead_rows, interval=cfg.vacuum_check_interval
+        )
+        self.vacuum.start()
         self.traffic_log = TrafficLog(
             self.pool if cfg.traffic_log else None,
             limit=cfg.log_buffer,
@@ -300,6 +306,8 @@ class Router:
             await self.traffic_log.close(timeout=min(5.0, timeout))
         if self.retention is not None:
             await self.retention.stop()
+        if self.vacuum is not None:
+            await self.vacuum.stop()
         if self.optout is not None:
             await self.optout.stop()
         if self.pool is not None:

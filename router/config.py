@@ -118,6 +118,8 @@ class Config:
     log_buffer: int = 200_000
     log_flush_rows: int = 5_000
     log_flush_interval: float = 0.2
+    vacuum_dead_rows: int = 20_000  # VACUUM a queue table past this many dead rows (0 = never)
+    vacuum_check_interval: float = 10.0  # how often the dead rows are looked at, seconds
     log_format: str = "auto"  # auto | json | console
     delivery_guarantee: str = "at-least-once"  # or "in-memory"
     failover_after: float = 5.0  # seconds a carrier may be down before its queue moves
@@ -229,6 +231,14 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
     cfg.log_flush_interval = _take(
         db, "log_flush_interval", "database.", float, cfg.log_flush_interval
     )
+    cfg.vacuum_dead_rows = _take(db, "vacuum_dead_rows", "database.", int, cfg.vacuum_dead_rows)
+    cfg.vacuum_check_interval = _take(
+        db, "vacuum_check_interval", "database.", float, cfg.vacuum_check_interval
+    )
+    if cfg.vacuum_dead_rows < 0:
+        raise ConfigError("database.vacuum_dead_rows: must be >= 0 (0 turns it off)")
+    if cfg.vacuum_check_interval <= 0:
+        raise ConfigError("database.vacuum_check_interval: must be > 0")
     if db:
         raise ConfigError(f"database.{sorted(db)[0]}: unknown key")
 

@@ -307,6 +307,11 @@ CARRIER_RECEIPTS_FORWARDED = Counter(
     "Carrier receipts that reached this node for a message another live node sent,"
     " handed to that node.",
 )
+DB_VACUUMS = Counter(
+    "smsrouter_db_vacuums_total",
+    "VACUUMs this node ran on a queue table whose dead rows piled up (router.store.vacuum).",
+    ["table"],
+)
 SPOOL_ADOPTED = Counter(
     "smsrouter_spool_adopted_total",
     "Queued messages this node took over from a router sharing the database that died.",

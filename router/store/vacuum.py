@@ -1,0 +1,98 @@
+"""VACUUM of the router's queue tables when their dead rows pile up.
+
+Every accepted message inserts and deletes a ``spool`` row and, per part, a
+``receipt_routes`` row; receipts and webhooks moving between nodes do the
+same in their tables. Such queue tables hold a few hundred live rows and
+leave a dead one per message: without VACUUM they grow without bound, and
+every scan and index probe gets slower.
+
+Measured (benchmark ``soak``, 1,500 msg/s, on a server with
+``autovacuum = off`` -- this machine's -- or with autovacuum too slow for the
+churn): after 150 s, 219,000 dead rows each in ``spool`` (110 MB) and
+``receipt_routes`` (92 MB) for ~300 live ones, PostgreSQL's CPU per message
+doubled in four minutes and the latency percentiles drifted up with it.
+
+So each router checks ``pg_stat_user_tables`` every
+``database.vacuum_check_interval`` seconds and runs ``VACUUM (SKIP_LOCKED,
+ANALYZE)`` on a queue table with more than ``database.vacuum_dead_rows``
+dead rows and more dead rows than live ones. Plain VACUUM takes no lock that
+blocks inserts or deletes; SKIP_LOCKED makes a node skip a table another node
+is vacuuming. It needs the router's database user to own the tables (the
+one that ran the migrations); if not, PostgreSQL skips them with a warning
+and autovacuum is left to do it. ``vacuum_dead_rows = 0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import asyncpg
+import structlog
+
+from ..observe import metrics
+
+log = structlog.get_logger("router.vacuum")
+
+QUEUE_TABLES = (
+    "spool",
+    "receipt_routes",
+    "receipt_handoff",
+    "carrier_receipt_handoff",
+    "webhook_outbox",
+)
+
+
+class QueueVacuum:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        dead_rows: int = 20_000,
+        interval: float = 10.0,
+        tables: tuple[str, ...] = QUEUE_TABLES,
+    ) -> None:
+        self.pool = pool
+        self.dead_rows = dead_rows
+        self.interval = interval
+        self.tables = tables
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.dead_rows > 0 and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="queue-vacuum")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.run_once()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("queue_vacuum_failed", error=type(exc).__name__)
+
+    async def run_once(self) -> list[str]:
+        """Vacuum the tables that need it now; their names."""
+        rows = await self.pool.fetch(
+            "SELECT relname, n_dead_tup, n_live_tup FROM pg_stat_user_tables"
+            " WHERE schemaname = current_schema() AND relname = ANY($1::text[])"
+            " AND n_dead_tup > $2 AND n_dead_tup > n_live_tup ORDER BY n_dead_tup DESC",
+            list(self.tables),
+            self.dead_rows,
+        )
+        done: list[str] = []
+        for r in rows:
+            table = r["relname"]
+            assert table in self.tables  # a fixed name: safe to quote into the statement
+            async with self.pool.acquire() as conn:
+                await conn.execute(f'VACUUM (SKIP_LOCKED, ANALYZE) "{table}"')
+            metrics.DB_VACUUMS.labels(table).inc()
+            log.debug("queue_vacuumed", table=table, dead_rows=r["n_dead_tup"])
+            done.append(table)
+        return done
