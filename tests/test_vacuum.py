@@ -39,25 +39,19 @@ async def stat(db: asyncpg.Pool, column: str) -> int:
     return int(value or 0)
 
 
-async def dead_at_least(db: asyncpg.Pool, n: int) -> None:
+async def stat_reaches(db: asyncpg.Pool, column: str, n: int) -> None:
+    """Wait (15 s at most) until the statistics show it: they are reported
+    by the writing session a moment after its transaction."""
     for _ in range(150):
-        if await stat(db, "n_dead_tup") >= n:
+        if await stat(db, column) >= n:
             return
         await asyncio.sleep(0.1)
-    raise AssertionError(f"pg_stat_user_tables never showed {n} dead rows")
-
-
-async def until_live(db: asyncpg.Pool, n: int) -> None:
-    for _ in range(150):
-        if await stat(db, "n_live_tup") >= n:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"pg_stat_user_tables never showed {n} live rows")
+    raise AssertionError(f"pg_stat_user_tables.{column} never reached {n}")
 
 
 async def test_a_queue_table_with_many_dead_rows_is_vacuumed(db: asyncpg.Pool) -> None:
     await churn(db, 3_000, keep=10)
-    await dead_at_least(db, 2_990)
+    await stat_reaches(db, "n_dead_tup", 2_990)
     before = await stat(db, "vacuum_count")
     assert await QueueVacuum(db, dead_rows=1_000).run_once() == ["receipt_routes"]
     assert await stat(db, "vacuum_count") == before + 1
@@ -69,12 +63,12 @@ async def test_tables_under_the_threshold_or_mostly_live_are_left_alone(
     db: asyncpg.Pool,
 ) -> None:
     await churn(db, 1_500, keep=0)
-    await dead_at_least(db, 1_500)
+    await stat_reaches(db, "n_dead_tup", 1_500)
     before = await stat(db, "vacuum_count")
     assert await QueueVacuum(db, dead_rows=5_000).run_once() == []  # under the threshold
     # More live rows than dead ones: a table in use, not a pile of dead rows.
     await churn(db, 3_000, keep=3_000)
-    await until_live(db, 3_000)
+    await stat_reaches(db, "n_live_tup", 3_000)
     assert await QueueVacuum(db, dead_rows=1_000).run_once() == []
     assert await stat(db, "vacuum_count") == before
 

@@ -34,6 +34,7 @@ import asyncpg
 import structlog
 
 from ..observe import metrics
+from ..tasks import cancel_and_wait
 from .receipt import CarrierReceipt, alternate_forms, normalise_carrier_id
 
 log = structlog.get_logger("router.receipts")
@@ -99,11 +100,8 @@ class RouteRecovery:
             )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -28,7 +28,6 @@ It must never log or return a number, a sender or a text: only counts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import re
 from collections.abc import Callable
@@ -37,6 +36,8 @@ from typing import Any
 
 import asyncpg
 import structlog
+
+from ..tasks import cancel_and_wait
 
 log = structlog.get_logger("router.retention")
 
@@ -260,11 +261,8 @@ class RetentionTask:
             self._task = asyncio.create_task(self._loop(), name="retention")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _loop(self) -> None:
         await asyncio.sleep(self.first_delay)

@@ -25,12 +25,12 @@ and autovacuum is left to do it. ``vacuum_dead_rows = 0`` turns it off.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import asyncpg
 import structlog
 
 from ..observe import metrics
+from ..tasks import cancel_and_wait
 
 log = structlog.get_logger("router.vacuum")
 
@@ -63,11 +63,8 @@ class QueueVacuum:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="queue-vacuum")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:
