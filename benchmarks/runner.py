@@ -192,6 +192,7 @@ class DatabaseServer:
         self.kind = kind
         self.embedded = embedded  # an EmbeddedPostgres this run started, or None
         self.embedded_pid: int | None = embedded.pid if embedded is not None else None
+        self._settings: dict[str, str] | None = None
 
     @classmethod
     def open(cls) -> DatabaseServer:
@@ -222,6 +223,16 @@ class DatabaseServer:
 
     def drop(self, name: str) -> None:
         asyncio.run(_drop(self.admin_url, name))
+
+    def settings(self) -> dict[str, str]:
+        """The server settings that move the figures (read once): a server
+        with autovacuum off, say, is one the router must vacuum itself."""
+        if self._settings is None:
+            try:
+                self._settings = asyncio.run(_settings(self.admin_url))
+            except Exception as exc:  # noqa: BLE001 - recorded, never fatal to a run
+                self._settings = {"error": type(exc).__name__}
+        return self._settings
 
     def close(self) -> None:
         if self.embedded is not None:
@@ -261,6 +272,22 @@ async def _create(admin_url: str, name: str, url: str) -> None:
         await ensure_demo_account(pool)
     finally:
         await pool.close()
+
+
+SERVER_SETTINGS = ("server_version", "autovacuum", "synchronous_commit", "fsync",
+                   "shared_buffers", "max_wal_size", "checkpoint_timeout")
+
+
+async def _settings(admin_url: str) -> dict[str, str]:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url, timeout=10)
+    try:
+        rows = await conn.fetch("SELECT name, current_setting(name) AS value FROM pg_settings"
+                                " WHERE name = ANY($1::text[])", list(SERVER_SETTINGS))
+    finally:
+        await conn.close()
+    return {r["name"]: r["value"] for r in rows}
 
 
 async def _drop(admin_url: str, name: str) -> None:
@@ -1010,7 +1037,8 @@ def build_result(sc: Scenario, timing: Timing, rate: float | None, quick: bool,
         "system": system,
         "machine": machine,
         "git": _git(),
-        "database": {"server": db.kind, "name": db_name, "dropped": True},
+        "database": {"server": db.kind, "name": db_name, "dropped": True,
+                     "settings": db.settings()},
         "pids": pids,
         "exit_status": exit_status,
         "processes_left": left,

@@ -79,6 +79,9 @@ def test_quick_smpp_e2e_benchmark_runs_and_stops_everything(tmp_path: Path) -> N
     assert result["router"]["cpu_s"] is not None and result["router"]["peak_rss_mb"] > 0
     assert result["machine"]["cores"] and result["machine"]["python"]
     assert result["database"]["dropped"] is True
+    # The server settings that move the figures, read from the server itself.
+    settings = result["database"]["settings"]
+    assert settings["autovacuum"] in ("on", "off") and settings["server_version"]
     lifecycle = result["lifecycle"]  # every accepted id receipted after the load stopped
     assert lifecycle["accepted"] > 0 and lifecycle["lost"] == 0, lifecycle
     assert lifecycle["receipted"] == lifecycle["accepted"]
