@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+from prometheus_client import REGISTRY
 
 from router.config import ConfigError, parse_config
 from router.store.vacuum import QueueVacuum
@@ -39,6 +40,12 @@ async def stat(db: asyncpg.Pool, column: str) -> int:
     return int(value or 0)
 
 
+def gauge(table: str) -> float:
+    value = REGISTRY.get_sample_value("smsrouter_db_queue_dead_rows", {"table": table})
+    assert value is not None, f"no smsrouter_db_queue_dead_rows for {table}"
+    return value
+
+
 async def stat_reaches(db: asyncpg.Pool, column: str, n: int) -> None:
     """Wait (15 s at most) until the statistics show it: they are reported
     by the writing session a moment after its transaction."""
@@ -53,6 +60,10 @@ async def test_a_queue_table_with_many_dead_rows_is_vacuumed(db: asyncpg.Pool) -
     await churn(db, 3_000, keep=10)
     await stat_reaches(db, "n_dead_tup", 2_990)
     before = await stat(db, "vacuum_count")
+    # Turned off: nothing vacuumed, the dead rows still exported.
+    assert await QueueVacuum(db, dead_rows=0).run_once() == []
+    assert gauge("receipt_routes") >= 2_990
+    assert await stat(db, "vacuum_count") == before
     assert await QueueVacuum(db, dead_rows=1_000).run_once() == ["receipt_routes"]
     assert await stat(db, "vacuum_count") == before + 1
     assert await stat(db, "n_dead_tup") < 100

@@ -312,6 +312,11 @@ DB_VACUUMS = Counter(
     "VACUUMs this node ran on a queue table whose dead rows piled up (router.store.vacuum).",
     ["table"],
 )
+DB_QUEUE_DEAD_ROWS = Gauge(
+    "smsrouter_db_queue_dead_rows",
+    "Dead rows in a queue table at the last check (pg_stat_user_tables.n_dead_tup).",
+    ["table"],
+)
 SPOOL_ADOPTED = Counter(
     "smsrouter_spool_adopted_total",
     "Queued messages this node took over from a router sharing the database that died.",

@@ -20,6 +20,8 @@ blocks inserts or deletes; SKIP_LOCKED makes a node skip a table another node
 is vacuuming. It needs the router's database user to own the tables (the
 one that ran the migrations); if not, PostgreSQL skips them with a warning
 and autovacuum is left to do it. ``vacuum_dead_rows = 0`` turns it off.
+Either way the dead rows are exported (``smsrouter_db_queue_dead_rows``;
+alert SmsRouterQueueTableBloat when they keep piling up).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class QueueVacuum:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        if self.dead_rows > 0 and self._task is None:
+        if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="queue-vacuum")
 
     async def stop(self) -> None:
@@ -75,17 +77,20 @@ class QueueVacuum:
                 log.warning("queue_vacuum_failed", error=type(exc).__name__)
 
     async def run_once(self) -> list[str]:
-        """Vacuum the tables that need it now; their names."""
+        """Export the queue tables' dead rows; vacuum those that need it now
+        (unless turned off); their names."""
         rows = await self.pool.fetch(
             "SELECT relname, n_dead_tup, n_live_tup FROM pg_stat_user_tables"
             " WHERE schemaname = current_schema() AND relname = ANY($1::text[])"
-            " AND n_dead_tup > $2 AND n_dead_tup > n_live_tup ORDER BY n_dead_tup DESC",
+            " ORDER BY n_dead_tup DESC",
             list(self.tables),
-            self.dead_rows,
         )
         done: list[str] = []
         for r in rows:
             table = r["relname"]
+            metrics.DB_QUEUE_DEAD_ROWS.labels(table).set(r["n_dead_tup"])
+            if not (0 < self.dead_rows < r["n_dead_tup"] and r["n_dead_tup"] > r["n_live_tup"]):
+                continue
             assert table in self.tables  # a fixed name: safe to quote into the statement
             async with self.pool.acquire() as conn:
                 await conn.execute(f'VACUUM (SKIP_LOCKED, ANALYZE) "{table}"')
