@@ -174,3 +174,20 @@ async def test_a_receipt_matched_meanwhile_by_its_submit_sm_resp_is_not_looked_u
     finally:
         await recovery.stop()
     assert sorted(w.receipt.carrier_id for w in recovery.waiting) == ["a1", "b2"]
+
+
+async def test_waiting_receipts_are_bounded_oldest_dropped_and_counted(spool: PgSpool) -> None:
+    before = unmatched("sim-flood")
+
+    async def resolve(w: Waiting, row: Any) -> None:
+        raise AssertionError("no route exists")
+
+    recovery = RouteRecovery(Counting(spool), resolve, lambda w: True, max_waiting=100)
+    try:
+        for i in range(250):
+            recovery.add("sim-flood", delivered(format(i, "x")))
+        assert len(recovery) == 100
+        assert recovery.waiting[0].receipt.carrier_id == format(150, "x")
+        assert unmatched("sim-flood") == before + 150
+    finally:
+        await recovery.stop()

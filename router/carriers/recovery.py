@@ -73,6 +73,7 @@ class RouteRecovery:
         batch: int = 500,
         delays: Sequence[float] = DELAYS,
         then_every: float = THEN_EVERY,
+        max_waiting: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.find_routes = find_routes
@@ -82,6 +83,7 @@ class RouteRecovery:
         self.batch = batch
         self.delays = tuple(delays)
         self.then_every = then_every
+        self.max_waiting = max_waiting
         self.clock = clock
         self.waiting: list[Waiting] = []
         self._wake = asyncio.Event()
@@ -92,6 +94,11 @@ class RouteRecovery:
 
     def add(self, carrier: str, receipt: CarrierReceipt, forwarded: bool = False) -> None:
         now = self.clock()
+        if len(self.waiting) >= self.max_waiting:
+            # A flood of receipts nobody here sent (a carrier replaying, a
+            # wiped database): memory and lookups stay bounded; oldest out.
+            dropped = self.waiting.pop(0)
+            metrics.RECEIPTS_UNMATCHED.labels(carrier=dropped.carrier).inc()
         self.waiting.append(Waiting(carrier, receipt, forwarded, now, now))
         self._wake.set()
         if self._task is None or self._task.done():
