@@ -88,6 +88,7 @@ class RouteRecovery:
         self.waiting: list[Waiting] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -101,12 +102,13 @@ class RouteRecovery:
             metrics.RECEIPTS_UNMATCHED.labels(carrier=dropped.carrier).inc()
         self.waiting.append(Waiting(carrier, receipt, forwarded, now, now))
         self._wake.set()
-        if self._task is None or self._task.done():
+        if not self._stopped and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="receipt-route-recovery"
             )
 
     async def stop(self) -> None:
+        self._stopped = True  # a receipt handed over during shutdown starts no task
         await cancel_and_wait(self._task)
         self._task = None
 
