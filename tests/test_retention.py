@@ -267,3 +267,30 @@ async def test_retention_task_runs_periodically_with_its_clock(db: asyncpg.Pool)
         await task.stop()
     assert task.last is not None and task.last.anonymised == 1
     assert (await row(db, msg))["anonymised_at"] == fake_now
+
+
+async def test_receipt_routes_whose_receipt_never_came_are_deleted_after_8_days(
+    db: asyncpg.Pool,
+) -> None:
+    """A lost receipt left its route (standard messages: with both addresses)
+    for good; now it goes after ROUTE_KEEP."""
+    now = dt.datetime(2026, 6, 15, 12, tzinfo=UTC)
+    for carrier_id, age in (
+        ("old", 9 * DAY),
+        ("edge", 8 * DAY - dt.timedelta(minutes=1)),
+        ("fresh", DAY),
+    ):
+        await db.execute(
+            "INSERT INTO receipt_routes (carrier, carrier_id, message_id, part, parts,"
+            " account_id, account, origin, class, country, registered_delivery, accepted_at,"
+            " info, created_at) VALUES ('sim-eu', $1, $2, 0, 1, 1, 'acme', 'smpp', 'standard',"
+            " 'DK', 1, $3, '{\"destination\": \"4512345678\"}', $3)",
+            carrier_id,
+            f"msg-{carrier_id}",
+            now - age,
+        )
+    report = await run_retention(db, now)
+    assert report.receipt_routes_expired == 1
+    left = await db.fetch("SELECT carrier_id FROM receipt_routes ORDER BY carrier_id")
+    assert [r["carrier_id"] for r in left] == ["edge", "fresh"]
+    assert (await run_retention(db, now)).receipt_routes_expired == 0

@@ -11,7 +11,13 @@ Per account (privacy.md 3; columns accounts.retention_days / purge_days):
   daily partitions ``traffic_log_YYYYMMDD`` / ``delivery_events_YYYYMMDD``
   older than the longest purge window of any account are dropped;
 * audit_log rows older than 2 years are deleted (the table's trigger
-  refuses anything younger).
+  refuses anything younger);
+* receipt_routes rows (carrier id -> message, with the addresses of
+  standard messages) older than ``ROUTE_KEEP`` (8 days) are deleted: the
+  carrier's receipt never came and will not now (SMSCs keep a message at
+  most its validity period, 7 days at the longest of the usual maxima).
+  Without this, every lost receipt left its row, personal data included,
+  for good.
 
 Rows of an account that no longer exists get the defaults (30 / 395 days).
 
@@ -43,6 +49,7 @@ log = structlog.get_logger("router.retention")
 
 DEFAULT_RETENTION_DAYS = 30
 DEFAULT_PURGE_DAYS = 395
+ROUTE_KEEP = dt.timedelta(days=8)
 AUDIT_KEEP = "2 years"  # must match the audit_log_append_only() trigger
 # Partition bounds are written as dates in the writer's session time zone
 # (UTC-12 .. UTC+14), so a day's real bounds may sit up to 14 h either side
@@ -69,6 +76,7 @@ class RetentionReport:
     purged_messages: int = 0
     purged_events: int = 0
     audit_deleted: int = 0
+    receipt_routes_expired: int = 0
     dropped_partitions: list[str] = field(default_factory=list)
     skipped: bool = False  # another node held the retention lock
 
@@ -232,6 +240,17 @@ async def _run(pool: asyncpg.Pool, now: dt.datetime, batch: int, report: Retenti
         f" SELECT id FROM audit_log WHERE at <= least($1::timestamptz, now())"
         f" - interval '{AUDIT_KEEP}' ORDER BY id LIMIT $2))",
         now,
+        batch=batch,
+    )
+
+    # 5. Receipt routes whose receipt never came.
+    report.receipt_routes_expired = await _batched(
+        pool,
+        "DELETE FROM receipt_routes WHERE ctid = ANY(ARRAY("
+        " SELECT ctid FROM receipt_routes WHERE created_at < $1::timestamptz - $2::interval"
+        " LIMIT $3))",
+        now,
+        ROUTE_KEEP,
         batch=batch,
     )
 
