@@ -215,7 +215,7 @@ CARRIER_QUEUE_CAPACITY = Gauge(
 CARRIER_IN_FLIGHT = Gauge(
     "smsrouter_carrier_in_flight", "submit_sm awaiting submit_sm_resp.", ["carrier"]
 )
-SUBMIT_LATENCY = Histogram(
+SUBMIT_LATENCY = FastHistogram(  # observed once per submit_sm_resp
     "smsrouter_carrier_submit_seconds",
     "submit_sm to submit_sm_resp, per carrier.",
     ["carrier"],
