@@ -5,6 +5,7 @@ real PostgreSQL (LISTEN/NOTIFY, SKIP LOCKED)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ import aiohttp
 import asyncpg
 
 from router.carriers.receipt import build_receipt
+from router.sim.smsc import SimConfig
 from router.smpp.constants import MessageState, Tag
 from router.smpp.pdu import BindReceiver, BindTransmitter
 from tests.esme import connect, until
@@ -168,3 +170,48 @@ async def _metrics(stack: Any) -> dict[str, float]:
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{stack.router.ports['ops']}/metrics") as r:
             return parse_metrics(await r.text())
+
+
+async def test_a_crossing_receipt_for_a_wait_the_sender_let_go_is_still_finished(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    """As above, but the sender has let its receipt waits go from memory
+    (delivery.receipt_memory) before the receipts come: those reaching the
+    other node are handed to the sender, which rebuilds the message from
+    receipt_routes and finishes it; those reaching the sender are matched the
+    same way. Every receipt still reaches the customer."""
+    a = await stack_factory(
+        sims={"sim-eu": SimConfig(port=0, dlr_delay=3.0), "sim-world": SimConfig(port=0)}
+    )
+    shared = {name: {"port": sim.port} for name, sim in a.sims.items()}
+    b = await stack_factory(carrier_kw=shared)
+    esme, resp = await connect(a.smpp_port)
+    assert resp.status == 0
+    try:
+        await until(lambda: b.router.handoff.live, 10, "b sees a alive")
+        await until(lambda: a.router.handoff.live, 10, "a sees b alive")
+        ids = []
+        for i in range(20):
+            r = await esme.submit("+4512345678", f"let go {i}")
+            assert r.status == 0
+            ids.append(r.message_id)
+        engine = a.router.engine
+        await until(
+            lambda: all(engine.lookup(i).status.value == "submitted" for i in ids), 5, "submitted"
+        )
+        deadline = time.monotonic() + 5
+        while await db.fetchval("SELECT count(*) FROM receipt_routes") < 20:
+            assert time.monotonic() < deadline, "receipt routes not written"
+            await asyncio.sleep(0.05)
+        engine.cfg.receipt_memory = 0.0
+        assert engine.release_receipt_waits() == 20
+        assert not set(ids) & set(engine.active)
+        # The receipts come ~3 s after the submits, over both nodes' binds.
+        await until(lambda: len(esme.receipts) == 20, 20, "20 receipts at the customer")
+        assert set(esme.receipts) == set(ids)
+        assert {engine.lookup(i).status.value for i in ids} == {"delivered"}
+        forwarded = (await _metrics(b)).get("smsrouter_carrier_receipts_forwarded_total", 0)
+        assert forwarded > 0, "no receipt reached b: the test did not exercise the hand-off"
+        assert await db.fetchval("SELECT count(*) FROM receipt_routes") == 0
+    finally:
+        esme.close()
