@@ -140,20 +140,9 @@ async def test_a_carrier_receipt_on_another_nodes_bind_is_finished_by_the_sender
     half reach the node that did not send the message. That node hands
     them to the sender, which finishes each message: every receipt reaches
     the customer and nothing stays waiting in the sender's memory."""
-    a = await stack_factory()
-    shared = {name: {"port": sim.port} for name, sim in a.sims.items()}
-    b = await stack_factory(carrier_kw=shared)
-    assert all(c.cfg.port == a.sims[name].port for name, c in b.router.engine.carriers.items())
-    esme, resp = await connect(a.smpp_port)
-    assert resp.status == 0
+    a, b, esme = await nodes_on_one_carrier_account(stack_factory)
     try:
-        await until(lambda: b.router.handoff.live, 10, "b sees a alive")
-        await until(lambda: a.router.handoff.live, 10, "a sees b alive")
-        ids = []
-        for i in range(40):
-            r = await esme.submit("+4512345678", f"round robin {i}")
-            assert r.status == 0
-            ids.append(r.message_id)
+        ids = await submit_many(esme, 40, "round robin")
         await until(lambda: len(esme.receipts) == 40, 20, "40 receipts at the customer")
         assert set(esme.receipts) == set(ids)
         # The sender finished every one of them itself.
@@ -164,6 +153,34 @@ async def test_a_carrier_receipt_on_another_nodes_bind_is_finished_by_the_sender
         assert await db.fetchval("SELECT count(*) FROM carrier_receipt_handoff") == 0
     finally:
         esme.close()
+
+
+async def nodes_on_one_carrier_account(stack_factory: Any, **a_kw: Any) -> tuple[Any, Any, Any]:
+    """Nodes a and b bound to the same simulators with one system_id (the
+    simulator spreads receipts over every bind of it), each seeing the other
+    alive, and a transceiver of the customer on a."""
+    a = await stack_factory(**a_kw)
+    shared = {name: {"port": sim.port} for name, sim in a.sims.items()}
+    b = await stack_factory(carrier_kw=shared)
+    assert all(c.cfg.port == a.sims[name].port for name, c in b.router.engine.carriers.items())
+    esme, resp = await connect(a.smpp_port)
+    assert resp.status == 0
+    await until(lambda: b.router.handoff.live, 10, "b sees a alive")
+    await until(lambda: a.router.handoff.live, 10, "a sees b alive")
+    # Both nodes' carrier binds must be up, or every receipt comes to one node
+    # and the hand-off is not exercised.
+    carriers = [*a.router.engine.carriers.values(), *b.router.engine.carriers.values()]
+    await until(lambda: all(len(c.sessions) == c.cfg.sessions for c in carriers), 10, "binds up")
+    return a, b, esme
+
+
+async def submit_many(esme: Any, n: int, text: str) -> list[str]:
+    ids = []
+    for i in range(n):
+        r = await esme.submit("+4512345678", f"{text} {i}")
+        assert r.status == 0
+        ids.append(r.message_id)
+    return ids
 
 
 async def _metrics(stack: Any) -> dict[str, float]:
@@ -180,21 +197,12 @@ async def test_a_crossing_receipt_for_a_wait_the_sender_let_go_is_still_finished
     other node are handed to the sender, which rebuilds the message from
     receipt_routes and finishes it; those reaching the sender are matched the
     same way. Every receipt still reaches the customer."""
-    a = await stack_factory(
-        sims={"sim-eu": SimConfig(port=0, dlr_delay=3.0), "sim-world": SimConfig(port=0)}
+    a, b, esme = await nodes_on_one_carrier_account(
+        stack_factory,
+        sims={"sim-eu": SimConfig(port=0, dlr_delay=3.0), "sim-world": SimConfig(port=0)},
     )
-    shared = {name: {"port": sim.port} for name, sim in a.sims.items()}
-    b = await stack_factory(carrier_kw=shared)
-    esme, resp = await connect(a.smpp_port)
-    assert resp.status == 0
     try:
-        await until(lambda: b.router.handoff.live, 10, "b sees a alive")
-        await until(lambda: a.router.handoff.live, 10, "a sees b alive")
-        ids = []
-        for i in range(20):
-            r = await esme.submit("+4512345678", f"let go {i}")
-            assert r.status == 0
-            ids.append(r.message_id)
+        ids = await submit_many(esme, 20, "let go")
         engine = a.router.engine
         await until(
             lambda: all(engine.lookup(i).status.value == "submitted" for i in ids), 5, "submitted"
