@@ -22,6 +22,7 @@ from aiohttp import web
 
 from . import __version__, accel
 from .accounts import AccountStore, ensure_demo_account
+from .carriers.deadline import ReceiptDeadlines
 from .config import CarrierConfig, Config, ConfigError, RouteEntry, RoutesConfig, load_config
 from .dlr.webhooks import WebhookSender
 from .engine import Engine
@@ -124,6 +125,7 @@ class Router:
     optout: OptOutList | None = None
     retention: RetentionTask | None = None
     vacuum: QueueVacuum | None = None
+    deadlines: ReceiptDeadlines | None = None
     runners: list[web.AppRunner] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
     draining: bool = False
@@ -171,6 +173,7 @@ class Router:
                 flush_interval=cfg.spool_flush_interval,
                 node=node_id(cfg),
                 node_grace=cfg.node_grace,
+                receipt_timeout=cfg.receipt_timeout,
             )
         else:
             log.warning(
@@ -215,6 +218,11 @@ class Router:
             self.smpp.handoff = self.handoff
             self.engine.forward_receipt = self.handoff.forward_carrier_receipt
             self.handoff.start()
+            handoff = self.handoff
+            self.deadlines = ReceiptDeadlines(
+                self.spool.claim_overdue_routes, self.engine.finish_overdue, lambda: handoff.live
+            )
+            self.deadlines.start()
         self.ports["smpp"] = await self.smpp.start()
         api = make_api(cfg, self.engine, self.accounts, pool=self.pool)
         add_admin_routes(api, lambda: self.pool, self.accounts, self.optout, audit_key)
@@ -294,6 +302,8 @@ class Router:
         for runner in self.runners:
             await runner.cleanup()
         self.runners.clear()
+        if self.deadlines is not None:
+            await self.deadlines.stop()
         if self.engine is not None:
             await self.engine.stop(timeout=min(5.0, timeout))
         if self.webhooks is not None:

@@ -127,6 +127,9 @@ class Config:
     spool_flush_interval: float = 0.005
     node: str = ""  # this router's id among those sharing the database ("" = host:smpp port)
     receipt_memory: float = 3600.0  # a submitted message waits in memory this long for its receipt
+    # A message whose carrier receipt has not come this long after its
+    # validity ended is finished as 'unknown' (at-least-once mode).
+    receipt_timeout: float = 3600.0
     node_grace: float = 30.0  # a node not seen this long (and not holding its lock) is dead
     max_memory_mb: int = 0  # refuse new messages above this RSS (0 = no brake)
     max_schedule_ahead: float = 30 * 86400.0  # furthest send_at accepted, seconds
@@ -256,6 +259,13 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
     cfg.receipt_memory = _take(delivery_t, "receipt_memory", "delivery.", float, cfg.receipt_memory)
     if not 60.0 <= cfg.receipt_memory <= 7 * 86400.0:
         raise ConfigError("delivery.receipt_memory: 60 s .. 7 days")
+    cfg.receipt_timeout = _take(
+        delivery_t, "receipt_timeout", "delivery.", float, cfg.receipt_timeout
+    )
+    # At most 12 h: with the longest validity (7 days) the deadline stays
+    # inside the 8 days that retention keeps a receipt route.
+    if not 0.0 <= cfg.receipt_timeout <= 12 * 3600.0:
+        raise ConfigError("delivery.receipt_timeout: 0 .. 43200 seconds")
     cfg.node = _take(delivery_t, "node", "delivery.", str, cfg.node)
     if len(cfg.node) > 200 or not cfg.node.isprintable():
         raise ConfigError("delivery.node: at most 200 printable characters")

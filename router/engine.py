@@ -16,7 +16,7 @@ import os
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import asyncpg
@@ -711,10 +711,44 @@ class Engine:
             remaining = await self.spool.remaining_parts(row["message_id"])
             d = self.active.get(row["message_id"])  # it may have come meanwhile
             if d is None:
+                if self._finished_here(row["message_id"]):
+                    # Finished meanwhile (its deadline passed as the receipt came).
+                    if c is not None:
+                        c.correlator.unpark(receipt.carrier_id)
+                    return
                 d = self._rebuild_delivery(row, carrier, remaining)
         if c is not None:
             c.correlator.unpark(receipt.carrier_id)
         self.on_receipt(Submission(d, row["part"]), carrier, receipt)
+
+    def finish_overdue(self, rows: Sequence[Any]) -> int:
+        """Messages whose receipt never came (router/carriers/deadline.py):
+        the receipt_routes rows just claimed, all of each message's. Each
+        message is finished as ``unknown`` (a receipt with stat UNKNOWN /
+        a webhook to its submitter) unless it already has a final status.
+        The number finished."""
+        by_message: dict[str, list[Any]] = {}
+        for row in rows:
+            by_message.setdefault(row["message_id"], []).append(row)
+        finished = 0
+        for message_id, routes in by_message.items():
+            for row in routes:
+                c = self.carriers.get(row["carrier"])
+                if c is not None:
+                    c.correlator.forget(row["carrier_id"])
+            d = self.active.get(message_id)
+            if d is None:
+                if self._finished_here(message_id):
+                    continue  # its last receipt came as the route was claimed
+                first = routes[0]
+                d = self._rebuild_delivery(first, first["carrier"], len(routes))
+            self._finish(d, Status.UNKNOWN, "no_receipt", d.carrier or routes[0]["carrier"])
+            finished += 1
+        return finished
+
+    def _finished_here(self, message_id: str) -> bool:
+        summary = self.recent.get(message_id)
+        return summary is not None and _from_summary(message_id, summary).status.final
 
     def _rebuild_delivery(self, row: Any, carrier: str, remaining: int) -> Delivery:
         info = json.loads(row["info"]) if row["info"] else {}
@@ -790,8 +824,11 @@ class Engine:
         come within ``delivery.receipt_memory`` (carriers lose some receipts;
         kept forever they would grow memory without bound). A receipt that
         comes later is still matched through receipt_routes, as after a
-        restart (at-least-once mode). Messages are in acceptance order, so
-        the scan stops at the first one too young."""
+        restart (at-least-once mode; router/carriers/deadline.py finishes
+        those whose receipt never comes). In in-memory mode nothing could
+        match a later receipt: the message is finished as ``unknown`` now.
+        Messages are in acceptance order, so the scan stops at the first one
+        too young."""
         cutoff = self.wall() - self.cfg.receipt_memory
         old: list[Delivery] = []
         for scanned, d in enumerate(self.active.values()):
@@ -803,7 +840,10 @@ class Engine:
             for carrier_id in d.carrier_ids:
                 for carrier in self.carriers.values():
                     carrier.correlator.forget(carrier_id)
-            self._retire(d)
+            if self.recovery is None:
+                self._finish(d, Status.UNKNOWN, "no_receipt", d.carrier or "")
+            else:
+                self._retire(d)
         if old:
             metrics.RECEIPT_WAITS_RELEASED.inc(len(old))
             log.info("receipt_waits_released", messages=len(old))

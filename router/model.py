@@ -30,6 +30,7 @@ class Status(str, Enum):
     EXPIRED = "expired"
     REJECTED = "rejected"
     CANCELED = "canceled"  # a scheduled message its sender withdrew
+    UNKNOWN = "unknown"  # the carrier took it; its receipt never came (delivery.receipt_timeout)
 
     @property
     def final(self) -> bool:
@@ -37,7 +38,14 @@ class Status(str, Enum):
 
 
 _FINAL = frozenset(
-    {Status.DELIVERED, Status.FAILED, Status.EXPIRED, Status.REJECTED, Status.CANCELED}
+    {
+        Status.DELIVERED,
+        Status.FAILED,
+        Status.EXPIRED,
+        Status.REJECTED,
+        Status.CANCELED,
+        Status.UNKNOWN,
+    }
 )
 
 

@@ -377,6 +377,7 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                         "expired",
                         "rejected",
                         "canceled",
+                        "unknown",
                     ]
                 },
                 "class": {"enum": ["standard", "secret"]},
@@ -429,7 +430,9 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                     "type": "string",
                     "description": "'+' and E.164 digits; omitted for secret messages.",
                 },
-                "status": {"enum": ["delivered", "failed", "expired", "rejected", "canceled"]},
+                "status": {
+                    "enum": ["delivered", "failed", "expired", "rejected", "canceled", "unknown"]
+                },
                 "error": {"type": ["string", "null"]},
                 "time": {"type": "string", "format": "date-time"},
             },

@@ -69,6 +69,7 @@ _MAX_STATE_FOR_STATUS = {
     Status.EXPIRED: MessageState.EXPIRED,
     Status.REJECTED: MessageState.REJECTED,
     Status.CANCELED: MessageState.DELETED,
+    Status.UNKNOWN: MessageState.UNKNOWN,
 }
 _CODING_UNITS = {0x00: "gsm7", 0x08: "ucs2", 0x03: "latin1"}
 _SAR_TAGS = frozenset((Tag.SAR_MSG_REF_NUM, Tag.SAR_TOTAL_SEGMENTS, Tag.SAR_SEGMENT_SEQNUM))

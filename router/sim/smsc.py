@@ -94,6 +94,7 @@ class SimConfig:
     name: str = "sim"  # used as carrier label in its own stats (and bind_resp system_id)
     dlr_delay: float = 0.5  # seconds from submit to the receipt
     deliver_ratio: float = 1.0  # fraction of receipts DELIVRD; the rest UNDELIV err:001
+    lose_ratio: float = 0.0  # fraction of accepted messages whose receipt is never sent
     reject_ratio: float = 0.0  # fraction answered ESME_RSUBMITFAIL (permanent)
     throttle_ratio: float = 0.0  # fraction answered ESME_RTHROTTLED (temporary)
     drop_every: float | None = None  # close every connection each N seconds
@@ -117,7 +118,7 @@ class SimConfig:
     keep_received: int = 1_000_000
 
     def validate(self) -> None:
-        for name in ("deliver_ratio", "reject_ratio", "throttle_ratio"):
+        for name in ("deliver_ratio", "lose_ratio", "reject_ratio", "throttle_ratio"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be within 0..1")
@@ -153,6 +154,7 @@ class SimStats:
     receipts_acked: int = 0  # deliver_sm_resp with ESME_ROK
     receipts_requeued: int = 0  # timeouts, lost connections and error answers
     receipts_dropped: int = 0  # pending store full, or unencodable
+    receipts_lost: int = 0  # never sent, on purpose (lose_ratio)
     drops: int = 0  # connections closed by drop_every
 
     def as_dict(self) -> dict[str, Any]:
@@ -558,6 +560,9 @@ class CarrierSimulator:
             )
         receipt: DeliverSm | None = None
         mode = registered & 0x03
+        if cfg.lose_ratio and self._rng.random() < cfg.lose_ratio:
+            mode = 0  # a carrier that loses this receipt
+            self.stats.receipts_lost += 1
         if mode:
             delivered = cfg.deliver_ratio >= 1.0 or self._rng.random() < cfg.deliver_ratio
             if delivered is False or mode != REGDLV_FAILURE:
@@ -716,6 +721,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--password", default=None, help="required password (default: any)")
     p.add_argument("--dlr-delay", type=float, default=d.dlr_delay)
     p.add_argument("--deliver-ratio", type=float, default=d.deliver_ratio)
+    p.add_argument("--lose-ratio", type=float, default=d.lose_ratio, help="receipts never sent")
     p.add_argument("--reject-ratio", type=float, default=d.reject_ratio)
     p.add_argument("--throttle-ratio", type=float, default=d.throttle_ratio)
     p.add_argument("--drop-every", type=float, default=None)
@@ -747,6 +753,7 @@ def _configs(args: argparse.Namespace) -> list[SimConfig]:
             name=args.name if args.count == 1 else f"{args.name}-{i + 1}",
             dlr_delay=args.dlr_delay,
             deliver_ratio=args.deliver_ratio,
+            lose_ratio=args.lose_ratio,
             reject_ratio=args.reject_ratio,
             throttle_ratio=args.throttle_ratio,
             drop_every=args.drop_every,

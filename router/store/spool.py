@@ -80,6 +80,7 @@ ROUTE_COLUMNS = (
     "accepted_at",
     "info",
     "node",
+    "expect_by",
 )
 _UTC = dt.UTC
 
@@ -382,8 +383,12 @@ class PgSpool:
         node: str = "local",
         node_grace: float = 30.0,
         node_wait: float = 10.0,
+        receipt_timeout: float = 3600.0,
     ) -> None:
         self.pool = pool
+        # A route's receipt is expected until its message's validity ends
+        # plus this (then router/carriers/deadline.py finishes it 'unknown').
+        self.receipt_timeout = receipt_timeout
         self.aead = AESGCM(key) if key else None
         # This router's id among the nodes sharing the database (see load()).
         self.node = node
@@ -482,6 +487,9 @@ class PgSpool:
                 dt.datetime.fromtimestamp(msg.accepted_at, _UTC),
                 info,
                 self.node,
+                dt.datetime.fromtimestamp(
+                    max(msg.expires_at, time.time()) + self.receipt_timeout, _UTC
+                ),
             )
         )
 
@@ -517,6 +525,28 @@ class PgSpool:
             if out[r["i"]] is None:
                 out[r["i"]] = r
         return out
+
+    async def claim_overdue_routes(
+        self, live_nodes: Sequence[str], limit: int = 1000
+    ) -> list[asyncpg.Record]:
+        """Delete and return the receipt routes of up to ``limit`` messages
+        that have a route past its ``expect_by`` (all of each message's
+        routes, so that a message is finished once). Only routes of this
+        node, of no node, or of a node not in ``live_nodes``: a live node
+        finishes its own (it may hold the message in memory). Concurrent
+        callers on other nodes never get the same row (row locks)."""
+        return list(
+            await self.pool.fetch(
+                "DELETE FROM receipt_routes WHERE message_id IN ("
+                " SELECT message_id FROM receipt_routes WHERE expect_by < now()"
+                "  AND (node IS NULL OR node = $1 OR NOT (node = ANY($2::text[])))"
+                "  ORDER BY expect_by LIMIT $3)"
+                " RETURNING *",
+                self.node,
+                list(live_nodes),
+                limit,
+            )
+        )
 
     async def remaining_parts(self, message_id: str) -> int:
         return int(

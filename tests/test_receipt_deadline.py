@@ -1,0 +1,280 @@
+"""Messages whose carrier receipt never comes end as ``unknown``
+(router.carriers.deadline): over real SMPP and HTTP, with a simulator that
+loses every receipt, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+
+from router.config import ConfigError, WebhookConfig, load_config
+from router.model import MessageClass
+from router.sim.smsc import SimConfig
+from router.smpp.constants import MessageState, Tag
+from router.smpp.pdu import QuerySm, SubmitSm
+from router.store.spool import PgSpool
+from tests.esme import connect, until
+from tests.factories import make_message
+
+DEMO = {"Authorization": "Bearer demo-key"}
+LOSING = {
+    "sim-eu": SimConfig(port=0, lose_ratio=1.0),  # +45: every receipt lost
+    "sim-world": SimConfig(port=0, dlr_delay=0.05),
+}
+ONE_SECOND = "000000000001000R"  # SMPP relative validity_period
+
+
+async def routes(db: asyncpg.Pool) -> int:
+    return int(await db.fetchval("SELECT count(*) FROM receipt_routes"))
+
+
+async def wait_routes(db: asyncpg.Pool, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while await routes(db) < n:
+        assert time.monotonic() < deadline, f"{n} receipt routes not written"
+        await asyncio.sleep(0.05)
+
+
+async def test_smpp_message_without_receipt_ends_unknown_with_a_receipt_once(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    stack = await stack_factory(sims=LOSING, receipt_timeout=0.0)
+    router = stack.router
+    esme, resp = await connect(stack.smpp_port)
+    assert resp.status == 0
+    try:
+        lost = []
+        for i in range(5):
+            r = await esme.submit("+4512345678", f"lost {i}", validity_period=ONE_SECOND)
+            assert r.status == 0
+            lost.append(r.message_id)
+        kept = await esme.submit("+4512345678", "kept", validity_period="000001000000000R")
+        fine = await esme.submit("+12025550123", "answered", validity_period=ONE_SECOND)
+        await until(lambda: fine.message_id in esme.receipts, 10, "the answered receipt")
+        await wait_routes(db, 6)
+        # Before the validity has ended nothing is overdue.
+        assert await router.deadlines.run_once() == 0
+        await asyncio.sleep(1.2)
+        assert await router.deadlines.run_once() == 5
+        await until(lambda: len(esme.receipts) == 6, 10, "5 unknown receipts")
+        for mid in lost:
+            pdu = esme.receipts[mid]
+            assert pdu.tlvs[Tag.MESSAGE_STATE] == bytes((MessageState.UNKNOWN,))
+            assert b"stat:UNKNOWN err:001" in pdu.short_message
+            assert router.engine.lookup(mid).status.value == "unknown"
+            assert router.engine.lookup(mid).error == "no_receipt"
+        assert router.engine.lookup(kept.message_id).status.value == "submitted"
+        assert router.engine.lookup(fine.message_id).status.value == "delivered"
+        # Claimed once: the routes are gone and a second pass finds nothing.
+        assert await routes(db) == 1
+        assert await router.deadlines.run_once() == 0
+        await asyncio.sleep(0.2)
+        assert len(esme.delivers) == 6
+
+        # The traffic log has the final status.
+        async def logged() -> bool:
+            n = await db.fetchval(
+                "SELECT count(*) FROM delivery_events WHERE message_id = ANY($1::text[])"
+                " AND status = 'unknown' AND error = 'no_receipt'",
+                lost,
+            )
+            return int(n) == 5
+
+        deadline = time.monotonic() + 10
+        while not await logged():
+            assert time.monotonic() < deadline, "traffic log not updated"
+            await asyncio.sleep(0.05)
+        # query_sm answers UNKNOWN too.
+        q = await esme.request(QuerySm(message_id=lost[0], source_addr_ton=5, source_addr="Acme"))
+        assert q.status == 0 and q.message_state == MessageState.UNKNOWN
+    finally:
+        esme.close()
+
+
+async def test_a_multipart_message_is_finished_once_for_all_its_parts(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    stack = await stack_factory(sims=LOSING, receipt_timeout=0.0)
+    esme, resp = await connect(stack.smpp_port)
+    assert resp.status == 0
+    try:
+        text = "x" * 400  # 3 GSM parts, one route each
+        r = await esme.request(
+            SubmitSm(
+                source_addr_ton=5,
+                source_addr="Acme",
+                dest_addr_ton=1,
+                dest_addr_npi=1,
+                destination_addr="+4512345678",
+                registered_delivery=1,
+                validity_period=ONE_SECOND,
+                tlvs={Tag.MESSAGE_PAYLOAD: text.encode()},
+            )
+        )
+        assert r.status == 0
+        await wait_routes(db, 3)
+        await asyncio.sleep(1.2)
+        # A small batch: the message's other parts come with its first one.
+        stack.router.deadlines.batch = 1
+        assert await stack.router.deadlines.run_once() == 1
+        assert await routes(db) == 0
+        await until(lambda: r.message_id in esme.receipts, 10, "one receipt")
+        await asyncio.sleep(0.2)
+        assert len(esme.delivers) == 1
+        assert b"sub:003" in esme.receipts[r.message_id].short_message
+    finally:
+        esme.close()
+
+
+async def test_http_message_without_receipt_gets_an_unknown_webhook(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    hits: list[bytes] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        hits.append(await request.read())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        stack = await stack_factory(
+            sims=LOSING,
+            receipt_timeout=0.0,
+            webhooks=WebhookConfig(allow_private_targets=True),
+        )
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                stack.http_url + "/v1/messages",
+                headers=DEMO,
+                json={
+                    "to": "+4512345678",
+                    "from": "Acme",
+                    "text": "never answered",
+                    "userref": "u-1",
+                    "validity_seconds": 1,
+                    "callback_url": f"http://127.0.0.1:{port}/hook",
+                },
+            ) as resp,
+        ):
+            assert resp.status == 202
+            mid = (await resp.json())["id"]
+        await wait_routes(db, 1)
+        await asyncio.sleep(1.2)
+        assert await stack.router.deadlines.run_once() == 1
+        await until(lambda: hits, 10, "the webhook")
+        body = json.loads(hits[0])
+        assert body["id"] == mid and body["userref"] == "u-1"
+        assert body["status"] == "unknown" and body["error"] == "no_receipt"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(stack.http_url + f"/v1/messages/{mid}", headers=DEMO) as resp,
+        ):
+            assert resp.status == 200
+            assert (await resp.json())["status"] == "unknown"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def spool(db: asyncpg.Pool) -> Any:
+    spools = []
+
+    def make(node: str) -> PgSpool:
+        s = PgSpool(db, key=None, node=node, receipt_timeout=0.0)
+        s.start()
+        spools.append(s)
+        return s
+
+    yield make
+    for s in spools:
+        s._closing = True
+        await s.close(timeout=2)
+
+
+async def test_a_live_node_keeps_its_own_overdue_routes(db: asyncpg.Pool, spool: Any) -> None:
+    """Node a claims its own overdue routes and those of a dead node, never
+    those of a live one (that node may hold the message in memory)."""
+    a, b = spool("node-a"), spool("node-b")
+    past = time.time() - 60
+    for s, carrier_id, mid in ((a, "a1", "m-a"), (b, "b1", "m-b")):
+        s.remember_route("sim-1", carrier_id, make_message(mid, expires_at=past), 0)
+    future = make_message("m-future", expires_at=time.time() + 3600)
+    a.remember_route("sim-1", "a2", future, 0)
+    await wait_routes(db, 3)
+    claimed = await a.claim_overdue_routes(["node-b"])
+    assert [r["message_id"] for r in claimed] == ["m-a"]
+    claimed = await a.claim_overdue_routes([])  # b is dead now
+    assert [r["message_id"] for r in claimed] == ["m-b"]
+    assert await a.claim_overdue_routes([]) == []
+    assert await routes(db) == 1
+
+
+async def test_secret_message_route_has_no_addresses_and_still_ends_unknown(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    stack = await stack_factory(sims=LOSING, receipt_timeout=0.0)
+    esme, resp = await connect(stack.smpp_port)
+    assert resp.status == 0
+    try:
+        r = await esme.submit(
+            "+4512345678",
+            "one-time code 1234",
+            validity_period=ONE_SECOND,
+            tlvs={0x1400: b"\x01"},  # message class: secret
+        )
+        assert r.status == 0
+        assert stack.router.engine.lookup(r.message_id).message.msg_class is MessageClass.SECRET
+        await wait_routes(db, 1)
+        assert await db.fetchval("SELECT info FROM receipt_routes") is None
+        await asyncio.sleep(1.2)
+        assert await stack.router.deadlines.run_once() == 1
+        await until(lambda: r.message_id in esme.receipts, 10, "the unknown receipt")
+        assert esme.receipts[r.message_id].tlvs[Tag.MESSAGE_STATE] == bytes((MessageState.UNKNOWN,))
+    finally:
+        esme.close()
+
+
+async def test_in_memory_mode_ends_unknown_when_the_wait_is_released(
+    stack_factory: Any,
+) -> None:
+    stack = await stack_factory(sims=LOSING, delivery_guarantee="in-memory")
+    assert stack.router.deadlines is None  # no routes in this mode
+    esme, resp = await connect(stack.smpp_port)
+    assert resp.status == 0
+    try:
+        r = await esme.submit("+4512345678", "lost in memory")
+        assert r.status == 0
+        engine = stack.router.engine
+        await until(lambda: engine.lookup(r.message_id).status.value == "submitted", 5, "sent")
+        engine.cfg.receipt_memory = 0.0
+        await asyncio.sleep(0.01)
+        assert engine.release_receipt_waits() == 1
+        assert engine.lookup(r.message_id).status.value == "unknown"
+        await until(lambda: r.message_id in esme.receipts, 10, "the unknown receipt")
+    finally:
+        esme.close()
+
+
+def test_receipt_timeout_config(tmp_path: Any) -> None:
+    p = tmp_path / "r.toml"
+    p.write_text("[delivery]\nreceipt_timeout = 7200\n")
+    assert load_config(p, env={}).receipt_timeout == 7200.0
+    assert load_config(None, env={}).receipt_timeout == 3600.0
+    for bad in ("-1", "43201"):
+        p.write_text(f"[delivery]\nreceipt_timeout = {bad}\n")
+        with pytest.raises(ConfigError, match="delivery.receipt_timeout"):
+            load_config(p, env={})
