@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 
 from router.accounts import add_api_key, create_account
 from router.app import Router
@@ -25,6 +26,7 @@ from router.observe.logging import configure_logging
 from router.sim import CarrierSimulator, SimConfig
 from router.store.db import migrate
 from router.store.embedded import url_with_database
+from tests.webhook_receiver import Hit, Receiver
 
 configure_logging(fmt="json", level="INFO", strict=True)
 
@@ -179,3 +181,18 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
     import uvloop
 
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+async def receivers() -> AsyncIterator[Callable[..., Awaitable[Receiver]]]:
+    """Start webhook receivers answering with a behaviour; stopped at the end."""
+    made: list[Receiver] = []
+
+    async def make(behave: Callable[[Hit], Awaitable[web.StreamResponse]]) -> Receiver:
+        r = await Receiver(behave).start()
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        await r.stop()

@@ -12,7 +12,6 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
 
 from router.config import ConfigError, WebhookConfig, load_config
 from router.model import MessageClass
@@ -20,10 +19,11 @@ from router.sim.smsc import SimConfig
 from router.smpp.constants import MessageState, Tag
 from router.smpp.pdu import QuerySm, SubmitSm
 from router.store.spool import PgSpool
+from tests.esme import TestEsme as Esme
 from tests.esme import connect, until
 from tests.factories import make_message
+from tests.webhook_receiver import DEMO, ok, submit
 
-DEMO = {"Authorization": "Bearer demo-key"}
 LOSING = {
     "sim-eu": SimConfig(port=0, lose_ratio=1.0),  # +45: every receipt lost
     "sim-world": SimConfig(port=0, dlr_delay=0.05),
@@ -42,13 +42,20 @@ async def wait_routes(db: asyncpg.Pool, n: int) -> None:
         await asyncio.sleep(0.05)
 
 
+async def losing_stack(stack_factory: Any, **cfg_kw: Any) -> tuple[Any, Esme]:
+    """A router whose sim-eu (+45) loses every receipt, receipt_timeout 0,
+    and a transceiver of the customer."""
+    stack = await stack_factory(sims=LOSING, receipt_timeout=0.0, **cfg_kw)
+    esme, resp = await connect(stack.smpp_port)
+    assert resp.status == 0
+    return stack, esme
+
+
 async def test_smpp_message_without_receipt_ends_unknown_with_a_receipt_once(
     stack_factory: Any, db: asyncpg.Pool
 ) -> None:
-    stack = await stack_factory(sims=LOSING, receipt_timeout=0.0)
+    stack, esme = await losing_stack(stack_factory)
     router = stack.router
-    esme, resp = await connect(stack.smpp_port)
-    assert resp.status == 0
     try:
         lost = []
         for i in range(5):
@@ -101,9 +108,7 @@ async def test_smpp_message_without_receipt_ends_unknown_with_a_receipt_once(
 async def test_a_multipart_message_is_finished_once_for_all_its_parts(
     stack_factory: Any, db: asyncpg.Pool
 ) -> None:
-    stack = await stack_factory(sims=LOSING, receipt_timeout=0.0)
-    esme, resp = await connect(stack.smpp_port)
-    assert resp.status == 0
+    stack, esme = await losing_stack(stack_factory)
     try:
         text = "x" * 400  # 3 GSM parts, one route each
         r = await esme.request(
@@ -134,59 +139,28 @@ async def test_a_multipart_message_is_finished_once_for_all_its_parts(
 
 
 async def test_http_message_without_receipt_gets_an_unknown_webhook(
-    stack_factory: Any, db: asyncpg.Pool
+    stack_factory: Any, receivers: Any, db: asyncpg.Pool
 ) -> None:
-    hits: list[bytes] = []
-
-    async def handle(request: web.Request) -> web.Response:
-        hits.append(await request.read())
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/hook", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        stack = await stack_factory(
-            sims=LOSING,
-            receipt_timeout=0.0,
-            webhooks=WebhookConfig(allow_private_targets=True),
-        )
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                stack.http_url + "/v1/messages",
-                headers=DEMO,
-                json={
-                    "to": "+4512345678",
-                    "from": "Acme",
-                    "text": "never answered",
-                    "userref": "u-1",
-                    "validity_seconds": 1,
-                    "callback_url": f"http://127.0.0.1:{port}/hook",
-                },
-            ) as resp,
-        ):
-            assert resp.status == 202
-            mid = (await resp.json())["id"]
-        await wait_routes(db, 1)
-        await asyncio.sleep(1.2)
-        assert await stack.router.deadlines.run_once() == 1
-        await until(lambda: hits, 10, "the webhook")
-        body = json.loads(hits[0])
-        assert body["id"] == mid and body["userref"] == "u-1"
-        assert body["status"] == "unknown" and body["error"] == "no_receipt"
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(stack.http_url + f"/v1/messages/{mid}", headers=DEMO) as resp,
-        ):
-            assert resp.status == 200
-            assert (await resp.json())["status"] == "unknown"
-    finally:
-        await runner.cleanup()
+    receiver = await receivers(ok())
+    stack = await stack_factory(
+        sims=LOSING, receipt_timeout=0.0, webhooks=WebhookConfig(allow_private_targets=True)
+    )
+    mid = await submit(
+        stack, userref="u-1", validity_seconds=1, callback_url=receiver.url + "/hook"
+    )
+    await wait_routes(db, 1)
+    await asyncio.sleep(1.2)
+    assert await stack.router.deadlines.run_once() == 1
+    await until(lambda: receiver.hits, 10, "the webhook")
+    body = json.loads(receiver.hits[0].body)
+    assert body["id"] == mid and body["userref"] == "u-1"
+    assert body["status"] == "unknown" and body["error"] == "no_receipt"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(stack.http_url + f"/v1/messages/{mid}", headers=DEMO) as resp,
+    ):
+        assert resp.status == 200
+        assert (await resp.json())["status"] == "unknown"
 
 
 @pytest.fixture
@@ -226,9 +200,7 @@ async def test_a_live_node_keeps_its_own_overdue_routes(db: asyncpg.Pool, spool:
 async def test_secret_message_route_has_no_addresses_and_still_ends_unknown(
     stack_factory: Any, db: asyncpg.Pool
 ) -> None:
-    stack = await stack_factory(sims=LOSING, receipt_timeout=0.0)
-    esme, resp = await connect(stack.smpp_port)
-    assert resp.status == 0
+    stack, esme = await losing_stack(stack_factory)
     try:
         r = await esme.submit(
             "+4512345678",

@@ -15,7 +15,6 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,6 +31,7 @@ from router.dlr import WebhookSender, sign, verify_signature, webhook_secret
 from router.model import Delivery, MessageClass, Origin, Status
 from router.sim import SimConfig
 from tests.factories import make_message
+from tests.webhook_receiver import Hit, ok, submit
 
 DEMO = {"Authorization": "Bearer demo-key"}
 MASTER = "test-master-key"
@@ -64,65 +64,6 @@ def outcome(name: str) -> float:
     )
 
 
-@dataclass
-class Hit:
-    path: str
-    query: str
-    body: bytes
-    signature: str
-    at: float
-
-
-@dataclass
-class Receiver:
-    """An aiohttp server on 127.0.0.1:0 answering with a scripted behaviour."""
-
-    behave: Callable[[Hit], Awaitable[web.StreamResponse]]
-    hits: list[Hit] = field(default_factory=list)
-    url: str = ""
-    runner: web.AppRunner | None = None
-
-    async def start(self) -> Receiver:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            hit = Hit(
-                request.path,
-                request.query_string,
-                await request.read(),
-                request.headers.get("X-SMSRouter-Signature", ""),
-                time.monotonic(),
-            )
-            self.hits.append(hit)
-            return await self.behave(hit)
-
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-
-@pytest.fixture
-async def receivers() -> AsyncIterator[Callable[..., Awaitable[Receiver]]]:
-    made: list[Receiver] = []
-
-    async def make(behave: Callable[[Hit], Awaitable[web.StreamResponse]]) -> Receiver:
-        r = await Receiver(behave).start()
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        await r.stop()
-
-
 @pytest.fixture
 async def senders() -> AsyncIterator[Callable[..., WebhookSender]]:
     made: list[WebhookSender] = []
@@ -140,13 +81,6 @@ async def senders() -> AsyncIterator[Callable[..., WebhookSender]]:
     yield make
     for s in made:
         await s.stop(grace=1.0)
-
-
-def ok() -> Callable[[Hit], Awaitable[web.StreamResponse]]:
-    async def behave(hit: Hit) -> web.StreamResponse:
-        return web.Response(status=204)
-
-    return behave
 
 
 def independent_check(secret: str, hit: Hit) -> None:
@@ -424,19 +358,6 @@ async def test_signing_helpers_and_secret_derivation() -> None:
 
 async def outbox(db: Any) -> list[Any]:
     return list(await db.fetch("SELECT * FROM webhook_outbox ORDER BY created_at"))
-
-
-async def submit(stack: Any, **fields: Any) -> str:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            stack.http_url + "/v1/messages",
-            headers=DEMO,
-            json={"to": "+4512345678", "from": "Acme", "text": "hi", **fields},
-        ) as resp,
-    ):
-        assert resp.status == 202
-        return str((await resp.json())["id"])
 
 
 def signed_at(hit: Hit) -> int:

@@ -34,17 +34,18 @@ import asyncio
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-import asyncpg
 import structlog
 
-from ..tasks import cancel_and_wait
+from ..tasks import Periodic
 
 log = structlog.get_logger("router.carriers.deadline")
 
 Claim = Callable[[Sequence[str], int], Any]  # (live nodes, limit) -> awaitable rows
 
 
-class ReceiptDeadlines:
+class ReceiptDeadlines(Periodic):
+    name = "receipt_deadlines"
+
     def __init__(
         self,
         claim: Claim,
@@ -54,34 +55,15 @@ class ReceiptDeadlines:
         interval: float = 30.0,
         batch: int = 1000,
     ) -> None:
+        super().__init__(interval)
         self.claim = claim
         self.finish = finish
         self.live_nodes = live_nodes
-        self.interval = interval
         self.batch = batch
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="receipt-deadlines"
-            )
-
-    async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.run_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                # The rows stay (the DELETE did not commit): the next pass takes them.
-                log.warning("receipt_deadlines_failed", error=type(exc).__name__)
 
     async def run_once(self) -> int:
-        """Finish every message now overdue; how many were finished."""
+        """Finish every message now overdue; how many were finished. On a
+        database error the claim did not commit: the next round takes them."""
         total = 0
         while True:
             rows = await self.claim(sorted(self.live_nodes()), self.batch)

@@ -33,7 +33,6 @@ It must never log or return a number, a sender or a text: only counts.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import re
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from ..tasks import cancel_and_wait
+from ..tasks import Periodic
 
 log = structlog.get_logger("router.retention")
 
@@ -255,8 +254,10 @@ async def _run(pool: asyncpg.Pool, now: dt.datetime, batch: int, report: Retenti
     )
 
 
-class RetentionTask:
+class RetentionTask(Periodic):
     """Runs :func:`run_retention` every ``interval`` seconds until stopped."""
+
+    name = "retention"
 
     def __init__(
         self,
@@ -267,27 +268,12 @@ class RetentionTask:
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         first_delay: float = 60.0,
     ) -> None:
+        super().__init__(interval, first_delay)
         self.pool = pool
-        self.interval = interval
         self.batch = batch
         self.clock = clock
-        self.first_delay = first_delay
         self.last: RetentionReport | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="retention")
-
-    async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
-
-    async def _loop(self) -> None:
-        await asyncio.sleep(self.first_delay)
-        while True:
-            try:
-                self.last = await run_retention(self.pool, self.clock(), self.batch)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("retention_failed", error=type(exc).__name__)
-            await asyncio.sleep(self.interval)
+    async def run_once(self) -> RetentionReport:
+        self.last = await run_retention(self.pool, self.clock(), self.batch)
+        return self.last

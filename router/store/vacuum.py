@@ -26,13 +26,11 @@ alert SmsRouterQueueTableBloat when they keep piling up).
 
 from __future__ import annotations
 
-import asyncio
-
 import asyncpg
 import structlog
 
 from ..observe import metrics
-from ..tasks import cancel_and_wait
+from ..tasks import Periodic
 
 log = structlog.get_logger("router.vacuum")
 
@@ -45,7 +43,9 @@ QUEUE_TABLES = (
 )
 
 
-class QueueVacuum:
+class QueueVacuum(Periodic):
+    name = "queue_vacuum"
+
     def __init__(
         self,
         pool: asyncpg.Pool,
@@ -54,27 +54,10 @@ class QueueVacuum:
         interval: float = 10.0,
         tables: tuple[str, ...] = QUEUE_TABLES,
     ) -> None:
+        super().__init__(interval)
         self.pool = pool
         self.dead_rows = dead_rows
-        self.interval = interval
         self.tables = tables
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="queue-vacuum")
-
-    async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.run_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("queue_vacuum_failed", error=type(exc).__name__)
 
     async def run_once(self) -> list[str]:
         """Export the queue tables' dead rows; vacuum those that need it now
