@@ -226,3 +226,62 @@ async def test_rows_an_earlier_copy_committed_count_as_durable(db: asyncpg.Pool)
         assert await spooled_ids(db) == {kept.id, new.id}
     finally:
         await retry.close()
+
+
+# ------------------------------------------------- receipt-route upkeep
+
+
+async def route_ids(db: asyncpg.Pool) -> dict[str, str]:
+    rows = await db.fetch("SELECT carrier_id, message_id FROM receipt_routes")
+    return {r["carrier_id"]: r["message_id"] for r in rows}
+
+
+async def upkept(spool: PgSpool) -> None:
+    """Wait until the upkeep has written everything it was given."""
+    await until(lambda: not (spool._routes or spool._route_deletes or spool._deletes), 10, "upkeep")
+    await asyncio.sleep(0.05)  # the statement of the last round commits
+
+
+async def test_upkeep_writes_routes_and_deletes_them_with_the_spool_rows(
+    db: asyncpg.Pool,
+) -> None:
+    """Rows the carrier took leave the spool; their routes appear; a route
+    whose receipt came in the same round is never written; a carrier id
+    used again points at the newest message."""
+    spool = started(db)
+    try:
+        answers = Answers()
+        msgs = [message(i) for i in range(3)]
+        for m in msgs:
+            answers.add(spool, m)
+        await until(lambda: answers.count() == 3, 10, "durable")
+        spool._wake.set()
+        for i, m in enumerate(msgs):
+            spool.taken(m.id)
+            spool.remember_route("sim-1", f"AB{i}", m, 0)
+        spool.forget_route("sim-1", "AB2")  # its receipt beat the round
+        await upkept(spool)
+        assert await spooled_ids(db) == set()
+        assert await route_ids(db) == {"ab0": msgs[0].id, "ab1": msgs[1].id}
+        # The carrier reuses id AB0 for a new message: the newest wins.
+        spool.remember_route("sim-1", "AB0", message(9), 0)
+        spool.forget_route("sim-1", "ab1")
+        await upkept(spool)
+        assert await route_ids(db) == {"ab0": message(9).id}
+    finally:
+        await spool.close(timeout=2)
+
+
+async def test_a_receipt_delete_waits_for_a_route_beyond_the_round(db: asyncpg.Pool) -> None:
+    """More new routes than one round takes (batch 1: 4 per round) and the
+    receipt of the last one already came: its delete is applied in the round
+    that writes the route, so no stale route is left behind."""
+    spool = started(db, batch=1)
+    try:
+        for i in range(10):
+            spool.remember_route("sim-1", f"c{i}", message(i), 0)
+        spool.forget_route("sim-1", "c9")
+        await upkept(spool)
+        assert set(await route_ids(db)) == {f"c{i}" for i in range(9)}
+    finally:
+        await spool.close(timeout=2)

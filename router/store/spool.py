@@ -699,9 +699,19 @@ class PgSpool:
                 if self._closing:
                     await asyncio.sleep(self.flush_interval)
                 continue
-            deletes = self._deletes[: self.batch * 4]
-            routes = self._routes[: self.batch * 4]
-            route_deletes = self._route_deletes[: self.batch * 4]
+            cap = self.batch * 4
+            deletes = self._deletes[:cap]
+            routes = self._routes[:cap]
+            route_deletes = self._route_deletes[:cap]
+            later: list[tuple[str, str]] = []
+            if len(self._routes) > cap:
+                # A receipt whose route is not written yet (beyond this round):
+                # its delete waits for the round that writes the route, or
+                # the route would be left behind for good.
+                unwritten = {(r[0], r[1]) for r in self._routes[cap:]}
+                later = [k for k in route_deletes if k in unwritten]
+                if later:
+                    route_deletes = [k for k in route_deletes if k not in unwritten]
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
                     if deletes:
@@ -732,7 +742,8 @@ class PgSpool:
                 continue
             del self._deletes[: len(deletes)]
             del self._routes[: len(routes)]
-            del self._route_deletes[: len(route_deletes)]
+            del self._route_deletes[: len(route_deletes) + len(later)]
+            self._route_deletes[:0] = later
             self.rows = max(self.rows - len(deletes), 0)
             metrics.SPOOL_ROWS.set(self.rows)
 
