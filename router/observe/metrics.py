@@ -302,6 +302,12 @@ RECEIPT_WAITS_RELEASED = Counter(
     "Messages at a carrier let go from memory after delivery.receipt_memory without a"
     " receipt (a later receipt is still matched through the database).",
 )
+RECEIPT_ROUTE_WAIT = Histogram(
+    "smsrouter_carrier_receipt_route_wait_seconds",
+    "How long a carrier receipt this node held no submission for waited until its"
+    " receipt_routes row was found (router.carriers.recovery).",
+    buckets=(0.005, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0, 120.0),
+)
 CARRIER_RECEIPTS_FORWARDED = Counter(
     "smsrouter_carrier_receipts_forwarded_total",
     "Carrier receipts that reached this node for a message another live node sent,"
