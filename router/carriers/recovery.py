@@ -18,8 +18,9 @@ lost in 30 s, receipt p99 13 s, 979 msg/s). Now a receipt is looked up
 at once, then every 50 ms for 0.5 s, every 100 ms until 1 s, every 250 ms
 until 2 s, then 0.5, 1, 2 and 3 s after the previous try (a round costs one
 query for all waiting, so trying often is cheap and keeps the receipt's
-delay short: measured, the route rows appear ~0.4 s after the receipt under
-load, which the former 0/0.1/0.25/0.5/1 s steps overshot by up to 0.5 s),
+delay short: measured, the route rows appeared 0.2-0.4 s after the receipt
+under load, which the former 0/0.1/0.25/0.5/1 s steps overshot by up to
+0.5 s),
 then every 5 s until ``ttl`` (the correlator's early_ttl, 120 s); then it is
 counted in ``smsrouter_carrier_receipts_unmatched_total``. How long the
 found ones waited: ``smsrouter_carrier_receipt_route_wait_seconds``.
