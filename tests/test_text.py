@@ -164,6 +164,29 @@ def test_encode_text_choice() -> None:
         encode_text("a\ud800b")
 
 
+def _encode_text_by_charmap(text: str) -> Encoded:
+    """encode_text without its plain-ASCII shortcut: the charmap path for every text."""
+    if is_gsm7(text):
+        payload = encode_gsm7(text)
+        return Encoded("gsm7", 0, payload, len(payload))
+    payload = text.encode("utf-16-be")
+    return Encoded("ucs2", 8, payload, len(payload) // 2)
+
+
+@pytest.mark.parametrize("code", range(128))
+def test_encode_text_ascii_shortcut_matches_charmap(code: int) -> None:
+    # Every ASCII character, alone and among letters: '@', '$', '_', the extension
+    # characters and the ones outside the alphabet must leave the shortcut.
+    for text in (chr(code), f"Code {chr(code)} 42\n", "a" * 159 + chr(code)):
+        assert encode_text(text) == _encode_text_by_charmap(text)
+
+
+@FAST
+@given(st.text(alphabet=st.characters(max_codepoint=0x7F), max_size=400))
+def test_encode_text_ascii_matches_charmap(text: str) -> None:
+    assert encode_text(text) == _encode_text_by_charmap(text)
+
+
 @pytest.mark.parametrize(
     ("text", "parts"),
     [

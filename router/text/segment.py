@@ -16,7 +16,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Final
 
-from router.text.gsm7 import ESC, decode_gsm7, encode_gsm7, is_gsm7
+from router.text.gsm7 import ESC, GSM7_BASIC, decode_gsm7, encode_gsm7, is_gsm7
 
 __all__ = [
     "Concat",
@@ -46,6 +46,11 @@ _LIMITS: Final[dict[str, tuple[int, int, int]]] = {
     "latin1": (140, 134, 133),
     "binary": (140, 134, 133),
 }
+# ASCII characters whose GSM 03.38 septet is their own ASCII code: letters, digits,
+# space, CR, LF and most punctuation (not @ $ _ ` [ \ ] ^ { | } ~ or DEL). A text made
+# only of these encodes to its ASCII bytes; checking that with bytes.translate is one C
+# pass instead of a charmap lookup per character (the common HTTP text).
+_GSM7_AS_ASCII: Final[bytes] = bytes(c for c in range(128) if c != ESC and GSM7_BASIC[c] == chr(c))
 _DATA_CODING: Final[dict[str, int]] = {
     "gsm7": DC_GSM7,
     "ucs2": DC_UCS2,
@@ -92,6 +97,10 @@ def encode_text(text: str, *, prefer: str | None = None) -> Encoded:
     holding a lone surrogate.
     """
     if prefer is None or prefer == "gsm7":
+        if text.isascii():
+            raw = text.encode("ascii")
+            if not raw.translate(None, _GSM7_AS_ASCII):  # nothing outside the shared set
+                return Encoded("gsm7", DC_GSM7, raw, len(raw))
         if is_gsm7(text):
             payload = encode_gsm7(text)
             return Encoded("gsm7", DC_GSM7, payload, len(payload))
