@@ -17,7 +17,7 @@ import pytest
 
 from router.accounts import add_api_key
 from router.config import HttpConfig
-from router.ingress.http import IdempotencyStore, _Outcomes
+from router.ingress.http import BadRequest, IdempotencyStore, _Outcomes, _parse_json
 from router.ingress.openapi import PROBLEM_BASE
 from router.model import Status
 
@@ -413,6 +413,69 @@ async def test_strict_json_media_type_and_size_limits(
     assert_problem(s, b, r, 413, "batch-too-large")
     s, b, _ = await call(http, "POST", url, json_body={"messages": [msg(), msg(to=[DK, US])]})
     assert s == 202 and b["accepted"] == 3
+
+
+def _loads_per_call(raw: bytes) -> tuple[str, Any]:
+    """What the front door answered when it called json.loads with the hooks
+    per request: ("ok", document) or ("invalid-json", detail)."""
+
+    def no_nan(value: str) -> Any:
+        raise ValueError("NaN and Infinity are not JSON")
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise ValueError("duplicate key in a JSON object")
+            out[k] = v
+        return out
+
+    try:
+        return "ok", json.loads(
+            raw.decode("utf-8"), parse_constant=no_nan, object_pairs_hook=no_duplicates
+        )
+    except UnicodeDecodeError:
+        return "invalid-json", "the body is not UTF-8"
+    except json.JSONDecodeError as exc:
+        return "invalid-json", f"syntax error at line {exc.lineno} column {exc.colno}"
+    except ValueError as exc:
+        return "invalid-json", str(exc)
+    except RecursionError:
+        return "invalid-json", "JSON nested too deeply"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"to": "+4512345678", "from": "A", "text": "x"}',
+        b'{"messages": [{"to": ["+4512345678"], "labels": {"a": "b"}}], "n": 1.5e3}',
+        b'\xef\xbb\xbf{"to": "+4512345678"}',  # UTF-8 BOM
+        b'{"text": NaN}',
+        b'{"n": -Infinity}',
+        b'{"a": {"b": 1, "b": 2}}',
+        b'{"a": 1,\n "b": }',
+        b'{"text": "\xff"}',
+        b'"\\ud800"',
+        b"",
+        b"  ",
+        b"[1, 2] x",
+        b"[" * 100_000 + b"]" * 100_000,
+    ],
+)
+def test_body_parsing_matches_json_loads(raw: bytes) -> None:
+    """The one shared strict decoder answers exactly as json.loads with the
+    same hooks did: the same document, or the same invalid-json detail."""
+    kind, expected = _loads_per_call(raw)
+    if kind == "ok":
+        assert _parse_json(raw) == expected
+        return
+    with pytest.raises(BadRequest) as caught:
+        _parse_json(raw)
+    response = caught.value.response
+    assert response.status == 400
+    assert response.text is not None
+    body = json.loads(response.text)
+    assert body["type"] == PROBLEM_BASE + kind and body["detail"] == expected
 
 
 async def test_unknown_route_and_method_are_problems(

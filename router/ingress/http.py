@@ -411,6 +411,11 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# One strict decoder for every request: json.loads(..., hooks) would build a new
+# JSONDecoder and C scanner per call.
+_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+
+
 def _too_large(limit: int) -> web.Response:
     return problem(413, "body-too-large", f"the body exceeds {limit} bytes")
 
@@ -429,10 +434,17 @@ async def _read_json(request: web.Request) -> Any:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BadRequest(_too_large(cfg.max_body)) from None
+    return _parse_json(raw)
+
+
+def _parse_json(raw: bytes) -> Any:
+    """A request body as strict JSON (UTF-8; no NaN/Infinity, no duplicate
+    keys), or BadRequest 400 invalid-json naming the fault, never the content."""
     try:
-        return json.loads(
-            raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicates
-        )
+        text = raw.decode("utf-8")
+        if text.startswith("\ufeff"):  # refused as json.loads refuses it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM", text, 0)
+        return _STRICT_JSON.decode(text)
     except UnicodeDecodeError:
         detail = "the body is not UTF-8"
     except json.JSONDecodeError as exc:
