@@ -568,6 +568,41 @@ async def test_authentication_and_permissions(
     assert (s1, b1) == (s2, b2) == (s3, b3)
 
 
+async def test_a_verified_key_stops_working_once_revoked_or_disabled(
+    stack_factory: Any, db: Any, http: aiohttp.ClientSession
+) -> None:
+    """A key verified once is answered from memory (no argon2 run, no
+    coroutine); revoking it or disabling its account still refuses the very
+    next request after the accounts reload."""
+    stack = await stack_factory()
+    url = stack.http_url + "/v1/messages"
+    acme = await db.fetchval("SELECT id FROM accounts WHERE name = 'acme'")
+    key_id, _ = await add_api_key(db, acme, "zeta-key-0003", ("send",))
+    await stack.router.reload()
+    headers = {"Authorization": "Bearer zeta-key-0003"}
+    for _ in range(2):  # the second one is answered from the verified memory
+        s, b, _r = await call(http, "POST", url, json_body=msg(), headers=headers)
+        assert s == 202, b
+    accounts = stack.router.accounts
+    assert accounts.cached_key("zeta-key-0003") is not None
+    assert accounts.cached_key("zeta-key-0009") is None  # never verified
+    await db.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", key_id)
+    await stack.router.reload()
+    assert accounts.cached_key("zeta-key-0003") is None
+    s, b, r = await call(http, "POST", url, json_body=msg(), headers=headers)
+    assert_problem(s, b, r, 401, "unauthorized")
+    # A disabled account: its key was verified a moment ago, and is refused.
+    s, b, _r = await call(http, "POST", url, json_body=msg(), headers=ACME)
+    assert s == 202, b
+    await db.execute("UPDATE accounts SET enabled = false WHERE id = $1", acme)
+    await stack.router.reload()
+    s, b, _r = await call(http, "POST", url, json_body=msg(), headers=ACME)  # verified anew
+    assert_problem(s, b, _r, 401, "unauthorized")
+    assert accounts.cached_key("acme-key-0001") is None  # verified, but the account is off
+    s, b, r = await call(http, "POST", url, json_body=msg(), headers=ACME)
+    assert_problem(s, b, r, 401, "unauthorized")
+
+
 # ----------------------------------------------------------- backpressure
 
 

@@ -373,7 +373,8 @@ async def _authenticate(request: web.Request, *permissions: str) -> tuple[Accoun
                 headers={"WWW-Authenticate": _CHALLENGE},
             )
         )
-    found = await request.app[ACCOUNTS].authenticate_key(token)
+    accounts = request.app[ACCOUNTS]
+    found = accounts.cached_key(token) or await accounts.authenticate_key(token)
     if found is None:
         challenge = _CHALLENGE + ', error="invalid_token"'
         raise BadRequest(
