@@ -63,6 +63,9 @@ _FIELDS = frozenset(
     }
 )
 _ENCODINGS = {0x00: "gsm7", 0x08: "ucs2"}
+# A dictionary rather than MessageClass(value): the Enum call costs more than
+# the rest of a field check.
+_CLASSES = {"standard": MessageClass.STANDARD, "secret": MessageClass.SECRET}
 # The field at fault for engine refusals that are not about the recipient.
 _REFUSAL_FIELD = {
     "schedule_too_far": "send_at",
@@ -495,9 +498,8 @@ class Draft:
 def _check_item(engine: Engine, account: Account, index: int, item: Any) -> Draft:
     if not isinstance(item, dict):
         raise BadItem("invalid-field", "", "a message must be a JSON object")
-    unknown = set(item) - _FIELDS
-    if unknown:
-        name = sorted(unknown)[0]
+    if not _FIELDS.issuperset(item):
+        name = sorted(set(item) - _FIELDS)[0]
         raise BadItem("invalid-field", name, f"unknown field '{name}'")
     send_at = _send_at(item.get("send_at")) if "send_at" in item else None
     to = item.get("to")
@@ -532,9 +534,13 @@ def _check_item(engine: Engine, account: Account, index: int, item: Any) -> Draf
         raise BadItem("invalid-text", "text", "a non-empty string is required")
     if not _clean_string(text):
         raise BadItem("invalid-text", "text", "text holds NUL or an unpaired surrogate")
-    cls = item.get("class", account.default_class.value)
-    if cls not in ("standard", "secret"):
-        raise BadItem("invalid-field", "class", "expected 'standard' or 'secret'")
+    if "class" in item:
+        cls = item["class"]
+        msg_class = _CLASSES.get(cls) if isinstance(cls, str) else None
+        if msg_class is None:
+            raise BadItem("invalid-field", "class", "expected 'standard' or 'secret'")
+    else:
+        msg_class = account.default_class
     validity = item.get("validity_seconds", api.VALIDITY_DEFAULT)
     if not _is_int(validity, 1, api.VALIDITY_MAX):
         raise BadItem(
@@ -599,7 +605,7 @@ def _check_item(engine: Engine, account: Account, index: int, item: Any) -> Draf
         source=source,
         ton=ton,
         npi=npi,
-        msg_class=MessageClass(cls),
+        msg_class=msg_class,
         enc=enc,
         segments=segments,
         text=text,
