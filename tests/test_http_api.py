@@ -17,7 +17,13 @@ import pytest
 
 from router.accounts import add_api_key
 from router.config import HttpConfig
-from router.ingress.http import BadRequest, IdempotencyStore, _Outcomes, _parse_json
+from router.ingress.http import (
+    BadRequest,
+    IdempotencyStore,
+    _dumps_answer,
+    _Outcomes,
+    _parse_json,
+)
 from router.ingress.openapi import PROBLEM_BASE
 from router.model import Status
 
@@ -481,6 +487,36 @@ def test_body_parsing_matches_json_loads(raw: bytes) -> None:
     assert response.text is not None
     body = json.loads(response.text)
     assert body["type"] == PROBLEM_BASE + kind and body["detail"] == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"id": "0190a1b2c3d4e5f6a7b8", "status": "accepted", "parts": 1, "encoding": "gsm7"},
+        {"id": "0190a1b2c3d4e5f6a7b8", "status": "scheduled", "parts": 12, "encoding": "ucs2"},
+        {"id": "0190a1b2c3d4e5f6a7b8", "status": "accepted", "parts": 1, "encoding": "other"},
+        {  # scheduled: one more key
+            "id": "0190a1b2c3d4e5f6a7b8",
+            "status": "scheduled",
+            "parts": 1,
+            "encoding": "gsm7",
+            "send_at": "2030-01-01T09:00:00.000Z",
+        },
+        # Keys in another order (a replay read back from jsonb), values needing escapes
+        # or of other types: all must still come out exactly as json.dumps writes them.
+        {"parts": 1, "id": "0190a1b2c3d4e5f6a7b8", "status": "accepted", "encoding": "gsm7"},
+        {"id": 'a"b\\c', "status": "accepted", "parts": 1, "encoding": "gsm7"},
+        {"id": "id-1", "status": "accepted", "parts": 1, "encoding": "gsm7"},
+        {"id": "\u00e9t\u00e9", "status": "accepted", "parts": 1, "encoding": "gsm7"},
+        {"id": "x", "status": "accepted", "parts": True, "encoding": "gsm7"},
+        {"id": "x", "status": "accepted", "parts": "1", "encoding": "gsm7"},
+        {"id": "x", "status": "accepted", "parts": 1.0, "encoding": None},
+        {"id": 7, "status": "accepted", "parts": 1, "encoding": "gsm7"},
+        {"accepted": 1, "rejected": 0, "messages": [], "errors": []},
+    ],
+)
+def test_answer_text_is_json_dumps(body: dict[str, Any]) -> None:
+    assert _dumps_answer(body) == json.dumps(body)
 
 
 async def test_unknown_route_and_method_are_problems(

@@ -716,8 +716,31 @@ async def _submit_once(
 def _answer(status: int, body: dict[str, Any], headers: dict[str, str] | None) -> web.Response:
     content_type = "application/json" if status < 400 else PROBLEM
     return web.Response(
-        status=status, text=json.dumps(body), content_type=content_type, headers=headers
+        status=status, text=_dumps_answer(body), content_type=content_type, headers=headers
     )
+
+
+_ACCEPTED_KEYS = ("id", "status", "parts", "encoding")
+
+
+def _plain(v: Any) -> bool:
+    """A str that json.dumps writes as is between quotes (ASCII letters/digits)."""
+    return type(v) is str and v.isascii() and v.isalnum()
+
+
+def _dumps_answer(body: dict[str, Any]) -> str:
+    """json.dumps(body), character for character. The answer to a single
+    message ({"id", "status", "parts", "encoding"}: an id, two words and a
+    count) is written out directly: json.dumps spends more on that small
+    dict than the rest of building the response."""
+    if tuple(body) == _ACCEPTED_KEYS:
+        mid, status, parts, encoding = body.values()
+        if type(parts) is int and _plain(mid) and _plain(status) and _plain(encoding):
+            return (
+                f'{{"id": "{mid}", "status": "{status}", "parts": {parts},'
+                f' "encoding": "{encoding}"}}'
+            )
+    return json.dumps(body)
 
 
 def _problem_body(status: int, slug: str, detail: str, **extra: Any) -> dict[str, Any]:
