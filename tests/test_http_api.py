@@ -856,3 +856,36 @@ async def test_one_future_per_request_waits_for_every_answer_in_order() -> None:
     assert out.results == ["early", "a", "b", "c"]
     empty = _Outcomes(asyncio.get_running_loop())
     await asyncio.wait_for(empty.wait(), 1)  # nothing handed over: no wait
+
+
+async def test_keys_sharing_a_prefix_cost_one_failing_argon2_run_once(
+    stack_factory: Any, db: Any, http: aiohttp.ClientSession
+) -> None:
+    """Keys are found by their first 6 characters, so two keys can share a
+    prefix. The second key's requests verify it against the first key's hash
+    first; that mismatch is remembered once the key proves valid, so its
+    later requests are answered from memory, while a wrong key with the same
+    prefix is never answered from memory (no timing hint)."""
+    stack = await stack_factory()
+    url = stack.http_url + "/v1/messages"
+    acme = await db.fetchval("SELECT id FROM accounts WHERE name = 'acme'")
+    await add_api_key(db, acme, "sk_abc-first-key-0001", ("send",))
+    await add_api_key(db, acme, "sk_abc-second-key-0002", ("send",))
+    await stack.router.reload()
+    accounts = stack.router.accounts
+    assert len(accounts.keys_by_prefix["sk_abc"]) == 2
+    second = {"Authorization": "Bearer sk_abc-second-key-0002"}
+    s, b, _r = await call(http, "POST", url, json_body=msg(), headers=second)
+    assert s == 202, b
+    found = accounts.cached_key("sk_abc-second-key-0002")
+    assert found is not None and found[1].prefix == "sk_abc"
+    wrong = {"Authorization": "Bearer sk_abc-wrong-key-0003"}
+    for _ in range(2):
+        s, b, r = await call(http, "POST", url, json_body=msg(), headers=wrong)
+        assert_problem(s, b, r, 401, "unauthorized")
+        assert accounts.cached_key("sk_abc-wrong-key-0003") is None
+    # A reload forgets what was learnt, like the verified keys.
+    await stack.router.reload()
+    assert accounts.cached_key("sk_abc-second-key-0002") is None
+    s, b, _r = await call(http, "POST", url, json_body=msg(), headers=second)
+    assert s == 202, b

@@ -94,6 +94,14 @@ class AccountStore:
         self.by_system_id: dict[str, Account] = {}
         self.keys_by_prefix: dict[str, list[ApiKey]] = {}
         self._verified: dict[bytes, int] = {}
+        # Keys are found by their first API_KEY_PREFIX_LEN characters ("sk_"
+        # and 3 random ones), so two keys may share a prefix. For a valid key
+        # whose prefix another key has, the other key's mismatch is
+        # remembered here, or every request would pay a failing argon2 run
+        # (~tens of ms of CPU) first. Only mismatches of keys that then
+        # proved valid: an invalid key never gets a faster answer, so timing
+        # tells nothing about which prefixes exist.
+        self._mismatch: dict[bytes, int] = {}
         self._verifying: dict[bytes, asyncio.Future[bool]] = {}
         self._slots: asyncio.Semaphore | None = None  # created in the running loop
 
@@ -134,6 +142,7 @@ class AccountStore:
         self.by_system_id = {a.system_id: a for a in by_id.values() if a.system_id}
         self.keys_by_prefix = by_prefix
         self._verified.clear()
+        self._mismatch.clear()
 
     def _fingerprint(self, stored_hash: str, secret: str) -> bytes:
         return hashlib.sha256(stored_hash.encode() + b"\0" + secret.encode()).digest()
@@ -187,7 +196,10 @@ class AccountStore:
         ``keys_by_prefix`` and ``load`` clears the verified memory, so this
         answers no sooner or later than authenticate_key would."""
         for cand in self.keys_by_prefix.get(key[:API_KEY_PREFIX_LEN], ()):
-            if self._fingerprint(cand.key_hash, key) not in self._verified:
+            fp = self._fingerprint(cand.key_hash, key)
+            if fp in self._mismatch:
+                continue
+            if fp not in self._verified:
                 return None
             account = self.by_id.get(cand.account_id)
             if account is not None and account.enabled:
@@ -196,11 +208,21 @@ class AccountStore:
 
     async def authenticate_key(self, key: str) -> tuple[Account, ApiKey] | None:
         candidates = self.keys_by_prefix.get(key[:API_KEY_PREFIX_LEN], [])
+        missed: list[bytes] = []
         for cand in candidates:
+            fp = self._fingerprint(cand.key_hash, key)
+            if fp in self._mismatch:
+                continue
             if await self._verify(cand.key_hash, key):
+                if missed:
+                    if len(self._mismatch) > 100_000:
+                        self._mismatch.clear()
+                    self._mismatch.update(dict.fromkeys(missed, 1))
                 account = self.by_id.get(cand.account_id)
                 if account is not None and account.enabled:
                     return account, cand
+            else:
+                missed.append(fp)
         if not candidates:
             await self._verify(None, key)
         return None
