@@ -710,16 +710,13 @@ class Engine:
             assert isinstance(self.spool, PgSpool)
             remaining = await self.spool.remaining_parts(row["message_id"])
             d = self.active.get(row["message_id"])  # it may have come meanwhile
-            if d is None:
-                if self._finished_here(row["message_id"]):
-                    # Finished meanwhile (its deadline passed as the receipt came).
-                    if c is not None:
-                        c.correlator.unpark(receipt.carrier_id)
-                    return
+            # Not if it was finished meanwhile (its deadline passed as the receipt came).
+            if d is None and not self._finished_here(row["message_id"]):
                 d = self._rebuild_delivery(row, carrier, remaining)
         if c is not None:
             c.correlator.unpark(receipt.carrier_id)
-        self.on_receipt(Submission(d, row["part"]), carrier, receipt)
+        if d is not None:
+            self.on_receipt(Submission(d, row["part"]), carrier, receipt)
 
     def finish_overdue(self, rows: Sequence[Any]) -> int:
         """Messages whose receipt never came (router/carriers/deadline.py):

@@ -6,7 +6,7 @@ submitter never learns that no news will come, and its receipt route would
 sit in ``receipt_routes`` until retention deletes it after 8 days.
 
 Each route row carries ``expect_by`` = the end of its message's validity
-(or the moment the carrier took it, if later) + ``delivery.receipt_timeout``
+(a carrier takes a message only before that) + ``delivery.receipt_timeout``
 (1 h by default): a carrier gives up on a message at its validity end and
 its EXPIRED receipt should follow soon after. Every ``interval`` seconds each
 node claims overdue routes -- ``DELETE ... RETURNING``, all routes of each
@@ -66,7 +66,7 @@ class ReceiptDeadlines(Periodic):
         database error the claim did not commit: the next round takes them."""
         total = 0
         while True:
-            rows = await self.claim(sorted(self.live_nodes()), self.batch)
+            rows = await self.claim(list(self.live_nodes()), self.batch)
             if not rows:
                 break
             finished = self.finish(rows)

@@ -501,9 +501,8 @@ class PgSpool:
                 dt.datetime.fromtimestamp(msg.accepted_at, _UTC),
                 info,
                 self.node,
-                dt.datetime.fromtimestamp(
-                    max(msg.expires_at, time.time()) + self.receipt_timeout, _UTC
-                ),
+                # A carrier takes a message only before its validity ends.
+                dt.datetime.fromtimestamp(msg.expires_at + self.receipt_timeout, _UTC),
             )
         )
 
