@@ -720,10 +720,12 @@ class Engine:
 
     def finish_overdue(self, rows: Sequence[Any]) -> int:
         """Messages whose receipt never came (router/carriers/deadline.py):
-        the receipt_routes rows just claimed, all of each message's. Each
-        message is finished as ``unknown`` (a receipt with stat UNKNOWN /
-        a webhook to its submitter) unless it already has a final status.
-        The number finished."""
+        the receipt_routes rows just claimed (leased), all of each
+        message's. Each message is finished as ``unknown`` (a receipt with
+        stat UNKNOWN / a webhook to its submitter) unless it already has a
+        final status; then its routes are forgotten like those of a message
+        whose receipt came (deleted in the spool's next upkeep round, after
+        the finish). The number finished."""
         by_message: dict[str, list[Any]] = {}
         for row in rows:
             by_message.setdefault(row["message_id"], []).append(row)
@@ -733,6 +735,7 @@ class Engine:
                 c = self.carriers.get(row["carrier"])
                 if c is not None:
                     c.correlator.forget(row["carrier_id"])
+                self.spool.forget_route(row["carrier"], row["carrier_id"])
             d = self.active.get(message_id)
             if d is None:
                 if self._finished_here(message_id):

@@ -42,6 +42,14 @@ async def wait_routes(db: asyncpg.Pool, n: int) -> None:
         await asyncio.sleep(0.05)
 
 
+async def wait_routes_down_to(db: asyncpg.Pool, n: int) -> None:
+    """Claimed routes are deleted by the spool's next upkeep round."""
+    deadline = time.monotonic() + 10
+    while await routes(db) > n:
+        assert time.monotonic() < deadline, f"receipt routes not deleted down to {n}"
+        await asyncio.sleep(0.05)
+
+
 async def losing_stack(stack_factory: Any, **cfg_kw: Any) -> tuple[Any, Esme]:
     """A router whose sim-eu (+45) loses every receipt, receipt_timeout 0,
     and a transceiver of the customer."""
@@ -79,9 +87,10 @@ async def test_smpp_message_without_receipt_ends_unknown_with_a_receipt_once(
             assert router.engine.lookup(mid).error == "no_receipt"
         assert router.engine.lookup(kept.message_id).status.value == "submitted"
         assert router.engine.lookup(fine.message_id).status.value == "delivered"
-        # Claimed once: the routes are gone and a second pass finds nothing.
-        assert await routes(db) == 1
+        # Claimed once: a second pass finds nothing (leased), then the
+        # routes are deleted after the finish.
         assert await router.deadlines.run_once() == 0
+        await wait_routes_down_to(db, 1)
         await asyncio.sleep(0.2)
         assert len(esme.delivers) == 6
 
@@ -129,7 +138,7 @@ async def test_a_multipart_message_is_finished_once_for_all_its_parts(
         # A small batch: the message's other parts come with its first one.
         stack.router.deadlines.batch = 1
         assert await stack.router.deadlines.run_once() == 1
-        assert await routes(db) == 0
+        await wait_routes_down_to(db, 0)
         await until(lambda: r.message_id in esme.receipts, 10, "one receipt")
         await asyncio.sleep(0.2)
         assert len(esme.delivers) == 1
@@ -193,8 +202,57 @@ async def test_a_live_node_keeps_its_own_overdue_routes(db: asyncpg.Pool, spool:
     assert [r["message_id"] for r in claimed] == ["m-a"]
     claimed = await a.claim_overdue_routes([])  # b is dead now
     assert [r["message_id"] for r in claimed] == ["m-b"]
+    # Claimed routes are leased, not gone: nobody claims them again now.
     assert await a.claim_overdue_routes([]) == []
-    assert await routes(db) == 1
+    assert await b.claim_overdue_routes([]) == []
+    assert await routes(db) == 3
+    for r in claimed:
+        a.forget_route(r["carrier"], r["carrier_id"])
+    await wait_routes_down_to(db, 2)
+
+
+async def test_a_claim_whose_finish_never_came_is_claimed_again(
+    db: asyncpg.Pool, spool: Any
+) -> None:
+    """A node that dies between the claim and the finish (nothing forgets
+    the routes) leaves them leased: when the lease ends they are overdue
+    again and another node, or the restarted one, finishes the message."""
+    a, b = spool("node-a"), spool("node-b")
+    msg = make_message("m-crash", expires_at=time.time() - 60)
+    for part, carrier_id in enumerate(("c1", "c2")):
+        a.remember_route("sim-1", carrier_id, msg, part)
+    await wait_routes(db, 2)
+    first = await a.claim_overdue_routes([], lease=0.5)
+    assert sorted(r["carrier_id"] for r in first) == ["c1", "c2"]
+    assert await b.claim_overdue_routes(["node-a"]) == []  # a is alive: its own
+    assert await b.claim_overdue_routes([]) == []  # a is dead, but its lease runs
+    await asyncio.sleep(0.7)
+    again = await b.claim_overdue_routes([])
+    assert sorted(r["carrier_id"] for r in again) == ["c1", "c2"]
+    assert all(r["message_id"] == "m-crash" for r in again)
+
+
+async def test_concurrent_claims_never_share_a_message(db: asyncpg.Pool, spool: Any) -> None:
+    """Nodes sweeping at the same moment split the overdue messages: each
+    message (all its routes) goes to exactly one of them."""
+    a, b = spool("node-a"), spool("node-b")
+    past = time.time() - 60
+    for i in range(200):
+        msg = make_message(f"m-{i}", expires_at=past)
+        for part in range(2):
+            a.remember_route("sim-1", f"id{i}p{part}", msg, part)
+    await wait_routes(db, 400)
+    got: list[list[Any]] = [[], []]
+
+    async def sweep(s: PgSpool, out: list[Any]) -> None:
+        while rows := await s.claim_overdue_routes([], limit=7):
+            out.extend(rows)
+
+    await asyncio.gather(sweep(a, got[0]), sweep(b, got[1]))
+    ids = [{r["message_id"] for r in g} for g in got]
+    assert not ids[0] & ids[1]
+    assert len(ids[0] | ids[1]) == 200
+    assert len(got[0]) + len(got[1]) == 400  # both parts, each once
 
 
 async def test_secret_message_route_has_no_addresses_and_still_ends_unknown(

@@ -9,7 +9,7 @@ Each route row carries ``expect_by`` = the end of its message's validity
 (a carrier takes a message only before that) + ``delivery.receipt_timeout``
 (1 h by default): a carrier gives up on a message at its validity end and
 its EXPIRED receipt should follow soon after. Every ``interval`` seconds each
-node claims overdue routes -- ``DELETE ... RETURNING``, all routes of each
+node claims overdue routes -- ``UPDATE ... RETURNING``, all routes of each
 message at once, so a message is finished by one node, once -- and the
 engine finishes the message as ``unknown`` with error ``no_receipt``: a
 deliver_sm receipt with stat:UNKNOWN (message_state 7) to an SMPP submitter
@@ -19,8 +19,11 @@ node and those of nodes not alive (router.ingress.handoff): a live node may
 still hold the message in memory and must finish it itself.
 
 They are counted in ``smsrouter_messages_final_total{status="unknown"}``
-(per carrier: a carrier that stops sending receipts shows there). A crash
-between the claim and the finish leaves a message ``submitted``.
+(per carrier: a carrier that stops sending receipts shows there). The claim
+is a lease (``expect_by`` moves 5 minutes ahead); the routes are deleted in
+the spool's next upkeep round after the finish. A node that dies between
+the claim and the finish leaves them leased, and when the lease ends they
+are claimed and the message finished again: at most twice, never not at all.
 
 ``unknown`` is final: a receipt arriving later finds no route and is counted
 in ``smsrouter_carrier_receipts_unmatched_total``. In ``in-memory`` mode

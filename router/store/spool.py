@@ -540,17 +540,26 @@ class PgSpool:
         return out
 
     async def claim_overdue_routes(
-        self, live_nodes: Sequence[str], limit: int = 1000
+        self, live_nodes: Sequence[str], limit: int = 1000, lease: float = 300.0
     ) -> list[asyncpg.Record]:
-        """Delete and return the receipt routes of up to ``limit`` messages
+        """Claim and return the receipt routes of up to ``limit`` messages
         that have a route past its ``expect_by`` (all of each message's
         routes, so that a message is finished once). Only routes of this
         node, of no node, or of a node not in ``live_nodes``: a live node
-        finishes its own (it may hold the message in memory). Concurrent
-        callers on other nodes never get the same row (row locks)."""
+        finishes its own (it may hold the message in memory).
+
+        The claim is a lease, not a delete: ``expect_by`` moves ``lease``
+        seconds ahead. The caller finishes the message and then forgets its
+        routes (forget_route), so they go in the upkeep's next round. If the
+        node dies in between, the routes are overdue again when the lease
+        ends and the message is finished then (at most twice, never not at
+        all). Concurrent callers on other nodes never get the same row: the
+        second waits for the first's row lock, then finds ``expect_by`` no
+        longer past."""
         return list(
             await self.pool.fetch(
-                "DELETE FROM receipt_routes WHERE message_id IN ("
+                "UPDATE receipt_routes SET expect_by = now() + make_interval(secs => $4)"
+                " WHERE expect_by < now() AND message_id IN ("
                 " SELECT message_id FROM receipt_routes WHERE expect_by < now()"
                 "  AND (node IS NULL OR node = $1 OR NOT (node = ANY($2::text[])))"
                 "  ORDER BY expect_by LIMIT $3)"
@@ -558,6 +567,7 @@ class PgSpool:
                 self.node,
                 list(live_nodes),
                 limit,
+                lease,
             )
         )
 
