@@ -31,7 +31,7 @@ from .ingress.handoff import ReceiptHandoff
 from .ingress.http import make_api
 from .ingress.smpp import SmppFrontDoor
 from .model import Origin
-from .observe import metrics
+from .observe import malloc, metrics
 from .observe.health import make_ops
 from .store.audit import load_audit_key
 from .store.db import create_pool, migrate
@@ -418,6 +418,7 @@ def _banner(router: Router, demo: bool, embedded: bool) -> None:
 def run(config_path: str | None, *, demo: bool) -> int:
     config_path = config_path or os.environ.get("ROUTER_CONFIG")
     cfg = load_config(config_path)
+    log.info("malloc", tuned=malloc.tune())  # before the big dicts exist
     try:
         import uvloop  # the faster loop, where available
 
