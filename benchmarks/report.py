@@ -276,12 +276,19 @@ def _findings(r: dict[str, Any]) -> list[str]:
         s = r["soak"]
         return [f"soak: {r['timing']['duration_s']:.0f} s at {_num(s['rate'])}/s: router RSS "
                 f"{s['rss_mb_first']} -> {s['rss_mb_last']} MB (first/last {s['edge_s']:.0f} s; "
-                f"slope {s['rss_mb_slope_per_min']} MB/min), receipt p99 "
+                f"slope {s['rss_mb_slope_per_min']} MB/min{_settled(s)}), receipt p99 "
                 f"{s['receipt_p99_ms_first']} -> {s['receipt_p99_ms_last']} ms, response p99 "
                 f"{s['resp_p99_ms_first']} -> {s['resp_p99_ms_last']} ms; {whole}"]
     if lc.get("lost") or lc.get("duplicate_receipts"):
         return [f"{r['scenario']}: {whole}"]
     return []
+
+
+def _settled(s: dict[str, Any]) -> str:
+    at = s.get("rss_settled_at_s")  # absent from results written before it existed
+    if at is None:
+        return ""
+    return f"; settled at {at:.0f} s, then +{s['rss_mb_growth_after_settled']} MB"
 
 
 def compare_lines(r: dict[str, Any]) -> list[str]:

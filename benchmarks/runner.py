@@ -914,6 +914,7 @@ def soak_summary(result: dict[str, Any], load: dict[str, Any], sampler: Sampler,
     # The router fills bounded caches first (Engine.recent: the last 200,000 deliveries), so
     # the second half of the window says more about "flat" than the whole.
     slope_half = slope_between(m0 + (m1 - m0) / 2, m1)
+    settled_at, growth_after = settled(rows)
     first, last = iv.get("first") or {}, iv.get("last") or {}
     out = {
         "interval_s": interval,
@@ -924,19 +925,50 @@ def soak_summary(result: dict[str, Any], load: dict[str, Any], sampler: Sampler,
         "rss_mb_last": mean_rss(m1 - edge, m1),
         "rss_mb_slope_per_min": None if slope is None else round(slope, 3),
         "rss_mb_slope_per_min_second_half": None if slope_half is None else round(slope_half, 3),
+        "rss_settled_at_s": settled_at,
+        "rss_mb_growth_after_settled": growth_after,
         "resp_p99_ms_first": (first.get("resp") or {}).get("p99_ms"),
         "resp_p99_ms_last": (last.get("resp") or {}).get("p99_ms"),
         "receipt_p99_ms_first": (first.get("receipt") or {}).get("p99_ms"),
         "receipt_p99_ms_last": (last.get("receipt") or {}).get("p99_ms"),
     }
     a, b = out["rss_mb_first"], out["rss_mb_last"]
+    span = rows[-1]["t_s"] if rows else 0.0
     if a and b and b > a * 1.10 and b - a > 10:
-        result["notes"].append(f"router RSS grew from {a:.0f} MB (first {edge:.0f} s) to "
-                               f"{b:.0f} MB (last {edge:.0f} s) at a steady load")
+        if settled_at is not None and settled_at <= span / 3 and growth_after is not None \
+                and growth_after <= SETTLED_MB:
+            result["notes"].append(
+                f"router RSS grew from {a:.0f} MB (first {edge:.0f} s) to {b:.0f} MB (last "
+                f"{edge:.0f} s): all of it in the first {settled_at:.0f} s (bounded caches "
+                f"filling, e.g. the last 200,000 deliveries), then +{growth_after} MB to the end")
+        else:
+            result["notes"].append(f"router RSS grew from {a:.0f} MB (first {edge:.0f} s) to "
+                                   f"{b:.0f} MB (last {edge:.0f} s) at a steady load")
     pa, pb = out["receipt_p99_ms_first"], out["receipt_p99_ms_last"]
     if pa and pb and pb > 2 * pa and pb - pa > 20:
         result["notes"].append(f"receipt p99 rose from {pa:.0f} ms to {pb:.0f} ms over the soak")
     return out
+
+
+SETTLED_MB = 2.0  # RSS within this of the run's last sample counts as settled
+
+
+def settled(rows: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """When the router's RSS reached its final level (the first interval
+    from which every later sample is within SETTLED_MB of the last one),
+    and how much it grew from there to the end: a router whose bounded
+    caches fill in the first minutes settles early and grows ~0 after; a
+    leak never settles (or settles only at the end)."""
+    rss = [(r["t_s"], r["rss_mb"]) for r in rows if r.get("rss_mb") is not None]
+    if len(rss) < 2:
+        return None, None
+    final = rss[-1][1]
+    at_i = len(rss) - 1
+    for i in range(len(rss) - 1, -1, -1):
+        if abs(rss[i][1] - final) > SETTLED_MB:
+            break
+        at_i = i
+    return rss[at_i][0], round(final - rss[at_i][1], 1)
 
 
 def build_result(sc: Scenario, timing: Timing, rate: float | None, quick: bool,

@@ -180,3 +180,21 @@ def test_readme_tables_are_the_generated_ones() -> None:
     assert start in readme and end in readme
     block = readme.split(start, 1)[1].split(end, 1)[0].strip()
     assert block == generated
+
+
+def test_soak_settled_tells_a_filling_cache_from_a_leak() -> None:
+    """The soak's RSS verdict: growth that stops early (bounded caches
+    filling) settles early with ~0 growth after; steady growth never
+    settles before the last samples."""
+    settled = _runner().settled
+
+    def rows(values: list[float]) -> list[dict[str, float]]:
+        return [{"t_s": 10.0 * (i + 1), "rss_mb": v} for i, v in enumerate(values)]
+
+    filling = rows([80, 100, 120, 140, 150, 150.5, 150.4, 151, 150.8, 151.2, 151.5, 151])
+    assert settled(filling) == (50.0, 1.0)
+    leak = rows([100 + 3 * i for i in range(12)])
+    assert settled(leak) == (120.0, 0.0)
+    steps = rows([100, 100, 115, 115, 115, 130, 130, 130, 145, 145, 145, 145])
+    assert settled(steps) == (90.0, 0.0)  # settles only at the last step: late, not early
+    assert settled(rows([100])) == (None, None)
