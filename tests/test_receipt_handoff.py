@@ -20,6 +20,7 @@ from tests.esme import connect, until
 from tests.routerproc import parse_metrics
 
 SECRET_TLV = {0x1400: b"\x01"}
+PARKED = 'smsrouter_receipts_sent_total{channel="smpp",outcome="parked"}'
 
 
 async def two_nodes(stack_factory: Any) -> tuple[Any, Any]:
@@ -223,3 +224,46 @@ async def test_a_crossing_receipt_for_a_wait_the_sender_let_go_is_still_finished
         assert await db.fetchval("SELECT count(*) FROM receipt_routes") == 0
     finally:
         esme.close()
+
+
+async def test_receipts_waiting_for_a_bind_survive_a_clean_restart(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    """A customer with no receiving bind while the router restarts (an
+    upgrade) still gets its receipts when it binds to the restarted node:
+    they are parked in the database at the stop, not dropped with memory."""
+    first = await stack_factory(node="node-restarted")
+    tx, _ = await connect(first.smpp_port, bind_cls=BindTransmitter)
+    ids = []
+    try:
+        for i in range(3):
+            r = await tx.submit("+4512345678", f"before the restart {i}")
+            assert r.status == 0
+            ids.append(r.message_id)
+        r = await tx.submit("+4512345679", "secret one", tlvs=dict(SECRET_TLV))
+        assert r.status == 0
+        ids.append(r.message_id)
+        acme = await db.fetchval("SELECT id FROM accounts WHERE name = 'acme'")
+        await until(lambda: len(first.router.smpp.pending.get(acme, ())) == 4, 10, "4 pending")
+    finally:
+        tx.close()
+    parked_before = (await _metrics(first)).get(PARKED, 0.0)
+    await first.router.stop(timeout=3)
+    rows = await db.fetch("SELECT node, pdu FROM receipt_handoff")
+    assert [r["node"] for r in rows] == ["node-restarted"] * 4
+    # The secret message's receipt was written down without its addresses.
+    assert sum(b"4512345679" in bytes(r["pdu"]) for r in rows) == 0
+
+    again = await stack_factory(node="node-restarted")
+    rx = await receiver_on(again)
+    try:
+        await until(lambda: len(rx.receipts) == 4, 15, "the parked receipts")
+        assert set(rx.receipts) == set(ids)
+        for mid in ids[:3]:
+            assert b"stat:DELIVRD" in rx.receipts[mid].short_message
+        assert await db.fetchval("SELECT count(*) FROM receipt_handoff") == 0
+        # One registry for the routers of this test process: count the change.
+        parked = (await _metrics(again)).get(PARKED, 0.0) - parked_before
+        assert parked == 4
+    finally:
+        rx.close()

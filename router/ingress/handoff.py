@@ -15,6 +15,9 @@ the one that finished the message. This module carries such receipts over:
   any receipt of an account that is not bound;
 - rows addressed to a node that died are adopted with its spool rows
   (store/spool.py) and sent by the adopter;
+- at a clean stop, receipts still waiting for a bind of their account are
+  parked in ``receipt_handoff`` for this node itself (``park``): the node
+  takes them when it starts again, or its adopter does;
 - a carrier's receipt that reached another node than the one that sent the
   message (carriers send receipts over any bind of the system_id) is handed
   to that node if it is alive (``carrier_receipt_handoff``: carrier, id,
@@ -131,6 +134,19 @@ class ReceiptHandoff:
         metrics.RECEIPTS_OUT.labels("smpp", "handed_over").inc()
         return True
 
+    def park(self, account_id: int, pdu: DeliverSm, seconds_left: float, secret: bool) -> bool:
+        """At a clean stop: keep a receipt no bind has taken in
+        ``receipt_handoff`` for this node, so that it is sent when the node
+        is back (its listener takes its rows at start) or, if it never
+        comes back, by the node that adopts its backlog. Written by stop()."""
+        if seconds_left <= 0:
+            return False
+        if secret:
+            pdu = _blank_addresses(pdu)
+        pdu.sequence = 0
+        self._out.append((self.node, account_id, pdu.encode(), seconds_left))
+        return True
+
     def forward_carrier_receipt(self, owner: str, carrier: str, receipt: CarrierReceipt) -> bool:
         """Hand a carrier's receipt to the live node that sent its message;
         False if that node is not known alive (the caller finishes it)."""
@@ -153,12 +169,10 @@ class ReceiptHandoff:
             ]
 
     async def stop(self) -> None:
-        """Write what is waiting to go, stop publishing binds here."""
+        """Stop taking receipts, write what is waiting to go (receipts parked
+        for this node included: the listener is stopped first, or it would
+        take them straight back), stop publishing binds here."""
         self.local.clear()
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            await self._flush()
-            await self.pool.execute("DELETE FROM receipt_binds WHERE node = $1", self.node)
-            await self.pool.execute(f"NOTIFY {BINDS_CHANNEL}")
         tasks = [*self._tasks, *self._refreshers]
         for t in tasks:
             t.cancel()
@@ -167,6 +181,10 @@ class ReceiptHandoff:
                 await t
         self._tasks = []
         self._refreshers.clear()
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await self._flush()  # a write the cancel interrupted put its rows back first
+            await self.pool.execute("DELETE FROM receipt_binds WHERE node = $1", self.node)
+            await self.pool.execute(f"NOTIFY {BINDS_CHANNEL}")
 
     async def _run_writer(self) -> None:
         with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
