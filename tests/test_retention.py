@@ -294,3 +294,27 @@ async def test_receipt_routes_whose_receipt_never_came_are_deleted_after_8_days(
     left = await db.fetch("SELECT carrier_id FROM receipt_routes ORDER BY carrier_id")
     assert [r["carrier_id"] for r in left] == ["edge", "fresh"]
     assert (await run_retention(db, now)).receipt_routes_expired == 0
+
+
+async def test_receipts_for_customers_nobody_took_are_deleted_once_expired(
+    db: asyncpg.Pool,
+) -> None:
+    """A receipt parked at a clean stop for a node that never came back (and
+    no node to adopt it) holds a handset number: it goes once expired."""
+    now = dt.datetime(2026, 6, 15, 12, tzinfo=UTC)
+    for node, expires in (
+        ("gone", now - dt.timedelta(minutes=1)),
+        ("gone", now + dt.timedelta(minutes=1)),
+        ("live", now - DAY),
+    ):
+        await db.execute(
+            "INSERT INTO receipt_handoff (node, account_id, pdu, expires_at)"
+            " VALUES ($1, 1, '\\x00'::bytea, $2)",
+            node,
+            expires,
+        )
+    report = await run_retention(db, now)
+    assert report.receipt_handoff_expired == 2
+    left = await db.fetch("SELECT node, expires_at FROM receipt_handoff")
+    assert [(r["node"], r["expires_at"]) for r in left] == [("gone", now + dt.timedelta(minutes=1))]
+    assert (await run_retention(db, now)).receipt_handoff_expired == 0

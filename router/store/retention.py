@@ -17,7 +17,12 @@ Per account (privacy.md 3; columns accounts.retention_days / purge_days):
   carrier's receipt never came and will not now (SMSCs keep a message at
   most its validity period, 7 days at the longest of the usual maxima).
   Without this, every lost receipt left its row, personal data included,
-  for good.
+  for good;
+* receipt_handoff rows (receipts for an SMPP customer, with the handset's
+  number) past their ``expires_at`` (``smpp.receipt_retention`` after the
+  receipt): normally a node takes a row within seconds, but one parked at a
+  clean stop for a node that never starts again, with no other node to
+  adopt it, would otherwise stay for good.
 
 Rows of an account that no longer exists get the defaults (30 / 395 days).
 
@@ -76,6 +81,7 @@ class RetentionReport:
     purged_events: int = 0
     audit_deleted: int = 0
     receipt_routes_expired: int = 0
+    receipt_handoff_expired: int = 0
     dropped_partitions: list[str] = field(default_factory=list)
     skipped: bool = False  # another node held the retention lock
 
@@ -250,6 +256,15 @@ async def _run(pool: asyncpg.Pool, now: dt.datetime, batch: int, report: Retenti
         " LIMIT $3))",
         now,
         ROUTE_KEEP,
+        batch=batch,
+    )
+
+    # 6. Receipts for customers that nobody took before they expired.
+    report.receipt_handoff_expired = await _batched(
+        pool,
+        "DELETE FROM receipt_handoff WHERE ctid = ANY(ARRAY("
+        " SELECT ctid FROM receipt_handoff WHERE expires_at < $1::timestamptz LIMIT $2))",
+        now,
         batch=batch,
     )
 
