@@ -116,6 +116,25 @@ async def test_messages_are_refused_once_the_write_deadline_passes(db: asyncpg.P
     assert await spooled_ids(db) == set()
 
 
+async def test_an_idle_spool_is_healthy_again_once_it_can_write(db: asyncpg.Pool) -> None:
+    """/readyz follows ``healthy``. After failed writes it must come back
+    with no message to write (a node that /readyz took out of its load
+    balancer gets none), and not while writes would still fail."""
+    spool = started(db, batch=100, writers=2, write_deadline=0.3, probe_interval=0.1)
+    answers = Answers()
+    try:
+        async with table_away(db):
+            answers.add_many(spool, 10)
+            await until(lambda: answers.count() == 10, timeout=10)
+            assert all(v == [False] for v in answers.got.values())
+            assert not spool.healthy
+            await asyncio.sleep(0.5)  # idle, several probes: the table is still away
+            assert not spool.healthy
+        await until(lambda: spool.healthy, timeout=5)
+    finally:
+        await spool.close()
+
+
 async def test_close_answers_what_was_never_written(db: asyncpg.Pool) -> None:
     spool = started(db, batch=100, writers=2, write_deadline=60.0)
     answers = Answers()

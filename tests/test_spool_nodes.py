@@ -5,6 +5,7 @@ node's rows are never taken; a dead node's rows are adopted by a live one
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -124,6 +125,50 @@ async def test_a_live_node_is_never_adopted_even_when_its_heartbeat_is_old(
     await db.execute("UPDATE router_nodes SET seen_at = now() - interval '1 hour' WHERE node = 'a'")
     assert await b.adopt_orphans() == 0
     assert await owners(db) == {"a": 10}
+
+
+async def lock_holder(db: asyncpg.Pool, name: str) -> int | None:
+    """The server pid holding node ``name``'s advisory lock, or None."""
+    pid = await db.fetchval(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND ((classid::bigint << 32) | objid::bigint)"
+        "  = hashtextextended('sms-router-node:' || $1, 0)",
+        name,
+    )
+    return None if pid is None else int(pid)
+
+
+async def test_a_node_takes_its_lock_again_after_its_connection_drops(
+    db: asyncpg.Pool, nodes: list[PgSpool]
+) -> None:
+    """A database restart or outage drops the connection that holds a
+    node's lock (asyncpg then gives it back to the pool by itself). The
+    node must take its lock again: else, once node_grace passed, a peer
+    adopts a live node's rows (sent twice), and the node never adopts a
+    dead peer's again."""
+    adopted: list[Message] = []
+    a, _ = await node(db, nodes, "a", grace=3.0)
+    b, _ = await node(db, nodes, "b", grace=3.0)
+    b.on_adopt = adopted.extend
+    await durable(a, [message("a", i) for i in range(10)])
+    await durable(b, [message("b", i) for i in range(5)])
+    first = await lock_holder(db, "a")
+    assert first is not None
+    await db.execute("SELECT pg_terminate_backend($1)", first)
+    deadline = time.monotonic() + 5
+    while (holder := await lock_holder(db, "a")) in (None, first):
+        assert time.monotonic() < deadline, "node a never took its lock again"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(4.0)  # beyond node_grace: b's upkeep ran meanwhile
+    assert adopted == []
+    assert await owners(db) == {"a": 10, "b": 5}
+    assert await lock_holder(db, "a") == holder
+    # And a still adopts a dead peer's rows.
+    a.on_adopt = adopted.extend
+    crash(b)
+    await until(lambda: len(adopted) == 5, timeout=10)
+    assert await owners(db) == {"a": 15}
 
 
 async def test_a_clean_stop_hands_what_is_left_to_the_others_at_once(

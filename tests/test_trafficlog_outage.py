@@ -1,12 +1,13 @@
 """The traffic log survives a database outage (privacy.md 1: messaging must
 work with the traffic log unreachable).
 
-PostgreSQL is reached through a TCP proxy the test controls; "stopping
-Postgres" cuts every connection and refuses new ones for 30 s. The router
-runs with the in-memory guarantee (the durable spool needs the database by
-design: with it, submissions are refused during an outage rather than
-accepted unsafely). Messaging goes on, log rows wait in the bounded buffer,
-and every one is written once the database is back.
+PostgreSQL is reached through a TCP proxy the test controls
+(tests/pgproxy.py); "stopping Postgres" cuts every connection and refuses
+new ones for 30 s. The router runs with the in-memory guarantee (the
+durable spool needs the database by design: with it, submissions are
+refused during an outage rather than accepted unsafely, see
+tests/test_database_outage.py). Messaging goes on, log rows wait in the
+bounded buffer, and every one is written once the database is back.
 """
 
 from __future__ import annotations
@@ -14,81 +15,21 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from router.observe import metrics
 from tests.esme import connect
+from tests.pgproxy import start_proxy
 
 OUTAGE_SECONDS = 30.0
-
-
-class CuttableProxy:
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.server: asyncio.base_events.Server | None = None
-        self.links: set[asyncio.StreamWriter] = set()
-        self.up = True
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        if not self.up:
-            w.close()
-            return
-        try:
-            ur, uw = await asyncio.open_connection(*self.target)
-        except OSError:
-            w.close()
-            return
-        self.links |= {w, uw}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(r, uw), pipe(ur, w))
-        self.links -= {w, uw}
-
-    def cut(self) -> None:
-        self.up = False
-        for w in list(self.links):
-            w.transport.abort()
-        self.links.clear()
-
-    def restore(self) -> None:
-        self.up = True
-
-    async def stop(self) -> None:
-        self.cut()
-        if self.server is not None:
-            self.server.close()
-
-
-def via(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    user = parts.username or "postgres"
-    return urlunsplit((parts.scheme, f"{user}@127.0.0.1:{port}", parts.path, parts.query, ""))
 
 
 async def test_log_rows_wait_out_a_30s_outage_and_none_is_lost(
     stack_factory: Any, db: asyncpg.Pool, database_url: str
 ) -> None:
-    parts = urlsplit(database_url)
-    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    pport = await proxy.start()
-    stack = await stack_factory(
-        database_url=via(database_url, pport), delivery_guarantee="in-memory"
-    )
+    proxy, proxied_url = await start_proxy(database_url)
+    stack = await stack_factory(database_url=proxied_url, delivery_guarantee="in-memory")
     dropped_before = metrics.TRAFFIC_LOG_DROPPED._value.get()
     esme, _ = await connect(stack.smpp_port)
     ids: list[str] = []

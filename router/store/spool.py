@@ -4,7 +4,8 @@
 a batch per transaction (group commit), and only then call each message's
 callback, so the submitter's positive answer comes after the message is
 durable. A message that cannot be written within ``write_deadline`` of its
-``add`` is refused instead (its submitter gets a throttling answer).
+``add`` is refused instead (its submitter gets ESME_RSYSERR or HTTP 503
+``not-durable`` with Retry-After: engine._not_durable).
 ``taken`` batches the DELETE of rows a carrier has accepted. After a crash,
 ``load`` returns every message still in the spool to be sent again;
 duplicates are possible only where a carrier took a message and the router
@@ -49,6 +50,16 @@ _NODE_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('sms-router-node:' ||
 
 class NodeInUse(RuntimeError):
     """Another running router holds this node id."""
+
+
+def _conn_lost(conn: asyncpg.pool.PoolConnectionProxy) -> bool:
+    """A held pool connection whose link to the server is gone. asyncpg
+    (0.32) hands such a connection back to its pool by itself and detaches
+    the proxy: every call on it then raises InterfaceError, is_closed() too."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        return True
 
 
 DurableCallback = Callable[[bool], None]
@@ -398,6 +409,7 @@ class PgSpool:
         node_grace: float = 30.0,
         node_wait: float = 10.0,
         receipt_timeout: float = 3600.0,
+        probe_interval: float = 1.0,
     ) -> None:
         self.pool = pool
         # A route's receipt is expected until its message's validity ends
@@ -429,7 +441,12 @@ class PgSpool:
         self._in_flight: dict[int, list[_Add]] = {}  # those rows, by batch
         self._batch_keys = itertools.count()
         self.rows = 0  # approximate rows in the table (for the bound and the metric)
+        # The last write reached the database (/readyz). Set by the writers;
+        # while False, the upkeep task probes every probe_interval (_probe).
         self.healthy = True
+        self.probe_interval = probe_interval
+        self._probe_at = 0.0
+        self._write_failures = 0
 
     @property
     def size(self) -> int:
@@ -690,6 +707,7 @@ class PgSpool:
                 if self._settle_batch(key) is not None:
                     self._adds[:0] = adds  # first in line again
                 self.healthy = False
+                self._write_failures += 1
                 log.warning("spool_write_failed", error=type(exc).__name__, waiting=len(self._adds))
                 self._refuse_overdue()
                 if self._closing:
@@ -729,6 +747,8 @@ class PgSpool:
         while True:
             if not self._closing:
                 await asyncio.sleep(self.flush_interval)
+                if not self.healthy and not self._adds and not self._in_flight:
+                    await self._probe()
             if not (ready or self._deletes or self._routes or self._route_deletes):
                 if self._closing and all(t.done() for t in self._writer_tasks):
                     return
@@ -779,6 +799,31 @@ class PgSpool:
             del self._route_deletes[: len(route_deletes) + len(later)]
             self._route_deletes[:0] = later
             ready = deletes
+
+    async def _probe(self) -> None:
+        """After failed writes, with nothing waiting to be written (else
+        the writers' retries tell): can the spool be written again? Without
+        this, ``healthy`` (and /readyz) came back only with the next
+        successful write, and a node that /readyz took out of its load
+        balancer got no message to write: not ready for good. At most every
+        ``probe_interval``, bounded by it: the table must be there and
+        insertable, the server not a (read-only) standby. A write failing
+        meanwhile keeps the spool unhealthy."""
+        now = time.monotonic()
+        if now < self._probe_at:
+            return
+        self._probe_at = now + self.probe_interval
+        failures = self._write_failures
+        try:
+            async with asyncio.timeout(self.probe_interval):
+                writable = await self.pool.fetchval(
+                    "SELECT NOT pg_is_in_recovery() AND has_table_privilege('spool', 'INSERT')"
+                )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            return
+        if writable and failures == self._write_failures:
+            self.healthy = True
+            log.info("spool_writable_again", node=self.node)
 
     def _decode(self, message_id: str, encrypted: bool, payload: bytes) -> Message:
         raw = bytes(payload)
@@ -852,34 +897,46 @@ class PgSpool:
         """Every node_grace/3 s: say this node is alive, and adopt the
         queued rows of nodes that are not (lock free, not seen for node_grace)."""
         while True:
+            alive = False
             try:
-                await self._heartbeat()
+                alive = await self._heartbeat()
                 await self.adopt_orphans()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("spool_node_upkeep_failed", node=self.node, error=type(exc).__name__)
-            await asyncio.sleep(self.node_grace / 3)
+            # Until a heartbeat succeeds this node may hold no lock and its
+            # peers count down node_grace: try again soon, not in node_grace/3.
+            await asyncio.sleep(self.node_grace / 3 if alive else min(1.0, self.node_grace / 3))
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self) -> bool:
+        """Say this node is alive; take its lock again if it went with its
+        connection. False if the lock is held elsewhere."""
         conn = self._node_conn
-        if conn is None or conn.is_closed():
-            # The lock went with its connection (a database restart): take it
-            # again. Until then other nodes still see this one alive for
-            # node_grace seconds.
+        if conn is None or _conn_lost(conn):
+            # The lock went with its connection (a database restart or
+            # outage): take it again. Until then other nodes still see this
+            # one alive for node_grace seconds.
             if conn is not None:
                 self._node_conn = None
                 with contextlib.suppress(Exception):
                     await self.pool.release(conn)
             conn = await self.pool.acquire()
-            if not await conn.fetchval(_NODE_LOCK, self.node):
+            try:
+                locked = await conn.fetchval(_NODE_LOCK, self.node)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self.pool.release(conn)
+                raise
+            if not locked:
                 await self.pool.release(conn)
                 log.error("spool_node_lock_lost", node=self.node)
-                return
+                return False
             self._node_conn = conn
         await conn.execute(
             "INSERT INTO router_nodes (node) VALUES ($1) ON CONFLICT (node)"
             " DO UPDATE SET seen_at = now()",
             self.node,
         )
+        return True
 
     async def adopt_orphans(self) -> int:
         """Take over the queued rows of every dead node; hand them to
@@ -936,10 +993,16 @@ class PgSpool:
         if conn is None:
             return
         try:
-            await conn.execute(
-                "UPDATE router_nodes SET seen_at = '-infinity' WHERE node = $1", self.node
-            )
-            await conn.fetchval(_NODE_UNLOCK, self.node)
+            if _conn_lost(conn):
+                # The lock went with its connection; still say this node left.
+                await self.pool.execute(
+                    "UPDATE router_nodes SET seen_at = '-infinity' WHERE node = $1", self.node
+                )
+            else:
+                await conn.execute(
+                    "UPDATE router_nodes SET seen_at = '-infinity' WHERE node = $1", self.node
+                )
+                await conn.fetchval(_NODE_UNLOCK, self.node)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning("spool_node_leave_failed", node=self.node, error=type(exc).__name__)
         finally:
