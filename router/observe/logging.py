@@ -1,5 +1,6 @@
-"""structlog set-up: JSON in production, console in a terminal, and a
-processor that refuses personal fields.
+"""structlog set-up: JSON in production, console in a terminal, a
+processor that refuses personal fields, and one that keeps a failure
+repeated by every retry to one line per 10 s (QuietRepeats).
 
 If code passes a key that names personal data (destination, source, text,
 password...), the processor raises in tests (``strict=True``) and replaces
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -63,6 +65,43 @@ class RefusePersonalData:
         return event
 
 
+class QuietRepeats:
+    """At most one line per ``window`` seconds for each warning or error
+    event: an outage (database, carrier) repeats the same failure every
+    retry, tens of lines a second, burying everything else. The first
+    occurrence is logged at once; later ones inside the window are dropped
+    and counted, and the next line that passes says how many it stands for
+    (``repeated``). Info and debug lines are never dropped; distinct events
+    do not hide one another."""
+
+    LEVELS = frozenset({"warn", "warning", "error", "critical", "fatal", "exception"})
+
+    def __init__(self, window: float = 10.0, clock: Any = time.monotonic) -> None:
+        self.window = window
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._dropped: dict[str, int] = {}
+
+    def __call__(
+        self, logger: Any, name: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if name not in self.LEVELS:
+            return event
+        key = str(event.get("event"))
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.window:
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            raise structlog.DropEvent
+        if len(self._last) > 10_000:  # event names are code constants; a bound all the same
+            self._last.clear()
+        self._last[key] = now
+        dropped = self._dropped.pop(key, 0)
+        if dropped:
+            event["repeated"] = dropped
+        return event
+
+
 def configure_logging(fmt: str = "auto", level: str = "INFO", strict: bool = False) -> None:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
@@ -73,6 +112,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", strict: bool = Fal
         processors=[
             structlog.contextvars.merge_contextvars,
             RefusePersonalData(strict),
+            QuietRepeats(),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
