@@ -310,9 +310,7 @@ class Router:
             await self.webhooks.stop(grace=min(3.0, timeout))
         if self.handoff is not None:
             if self.smpp is not None:
-                parked = self.smpp.park_pending()  # written by handoff.stop()
-                if parked:
-                    log.info("receipts_parked", receipts=parked)
+                self.smpp.park_pending()  # written (and counted) by handoff.stop()
             await self.handoff.stop()
         if self.spool is not None:
             await self.spool.close(timeout=min(5.0, timeout))

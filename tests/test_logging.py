@@ -59,6 +59,24 @@ def test_a_repeated_failure_is_one_line_per_window_with_the_count() -> None:
     ]
 
 
+def test_the_same_event_about_different_things_is_not_hidden() -> None:
+    clock = Clock()
+    log, out = logger(QuietRepeats(window=10.0, clock=clock))
+    log.warning("carrier_session_lost", carrier="sim-eu")
+    log.warning("carrier_session_lost", carrier="sim-world")
+    log.warning("carrier_session_lost", carrier="sim-eu", reconnects=2)  # a repeat of the first
+    log.warning("spool_write_failed", error="ConnectionResetError", waiting=7)
+    log.warning("spool_write_failed", error="ConnectionResetError", waiting=1)  # a repeat
+    log.warning("spool_write_failed", error="TimeoutError", waiting=1)
+    got = [(e["event"], e.get("carrier") or e.get("error")) for e in lines(out)]
+    assert got == [
+        ("carrier_session_lost", "sim-eu"),
+        ("carrier_session_lost", "sim-world"),
+        ("spool_write_failed", "ConnectionResetError"),
+        ("spool_write_failed", "TimeoutError"),
+    ]
+
+
 def test_quiet_after_the_window_logs_at_once_without_a_count() -> None:
     clock = Clock()
     log, out = logger(QuietRepeats(window=10.0, clock=clock))

@@ -11,16 +11,20 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import structlog
+from prometheus_client import REGISTRY, generate_latest
 
 from router.carriers.receipt import build_receipt
 from router.sim.smsc import SimConfig
 from router.smpp.constants import MessageState, Tag
 from router.smpp.pdu import BindReceiver, BindTransmitter
 from tests.esme import connect, until
+from tests.pgproxy import start_proxy
 from tests.routerproc import parse_metrics
 
 SECRET_TLV = {0x1400: b"\x01"}
 PARKED = 'smsrouter_receipts_sent_total{channel="smpp",outcome="parked"}'
+DROPPED = 'smsrouter_receipts_sent_total{channel="smpp",outcome="dropped"}'
 
 
 async def two_nodes(stack_factory: Any) -> tuple[Any, Any]:
@@ -184,6 +188,11 @@ async def submit_many(esme: Any, n: int, text: str) -> list[str]:
     return ids
 
 
+async def _metrics_of_registry() -> dict[str, float]:
+    """This test process's metrics, without a router's ops port."""
+    return parse_metrics(generate_latest(REGISTRY).decode())
+
+
 async def _metrics(stack: Any) -> dict[str, float]:
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{stack.router.ports['ops']}/metrics") as r:
@@ -267,3 +276,36 @@ async def test_receipts_waiting_for_a_bind_survive_a_clean_restart(
         assert parked == 4
     finally:
         rx.close()
+
+
+async def test_receipts_that_cannot_be_parked_at_stop_are_counted_lost(
+    stack_factory: Any, db: asyncpg.Pool, database_url: str
+) -> None:
+    """The database is gone at the stop (the outage that caused the restart):
+    the waiting receipts cannot be parked; that is said (an error and the
+    `dropped` count), never reported as parked."""
+    proxy, proxied = await start_proxy(database_url)
+    try:
+        first = await stack_factory(database_url=proxied)
+        tx, _ = await connect(first.smpp_port, bind_cls=BindTransmitter)
+        try:
+            for i in range(2):
+                assert (await tx.submit("+4512345678", f"stranded {i}")).status == 0
+            acme = await db.fetchval("SELECT id FROM accounts WHERE name = 'acme'")
+            await until(lambda: len(first.router.smpp.pending.get(acme, ())) == 2, 10, "pending")
+        finally:
+            tx.close()
+        before = await _metrics(first)
+        proxy.cut()
+        with structlog.testing.capture_logs() as logs:
+            await first.router.stop(timeout=3)
+        after = await _metrics_of_registry()
+        assert after.get(PARKED, 0.0) == before.get(PARKED, 0.0)
+        assert after.get(DROPPED, 0.0) - before.get(DROPPED, 0.0) == 2
+        failed = [e for e in logs if e["event"] == "receipt_handoff_final_write_failed"]
+        assert [e["lost"] for e in failed] == [2]
+        assert not [e for e in logs if e["event"] == "receipts_parked"]
+    finally:
+        proxy.restore()
+        await proxy.stop()
+    assert await db.fetchval("SELECT count(*) FROM receipt_handoff") == 0

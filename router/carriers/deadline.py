@@ -21,9 +21,13 @@ still hold the message in memory and must finish it itself.
 They are counted in ``smsrouter_messages_final_total{status="unknown"}``
 (per carrier: a carrier that stops sending receipts shows there). The claim
 is a lease (``expect_by`` moves 5 minutes ahead); the routes are deleted in
-the spool's next upkeep round after the finish. A node that dies between
-the claim and the finish leaves them leased, and when the lease ends they
-are claimed and the message finished again: at most twice, never not at all.
+the spool's next upkeep round after the finish. A claim whose finish never
+ran (the node died, or lost the claim's answer with its connection) is
+claimed again when the lease ends. Once finished, the ``unknown`` receipt
+or webhook has the guarantees of any receipt (README, "Not done yet": an
+SMPP receipt waiting for a bind lives in memory). Between the claim and the
+delete (a fraction of a second) a very late carrier receipt that reaches
+another node could still find the route and finish the message there too.
 
 ``unknown`` is final: a receipt arriving later finds no route and is counted
 in ``smsrouter_carrier_receipts_unmatched_total``. In ``in-memory`` mode

@@ -100,6 +100,8 @@ class ReceiptHandoff:
         self.remote: dict[int, list[str]] = {}  # account id -> other nodes with binds
         self._rr: dict[int, int] = {}
         self._out: list[tuple[str, int, bytes, float]] = []  # node, account, pdu, seconds left
+        self._parked = 0  # receipts park() queued (written by stop())
+        self._flushing = asyncio.Lock()  # stop() never cancels a write half done
         self._wake = asyncio.Event()
         self._claim = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -145,6 +147,7 @@ class ReceiptHandoff:
             pdu = _blank_addresses(pdu)
         pdu.sequence = 0
         self._out.append((self.node, account_id, pdu.encode(), seconds_left))
+        self._parked += 1
         return True
 
     def forward_carrier_receipt(self, owner: str, carrier: str, receipt: CarrierReceipt) -> bool:
@@ -174,17 +177,31 @@ class ReceiptHandoff:
         take them straight back), stop publishing binds here."""
         self.local.clear()
         tasks = [*self._tasks, *self._refreshers]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        async with self._flushing:  # the writer's write in progress ends first
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
         self._tasks = []
         self._refreshers.clear()
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            await self._flush()  # a write the cancel interrupted put its rows back first
+        receipts, parked = len(self._out), self._parked
+        try:
+            await self._flush()
             await self.pool.execute("DELETE FROM receipt_binds WHERE node = $1", self.node)
             await self.pool.execute(f"NOTIFY {BINDS_CHANNEL}")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            if self._out:  # the final write did not happen: say what it loses
+                metrics.RECEIPTS_OUT.labels("smpp", "dropped").inc(len(self._out))
+                log.error(
+                    "receipt_handoff_final_write_failed",
+                    error=type(exc).__name__,
+                    lost=len(self._out),
+                )
+                return
+        if parked:
+            metrics.RECEIPTS_OUT.labels("smpp", "parked").inc(parked)
+            log.info("receipts_parked", receipts=parked, handed_over=receipts - parked)
 
     async def _run_writer(self) -> None:
         with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
@@ -197,7 +214,8 @@ class ReceiptHandoff:
             receipts = bool(self._out or self._out_carrier)
             await asyncio.sleep(self.receipt_interval if receipts else self.sync_interval)
             try:
-                await self._flush()
+                async with self._flushing:
+                    await self._flush()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("receipt_handoff_write_failed", error=type(exc).__name__)
                 await asyncio.sleep(1.0)

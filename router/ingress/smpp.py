@@ -705,13 +705,11 @@ class SmppFrontDoor:
                 left = pr.expires - now
                 if left <= 0:
                     metrics.RECEIPTS_OUT.labels("smpp", "expired").inc()
-                elif self._hand_over(account_id, pr, again=True):
-                    kept += 1  # counted as handed_over
-                elif self.handoff is not None and self.handoff.park(
-                    account_id, pr.pdu, left, pr.secret
+                elif self._hand_over(account_id, pr, again=True) or (
+                    self.handoff is not None
+                    and self.handoff.park(account_id, pr.pdu, left, pr.secret)
                 ):
-                    metrics.RECEIPTS_OUT.labels("smpp", "parked").inc()
-                    kept += 1
+                    kept += 1  # counted by the hand-off once written
                 else:
                     metrics.RECEIPTS_OUT.labels("smpp", "dropped").inc()
         self.pending.clear()

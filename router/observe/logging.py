@@ -70,9 +70,12 @@ class QuietRepeats:
     event: an outage (database, carrier) repeats the same failure every
     retry, tens of lines a second, burying everything else. The first
     occurrence is logged at once; later ones inside the window are dropped
-    and counted, and the next line that passes says how many it stands for
-    (``repeated``). Info and debug lines are never dropped; distinct events
-    do not hide one another."""
+    and counted, and the next line of it that passes says how many it
+    stands for (``repeated``; a burst that ends inside its window leaves its
+    count untold -- the failure metrics count every one). A line's identity
+    is its event name and its text fields (carrier, node, error, ...), not
+    its numbers: a failure of carrier A never hides one of carrier B. Info
+    and debug lines are never dropped."""
 
     LEVELS = frozenset({"warn", "warning", "error", "critical", "fatal", "exception"})
 
@@ -87,7 +90,9 @@ class QuietRepeats:
     ) -> MutableMapping[str, Any]:
         if name not in self.LEVELS:
             return event
-        key = str(event.get("event"))
+        # What the line is about (its text fields: carrier, node, error...)
+        # is part of the key; counts and sizes are not.
+        key = repr(sorted((k, v) for k, v in event.items() if isinstance(v, str)))
         now = self.clock()
         last = self._last.get(key)
         if last is not None and now - last < self.window:

@@ -568,9 +568,10 @@ class PgSpool:
         The claim is a lease, not a delete: ``expect_by`` moves ``lease``
         seconds ahead. The caller finishes the message and then forgets its
         routes (forget_route), so they go in the upkeep's next round. If the
-        node dies in between, the routes are overdue again when the lease
-        ends and the message is finished then (at most twice, never not at
-        all). Concurrent callers on other nodes never get the same row: the
+        finish never runs (the node dies, or the answer is lost with its
+        connection), the routes are overdue again when the lease ends and
+        the message is finished then. Concurrent callers on other nodes
+        never get the same row: the
         second waits for the first's row lock, then finds ``expect_by`` no
         longer past."""
         return list(
