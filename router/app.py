@@ -214,6 +214,7 @@ class Router:
                 self.smpp.take_handed_over,
                 self.engine.take_forwarded_receipt,
                 node_grace=cfg.node_grace,
+                park_limit=cfg.smpp.receipt_buffer,
             )
             self.smpp.handoff = self.handoff
             self.engine.forward_receipt = self.handoff.forward_carrier_receipt

@@ -20,7 +20,7 @@ import asyncpg
 from router.accounts import create_account
 from router.sim import CarrierSimulator, SimConfig
 from router.smpp.constants import Status
-from router.smpp.pdu import SubmitSm
+from router.smpp.pdu import BindReceiver, BindTransmitter, SubmitSm
 from tests.esme import connect
 from tests.routerproc import carrier_toml, free_ports, listen_toml, start_router, stop_router
 
@@ -159,6 +159,53 @@ async def test_receipt_after_restart_still_reaches_the_submitter(
         ):
             await asyncio.sleep(0.05)
         assert await db.fetchval("SELECT count(*) FROM receipt_routes") == 0
+    finally:
+        stop_router(proc)
+        await sim.stop()
+
+
+async def test_receipts_for_an_unbound_customer_survive_kill_9(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    """The customer has only a transmitter bind (its receiver is down) when
+    the router dies: the receipts that came meanwhile were parked in the
+    database, and reach the receiver it binds after the restart."""
+    await create_account(db, "acme", system_id="acme", password="acme-pw1")
+    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.1))
+    sim_port = await sim.start()
+    ports = free_ports()
+    cfg = tmp_path / "router.toml"
+    write_config(cfg, ports, sim_port, tps=100)
+    log = tmp_path / "router.log"
+    proc = await start_router(cfg, database_url, ports["ops"], log)
+    try:
+        tx, _ = await connect(ports["smpp"], bind_cls=BindTransmitter)
+        ids = []
+        for i in range(3):
+            r = await tx.submit("+4512345678", f"unbound-receipt-{i}")
+            assert r.status == 0
+            ids.append(r.message_id)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while (
+            await db.fetchval("SELECT count(*) FROM receipt_handoff WHERE parked") < 3
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.05)
+        assert await db.fetchval("SELECT count(*) FROM receipt_handoff WHERE parked") == 3
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        tx.close()
+
+        proc = await start_router(cfg, database_url, ports["ops"], log)
+        rx, _ = await connect(ports["smpp"], bind_cls=BindReceiver)
+        deadline = time.monotonic() + 20
+        while len(rx.receipts) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert set(rx.receipts) == set(ids)
+        for pdu in rx.receipts.values():
+            assert b"stat:DELIVRD" in pdu.short_message
+        rx.close()
+        assert await db.fetchval("SELECT count(*) FROM receipt_handoff") == 0
     finally:
         stop_router(proc)
         await sim.stop()

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import smpplib.client
 import smpplib.consts
 import smpplib.exceptions
@@ -897,22 +898,28 @@ async def test_router_enquires_an_idle_bind_and_closes_dead_ones(stack_factory: 
             await r.close()
 
 
-async def test_kept_receipts_are_bounded_and_expire(stack_factory: Any) -> None:
+async def test_kept_receipts_are_bounded_and_expire(stack_factory: Any, db: asyncpg.Pool) -> None:
+    """No receiving bind: receipts are parked in the database up to
+    receipt_buffer per node, then kept in memory up to receipt_buffer (the
+    oldest dropped); none is sent once older than receipt_retention."""
     stack = await stack_factory(smpp=SmppIngressConfig(receipt_retention=0.5, receipt_buffer=2))
     door = stack.router.smpp
     acme = stack.router.accounts.by_system_id["acme"].id
     tx, _ = await connect(stack.smpp_port, bind_cls=BindTransmitter)
     try:
-        ids = [(await tx.submit(DK, f"kept {i}")).message_id for i in range(3)]  # type: ignore[attr-defined]
+        ids = [(await tx.submit(DK, f"kept {i}")).message_id for i in range(5)]  # type: ignore[attr-defined]
         await until(
             lambda: all(stack.router.engine.lookup(m).status.final for m in ids), what="all final"
         )
+        await until(lambda: not stack.router.handoff._out, what="parked rows written")
+        assert await db.fetchval("SELECT count(*) FROM receipt_handoff WHERE parked") == 2
         kept = [p.pdu.tlv_str(Tag.RECEIPTED_MESSAGE_ID) for p in door.pending[acme]]
-        assert len(kept) == 2 and set(kept) <= set(ids)  # the buffer drops the oldest
+        assert len(kept) == 2 and set(kept) <= set(ids)  # the memory buffer drops the oldest
         await asyncio.sleep(0.7)  # older than receipt_retention
         rx, _ = await connect(stack.smpp_port, bind_cls=BindReceiver)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.5)
         assert rx.delivers == []  # expired receipts are not sent
+        assert await db.fetchval("SELECT count(*) FROM receipt_handoff") == 0  # taken, dropped
         rx.close()
     finally:
         tx.close()

@@ -15,9 +15,13 @@ the one that finished the message. This module carries such receipts over:
   any receipt of an account that is not bound;
 - rows addressed to a node that died are adopted with its spool rows
   (store/spool.py) and sent by the adopter;
-- at a clean stop, receipts still waiting for a bind of their account are
-  parked in ``receipt_handoff`` for this node itself (``park``): the node
-  takes them when it starts again, or its adopter does;
+- a receipt for an account with no receiving bind anywhere is parked in
+  ``receipt_handoff`` for this node itself (``park``, ``parked``), not kept
+  in memory, so neither a restart nor a crash loses it: it is taken when
+  the account binds here, handed to the node where it binds (both checked
+  at each refresh, every 5 s and on every bind change), or adopted with
+  this node's backlog if the node dies; at most ``smpp.receipt_buffer``
+  per node, beyond that in memory as before;
 - a carrier's receipt that reached another node than the one that sent the
   message (carriers send receipts over any bind of the system_id) is handed
   to that node if it is alive (``carrier_receipt_handoff``: carrier, id,
@@ -61,9 +65,10 @@ TakeCarrierReceipt = Callable[[str, CarrierReceipt], None]
 # Receipts for other nodes (SMPP receipts for an account bound there, carrier
 # receipts for the node that sent the message) and a NOTIFY per node, at once.
 _HAND_OVER_SQL = (
-    "WITH r AS (INSERT INTO receipt_handoff (node, account_id, pdu, expires_at)"
-    "  SELECT n, a, p, now() + make_interval(secs => s)"
-    "  FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::float8[]) AS u(n, a, p, s)),"
+    "WITH r AS (INSERT INTO receipt_handoff (node, account_id, pdu, expires_at, parked)"
+    "  SELECT n, a, p, now() + make_interval(secs => s), k"
+    "  FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::float8[], $12::bool[])"
+    "  AS u(n, a, p, s, k)),"
     " c AS (INSERT INTO carrier_receipt_handoff (node, carrier, carrier_id, state, error)"
     "  SELECT * FROM unnest($5::text[], $6::text[], $7::text[], $8::int[], $9::text[]))"
     " SELECT pg_notify($10, t) FROM unnest($11::text[]) AS t"
@@ -82,6 +87,7 @@ class ReceiptHandoff:
         sync_interval: float = 0.2,
         poll_interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        park_limit: int = 100_000,
     ) -> None:
         self.pool = pool
         self.node = node
@@ -99,8 +105,11 @@ class ReceiptHandoff:
         self._published: dict[int, int] = {}
         self.remote: dict[int, list[str]] = {}  # account id -> other nodes with binds
         self._rr: dict[int, int] = {}
-        self._out: list[tuple[str, int, bytes, float]] = []  # node, account, pdu, seconds left
-        self._parked = 0  # receipts park() queued (written by stop())
+        # node, account, pdu, seconds left, parked (waiting for a bind of the account)
+        self._out: list[tuple[str, int, bytes, float, bool]] = []
+        self.park_limit = park_limit
+        self.parked_rows = 0  # this node's parked rows in the database (counted at each refresh)
+        self._parking = 0  # parked receipts queued or being written
         self._flushing = asyncio.Lock()  # stop() never cancels a write half done
         self._wake = asyncio.Event()
         self._claim = asyncio.Event()
@@ -112,7 +121,10 @@ class ReceiptHandoff:
     def bound(self, account_id: int, receivers: int) -> None:
         """The SMPP front door's count of receiving binds of an account changed."""
         if receivers:
+            first = account_id not in self.local
             self.local[account_id] = receivers
+            if first and (self.parked_rows or self._parking) and self._tasks:
+                self._spawn_refresh()  # its parked receipts: now
         else:
             self.local.pop(account_id, None)
         self._wake.set()
@@ -131,23 +143,27 @@ class ReceiptHandoff:
         if secret:
             pdu = _blank_addresses(pdu)
         pdu.sequence = 0
-        self._out.append((nodes[i], account_id, pdu.encode(), seconds_left))
+        self._out.append((nodes[i], account_id, pdu.encode(), seconds_left, False))
         self._wake.set()
         metrics.RECEIPTS_OUT.labels("smpp", "handed_over").inc()
         return True
 
     def park(self, account_id: int, pdu: DeliverSm, seconds_left: float, secret: bool) -> bool:
-        """At a clean stop: keep a receipt no bind has taken in
-        ``receipt_handoff`` for this node, so that it is sent when the node
-        is back (its listener takes its rows at start) or, if it never
-        comes back, by the node that adopts its backlog. Written by stop()."""
-        if seconds_left <= 0:
+        """Keep a receipt for an account with no receiving bind anywhere in
+        ``receipt_handoff`` (``parked``) for this node instead of memory, so
+        that neither a restart nor a crash loses it: it is taken when the
+        account binds here, handed to the node where it binds, or, if this
+        node dies, adopted with its backlog. False when this node already
+        has ``park_limit`` parked (the caller keeps it in memory, bounded)."""
+        if seconds_left <= 0 or self.parked_rows + self._parking >= self.park_limit:
             return False
         if secret:
             pdu = _blank_addresses(pdu)
         pdu.sequence = 0
-        self._out.append((self.node, account_id, pdu.encode(), seconds_left))
-        self._parked += 1
+        self._out.append((self.node, account_id, pdu.encode(), seconds_left, True))
+        self._parking += 1
+        self._count_parked()
+        self._wake.set()
         return True
 
     def forward_carrier_receipt(self, owner: str, carrier: str, receipt: CarrierReceipt) -> bool:
@@ -185,13 +201,15 @@ class ReceiptHandoff:
                     await t
         self._tasks = []
         self._refreshers.clear()
-        receipts, parked = len(self._out), self._parked
+        parked = 0
         try:
-            await self._flush()
+            parked = await self._flush()
             await self.pool.execute("DELETE FROM receipt_binds WHERE node = $1", self.node)
             await self.pool.execute(f"NOTIFY {BINDS_CHANNEL}")
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             if self._out:  # the final write did not happen: say what it loses
+                self._parking = 0
+                self._count_parked()
                 metrics.RECEIPTS_OUT.labels("smpp", "dropped").inc(len(self._out))
                 log.error(
                     "receipt_handoff_final_write_failed",
@@ -200,8 +218,7 @@ class ReceiptHandoff:
                 )
                 return
         if parked:
-            metrics.RECEIPTS_OUT.labels("smpp", "parked").inc(parked)
-            log.info("receipts_parked", receipts=parked, handed_over=receipts - parked)
+            log.info("receipts_parked", receipts=parked)
 
     async def _run_writer(self) -> None:
         with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
@@ -221,14 +238,16 @@ class ReceiptHandoff:
                 await asyncio.sleep(1.0)
                 self._wake.set()
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> int:
+        """Write what waits; the number of parked receipts written."""
         out, self._out = self._out, []
         out_carrier, self._out_carrier = self._out_carrier, []
         changed = {a: n for a, n in self.local.items() if self._published.get(a) != n} | {
             a: 0 for a in self._published if a not in self.local
         }
         if not out and not out_carrier and not changed:
-            return
+            return 0
+        parked = sum(1 for o in out if o[4])
         try:
             if out or out_carrier:
                 # One statement, one round trip: each await on a busy node's
@@ -246,9 +265,18 @@ class ReceiptHandoff:
                     [o[3] for o in out_carrier],
                     [o[4] for o in out_carrier],
                     RECEIPTS_CHANNEL,
-                    sorted({o[0] for o in out} | {o[0] for o in out_carrier}),
+                    # Parked rows wait for a bind: nobody to wake for them.
+                    sorted({o[0] for o in out if not o[4]} | {o[0] for o in out_carrier}),
+                    [o[4] for o in out],
                 )
-                out, out_carrier = [], []
+                written, out, out_carrier = out, [], []
+                if parked:
+                    self._parking -= parked
+                    self.parked_rows += parked
+                    self._count_parked()
+                    metrics.RECEIPTS_OUT.labels("smpp", "parked").inc(parked)
+                    if self._tasks and any(o[4] and o[1] in self.local for o in written):
+                        self._spawn_refresh()  # bound while they were being written
             if changed:
                 await self._publish_binds(changed)
         except BaseException:
@@ -260,6 +288,7 @@ class ReceiptHandoff:
                 self._published[account_id] = n
             else:
                 self._published.pop(account_id, None)
+        return parked
 
     async def _publish_binds(self, changed: dict[int, int]) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -339,6 +368,66 @@ class ReceiptHandoff:
             self.node_grace,
         )
         self.live = {r["node"] for r in live}
+        await self._release_parked()
+
+    async def _release_parked(self) -> None:
+        """This node's parked receipts (park) of accounts now bound: here,
+        taken and sent; on other nodes, handed there. Also recounts them
+        (rows adopted from a dead node count from here on)."""
+        async with self._flushing:  # not while a write adds to the count
+            self.parked_rows = int(
+                await self.pool.fetchval(
+                    "SELECT count(*) FROM receipt_handoff WHERE node = $1 AND parked", self.node
+                )
+            )
+        self._count_parked()
+        if not self.parked_rows:
+            return
+        while self.local:
+            rows = await self.pool.fetch(
+                "DELETE FROM receipt_handoff WHERE id IN (SELECT id FROM receipt_handoff"
+                " WHERE node = $1 AND parked AND account_id = ANY($2::bigint[])"
+                " ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED)"
+                " RETURNING account_id, pdu,"
+                " extract(epoch FROM expires_at - now())::float8 AS left",
+                self.node,
+                list(self.local),
+            )
+            self.parked_rows -= len(rows)
+            self._count_parked()
+            self._deliver_rows(rows)
+            if len(rows) < 1000:
+                break
+        elsewhere = {a: nodes[0] for a, nodes in self.remote.items() if a not in self.local}
+        if elsewhere:
+            moved = await self.pool.fetch(
+                "WITH m AS (UPDATE receipt_handoff r SET node = t.node, parked = false"
+                " FROM unnest($2::bigint[], $3::text[]) AS t(account_id, node)"
+                " WHERE r.node = $1 AND r.parked AND r.account_id = t.account_id"
+                " RETURNING t.node)"
+                " SELECT node, count(*) AS n, pg_notify($4, node) FROM m GROUP BY node",
+                self.node,
+                list(elsewhere),
+                list(elsewhere.values()),
+                RECEIPTS_CHANNEL,
+            )
+            n = sum(int(r["n"]) for r in moved)
+            if n:
+                self.parked_rows -= n
+                self._count_parked()
+                metrics.RECEIPTS_OUT.labels("smpp", "handed_over").inc(n)
+
+    def _count_parked(self) -> None:
+        metrics.RECEIPTS_PARKED.set(max(0, self.parked_rows) + self._parking)
+
+    def _deliver_rows(self, rows: list[Any]) -> None:
+        for r in rows:
+            if r["left"] <= 0:
+                metrics.RECEIPTS_OUT.labels("smpp", "expired").inc()
+                continue
+            pdu = decode(bytes(r["pdu"]))
+            if isinstance(pdu, DeliverSm):
+                self.deliver(r["account_id"], pdu, r["left"])
 
     async def _take(self) -> int:
         """Claim and deliver the receipts other nodes left for this one."""
@@ -359,18 +448,12 @@ class ReceiptHandoff:
         while True:
             rows = await self.pool.fetch(
                 "DELETE FROM receipt_handoff WHERE id IN (SELECT id FROM receipt_handoff"
-                " WHERE node = $1 ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED)"
+                " WHERE node = $1 AND NOT parked ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED)"
                 " RETURNING account_id, pdu,"
                 " extract(epoch FROM expires_at - now())::float8 AS left",
                 self.node,
             )
-            for r in rows:
-                if r["left"] <= 0:
-                    metrics.RECEIPTS_OUT.labels("smpp", "expired").inc()
-                    continue
-                pdu = decode(bytes(r["pdu"]))
-                if isinstance(pdu, DeliverSm):
-                    self.deliver(r["account_id"], pdu, r["left"])
+            self._deliver_rows(rows)
             total += len(rows)
             if len(rows) < 500:
                 return total

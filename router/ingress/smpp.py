@@ -660,8 +660,11 @@ class SmppFrontDoor:
                     pr.pdu.sequence = 0  # a resend gets the new bind's next sequence
                     b.send_request(pr.pdu, self._receipt_callback(account_id, pr))
                     return
-        elif self._hand_over(account_id, pr):
-            return
+        elif self._hand_over(account_id, pr) or (
+            self.handoff is not None
+            and self.handoff.park(account_id, pr.pdu, pr.expires - self.clock(), pr.secret)
+        ):
+            return  # bound elsewhere, or no bind anywhere: parked in the database
         q = self.pending.setdefault(account_id, deque())
         if len(q) >= self.cfg.smpp.receipt_buffer:
             q.popleft()

@@ -246,7 +246,11 @@ RECEIPTS_OUT = FastCounter(
     ["channel", "outcome"],
 )
 RECEIPTS_PENDING = Gauge(
-    "smsrouter_receipts_pending", "Receipts waiting for a customer bind or webhook."
+    "smsrouter_receipts_pending", "Receipts waiting for a customer bind or webhook, in memory."
+)
+RECEIPTS_PARKED = Gauge(
+    "smsrouter_receipts_parked",
+    "Receipts for SMPP customers with no receiving bind, waiting in the database for this node.",
 )
 BINDS = Gauge("smsrouter_smpp_binds", "Customer SMPP binds.", ["account", "bind_type"])
 BIND_FAILURES = Counter(
