@@ -174,6 +174,29 @@ def sample(pid: int) -> ProcSample | None:
     return ProcSample(at, cpu, mem[0], mem[1])
 
 
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux: /proc/PID/task/PID/children)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def sample_tree(pid: int) -> ProcSample | None:
+    """``pid`` and its children as one (CPU, VmRSS and VmHWM summed): a router
+    running with ``listen.workers`` is a supervisor and its worker processes."""
+    own = sample(pid)
+    if own is None:
+        return None
+    cpu, rss, hwm = own.cpu_s, own.rss_kb, own.hwm_kb
+    for child in children(pid):
+        s = sample(child)
+        if s is not None:
+            cpu, rss, hwm = cpu + s.cpu_s, rss + s.rss_kb, hwm + s.hwm_kb
+    return ProcSample(own.at, cpu, rss, hwm)
+
+
 def system_cpu() -> tuple[float, float]:
     """(busy, total) jiffies of all CPUs from /proc/stat, in seconds."""
     with open("/proc/stat", encoding="ascii") as f:

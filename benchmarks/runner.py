@@ -45,11 +45,13 @@ from .process import (
     Child,
     ChildFailed,
     ProcSample,
+    children,
     cpu_seconds,
     memory_kb,
     pid_alive,
     pids_with_cmdline,
     sample,
+    sample_tree,
     system_cpu,
 )
 
@@ -109,6 +111,9 @@ class Scenario:
     # binds); the simulator spreads receipts over every bind of it, so about
     # half of them reach the other node and cross over through PostgreSQL.
     shared_account: bool = False
+    # Worker processes of one router (listen.workers): one supervisor, N
+    # workers on the same ports; CPU and memory are the whole process tree's.
+    workers: int = 1
 
 
 OVERLOAD_CARRIER_TPS = 250.0  # per simulated carrier: 500/s in total
@@ -132,6 +137,11 @@ SCENARIOS: dict[str, Scenario] = {
                  "system_id: receipts come back over either node's bind, so half of them "
                  "are handed to the sending node through PostgreSQL",
                  binds=10, window=64, routers=2, shared_account=True, default=False),
+        Scenario("smpp-e2e-workers", "smpp",
+                 "as smpp-e2e with listen.workers = 2: one router, two worker processes "
+                 "on the same SMPP port (the kernel spreads the 10 binds), one carrier "
+                 "system_id, so half the carrier receipts cross between the workers "
+                 "through PostgreSQL", binds=10, window=64, workers=2),
         Scenario("smpp-1bind", "smpp",
                  "1 transceiver bind, window 64, closed loop: what one customer "
                  "connection can push", binds=1, window=64),
@@ -175,6 +185,12 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("http-batch", "http",
                  "POST /v1/messages with {\"messages\": [...]} of 100, 8 requests in flight",
                  batch=100, concurrency=8),
+        Scenario("http-single-workers", "http",
+                 "as http-single with listen.workers = 2 (the 128 connections spread over "
+                 "two worker processes on one port)", concurrency=128, workers=2),
+        Scenario("http-batch-workers", "http",
+                 "as http-batch with listen.workers = 2", batch=100, concurrency=8,
+                 workers=2),
         Scenario("codec", "codec",
                  "SMPP codec micro-benchmark (benchmarks/codec.py): ours vs aiosmpplib"),
     )
@@ -434,6 +450,8 @@ def router_toml(sc: Scenario, sim_ports: list[int],
         if section in ("carriers", "routes", "listen"):
             raise ValueError(f"--set {section}.*: the runner owns that part of the config")
         tables.setdefault(section, {}).update(values)
+    if sc.workers > 1:
+        tables["listen"]["workers"] = sc.workers
     if node is not None:
         tables.setdefault("delivery", {})["node"] = f"bench-{node}"
     system_id = "router" if node is None or sc.shared_account else f"router-{node}"
@@ -517,8 +535,10 @@ def stack() -> Iterator[Stack]:
 class Sampler:
     """/proc samples of some pids plus whole-machine CPU, every SAMPLE_EVERY seconds."""
 
-    def __init__(self, pids: dict[str, int], groups: dict[str, bytes] | None = None) -> None:
+    def __init__(self, pids: dict[str, int], groups: dict[str, bytes] | None = None,
+                 trees: tuple[str, ...] = ()) -> None:
         self.pids = pids
+        self.trees = trees  # names whose pid is read with its children (sample_tree)
         self.groups = groups or {}  # name -> command-line substring of its processes
         names = list(pids) + list(self.groups)
         self.samples: dict[str, list[ProcSample]] = {k: [] for k in names}
@@ -531,7 +551,7 @@ class Sampler:
 
     def take(self) -> None:
         for name, pid in self.pids.items():
-            s = sample(pid)
+            s = sample_tree(pid) if name in self.trees else sample(pid)
             if s is not None:
                 self.samples[name].append(s)
         for name, needle in self.groups.items():
@@ -699,6 +719,7 @@ def run_load_scenario(sc: Scenario, timing: Timing, rate: float | None, db: Data
     sampler: Sampler | None = None
     metrics_end: dict[str, float] | None = None
     router_hwm_kb = router_rss_kb = 0
+    worker_pids: list[int] = []
     try:
         with stack() as st:
             sim, sim_ports = start_simulators(st, logs, sim_args,
@@ -710,6 +731,7 @@ def run_load_scenario(sc: Scenario, timing: Timing, rate: float | None, db: Data
             rh = nodes[0]
             router, ops_url, readyz, config_text = rh.child, rh.ops_url, rh.readyz, rh.config_text
             pids["router"] = router.pid
+            worker_pids = children(router.pid) if sc.workers > 1 else []
             for n, other in enumerate(nodes[1:], 2):
                 pids[f"router-{n}"] = other.child.pid
 
@@ -738,7 +760,8 @@ def run_load_scenario(sc: Scenario, timing: Timing, rate: float | None, db: Data
             # are not included). Found only when the server runs on this machine.
             sampler = Sampler({**{k: v for k, v in pids.items() if k.startswith("router")},
                                "simulators": sim.pid, "loadgen": load.pid},
-                              groups={"postgres": f" {db_name} ".encode()})
+                              groups={"postgres": f" {db_name} ".encode()},
+                              trees=("router",) if sc.workers > 1 else ())
             deadline = time.monotonic() + timeout
             while load.running:
                 sampler.take()
@@ -760,9 +783,9 @@ def run_load_scenario(sc: Scenario, timing: Timing, rate: float | None, db: Data
                 if metrics_end is not None:
                     for k, v in more.items():
                         metrics_end[k] = metrics_end.get(k, 0.0) + v
-            mem = memory_kb(router.pid)
-            if mem is not None:
-                router_rss_kb, router_hwm_kb = mem
+            tree = [router.pid] + (children(router.pid) if sc.workers > 1 else [])
+            for mem in filter(None, map(memory_kb, tree)):
+                router_rss_kb, router_hwm_kb = router_rss_kb + mem[0], router_hwm_kb + mem[1]
         exit_status = dict(st.exit_status)
     finally:
         try:
@@ -776,6 +799,8 @@ def run_load_scenario(sc: Scenario, timing: Timing, rate: float | None, db: Data
                           pids, exit_status, readyz, config_text, router_rss_kb, router_hwm_kb,
                           db, db_name, logs)
     result["router"]["metrics_at_end"] = metrics_end
+    result["router"]["worker_pids"] = worker_pids
+    result["processes_left"] += [f"router-worker:{p}" for p in worker_pids if pid_alive(p)]
     result["router"].update(rss_profile(sampler, load_result))
     result["simulators"]["args"] = list(sim_args)
     if sc.kind == "smpp":
@@ -1050,6 +1075,7 @@ def build_result(sc: Scenario, timing: Timing, rate: float | None, quick: bool,
         "router": {
             "pid": pids.get("router"),
             "nodes": sc.routers,
+            "workers": sc.workers,
             "cpu_s": None if router_cpu is None else round(router_cpu, 3),
             "cpu_pct_of_core": None if router_cpu is None
             else round(100.0 * router_cpu / duration, 1),

@@ -23,7 +23,16 @@ from aiohttp import web
 from . import __version__, accel
 from .accounts import AccountStore, ensure_demo_account
 from .carriers.deadline import ReceiptDeadlines
-from .config import CarrierConfig, Config, ConfigError, RouteEntry, RoutesConfig, load_config
+from .config import (
+    MAX_WORKERS,
+    CarrierConfig,
+    Config,
+    ConfigError,
+    RouteEntry,
+    RoutesConfig,
+    load_config,
+    share_config,
+)
 from .dlr.webhooks import WebhookSender
 from .engine import Engine
 from .ingress.admin import add_admin_routes
@@ -129,6 +138,21 @@ class Router:
     runners: list[web.AppRunner] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
     draining: bool = False
+    # Worker ``index`` of ``count`` processes sharing the listen ports
+    # (router/workers.py): listeners with SO_REUSEPORT, totals divided.
+    worker: tuple[int, int] | None = None
+    supervisor: Any = None  # a worker's link to its supervisor (workers.SupervisorLink)
+
+    @property
+    def rate_share(self) -> float:
+        return 1.0 / self.worker[1] if self.worker else 1.0
+
+    def _set_account_rates(self) -> None:
+        if self.engine is not None:
+            share = self.rate_share
+            self.engine.set_account_rates(
+                {a.id: a.tps * share if a.tps else a.tps for a in self.accounts.by_id.values()}
+            )
 
     async def start(self, *, migrate_schema: bool = False) -> None:
         cfg = self.cfg
@@ -182,7 +206,7 @@ class Router:
             )
             self.spool = MemorySpool()
         self.engine = Engine(cfg, self.traffic_log, spool=self.spool, optout=self.optout)
-        self.engine.set_account_rates({a.id: a.tps for a in self.accounts.by_id.values()})
+        self._set_account_rates()
         # Demo mode is all on loopback, so its webhooks may target it too.
         w = cfg.webhooks
         self.webhooks = WebhookSender(
@@ -207,6 +231,10 @@ class Router:
         if replay:
             log.info("spool_replayed", messages=self.engine.resume(replay))
         self.smpp = SmppFrontDoor(cfg, self.engine, self.accounts)
+        if self.supervisor is not None:
+            self.smpp.admission = self.supervisor  # max_binds across the workers
+            self.supervisor.attach(self.engine)  # receipts across the workers
+        self.smpp.reuse_port = self.worker is not None
         if isinstance(self.spool, PgSpool):
             self.handoff = ReceiptHandoff(
                 self.pool,
@@ -233,7 +261,13 @@ class Router:
         ):
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            site = web.TCPSite(
+                runner,
+                host,
+                port,
+                reuse_address=True,
+                reuse_port=(self.worker is not None and name == "http") or None,
+            )
             await site.start()
             self.runners.append(runner)
             server = site._server
@@ -280,6 +314,16 @@ class Router:
                 return False
             new.database_url = self.cfg.database_url
             new.demo = self.cfg.demo
+            if self.worker is not None:
+                if new.workers != self.worker[1]:
+                    log.warning("reload_workers_ignored", hint="restart to change")
+                new.workers = self.worker[1]
+                new.node = self.cfg.node
+                new.smpp_listen, new.http_listen = self.cfg.smpp_listen, self.cfg.http_listen
+                new.ops_listen = self.cfg.ops_listen
+                if self.cfg.demo and not new.carriers:
+                    new = demo_config(new)
+                share_config(new, *self.worker)
             if self.engine is not None:
                 changes = self.engine.reconfigure(new)
                 log.info("carriers_reloaded", **changes)
@@ -288,8 +332,7 @@ class Router:
             self.cfg = new
         if self.pool is not None:
             await self.accounts.load(self.pool)
-        if self.engine is not None:
-            self.engine.set_account_rates({a.id: a.tps for a in self.accounts.by_id.values()})
+        self._set_account_rates()
         log.info("reloaded", accounts=len(self.accounts.by_id))
         return True
 
@@ -379,7 +422,8 @@ async def _serve(cfg: Config, *, demo: bool, data_dir: Path, config_path: str | 
         loop.add_signal_handler(
             signal.SIGHUP, lambda: asyncio.ensure_future(router.reload(reload_path))
         )
-        _banner(router, demo, embedded is not None)
+        lines = banner_lines(router.cfg, router.ports, demo, embedded is not None)
+        print("\n".join(lines), file=sys.stdout, flush=True)
         await stop.wait()
         log.info("draining")
         return 0
@@ -393,13 +437,12 @@ async def _serve(cfg: Config, *, demo: bool, data_dir: Path, config_path: str | 
         log.info("stopped")
 
 
-def _banner(router: Router, demo: bool, embedded: bool) -> None:
-    cfg = router.cfg
+def banner_lines(cfg: Config, ports: dict[str, int], demo: bool, embedded: bool) -> list[str]:
     lines = [
         "sms-router is running",
-        f"  SMPP      {cfg.smpp_listen[0]}:{router.ports['smpp']}",
-        f"  HTTP API  http://{cfg.http_listen[0]}:{router.ports['http']}/v1/messages",
-        f"  ops       http://{cfg.ops_listen[0]}:{router.ports['ops']}/metrics  /healthz  /readyz",
+        f"  SMPP      {cfg.smpp_listen[0]}:{ports['smpp']}",
+        f"  HTTP API  http://{cfg.http_listen[0]}:{ports['http']}/v1/messages",
+        f"  ops       http://{cfg.ops_listen[0]}:{ports['ops']}/metrics  /healthz  /readyz",
     ]
     if demo:
         lines += [
@@ -413,22 +456,34 @@ def _banner(router: Router, demo: bool, embedded: bool) -> None:
             "  try:  curl -s -H 'Authorization: Bearer demo-key' "
             "-H 'Content-Type: application/json' \\",
             f'         -d \'{{"to":"+4512345678","from":"Demo","text":"Hello"}}\' '
-            f"http://{cfg.http_listen[0]}:{router.ports['http']}/v1/messages",
+            f"http://{cfg.http_listen[0]}:{ports['http']}/v1/messages",
         ]
-    print("\n".join(lines), file=sys.stdout, flush=True)
+    return lines
 
 
-def run(config_path: str | None, *, demo: bool) -> int:
-    config_path = config_path or os.environ.get("ROUTER_CONFIG")
-    cfg = load_config(config_path)
-    log.info("malloc", tuned=malloc.tune())  # before the big dicts exist
+def event_loop_runner() -> Any:
     try:
         import uvloop  # the faster loop, where available
 
-        runner: Any = uvloop.run
+        return uvloop.run
     except ImportError:
-        runner = asyncio.run
+        return asyncio.run
+
+
+def run(config_path: str | None, *, demo: bool, workers: int | None = None) -> int:
+    config_path = config_path or os.environ.get("ROUTER_CONFIG")
+    cfg = load_config(config_path)
+    if workers is not None:
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ConfigError(f"--workers: 1..{MAX_WORKERS}")
+        cfg.workers = workers
     data_dir = Path(os.environ.get("ROUTER_DATA_DIR", ".pgdata"))
+    runner = event_loop_runner()
+    if cfg.workers > 1:
+        from .workers import supervise
+
+        return int(runner(supervise(cfg, demo=demo, data_dir=data_dir, config_path=config_path)))
+    log.info("malloc", tuned=malloc.tune())  # before the big dicts exist
     return int(runner(_serve(cfg, demo=demo, data_dir=data_dir, config_path=config_path)))
 
 

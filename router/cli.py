@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         help="embedded PostgreSQL if ROUTER_DATABASE_URL is unset, simulated "
         "carriers, a demo account (not for production)",
     )
+    p_run.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="router processes sharing the listen ports (overrides listen.workers)",
+    )
     sub.add_parser("sim", help="run carrier SMSC simulators", add_help=False)
     sub.add_parser("migrate", help="apply database migrations")
     p_build = sub.add_parser("build-info", help="which per-message modules run compiled (JSON)")
@@ -63,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             from .app import run
 
             configure_logging()
-            return run(args.config, demo=args.demo)
+            return run(args.config, demo=args.demo, workers=args.workers)
         if args.command == "migrate":
             from .app import migrate_only
 

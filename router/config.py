@@ -113,6 +113,7 @@ class Config:
     smpp_listen: tuple[str, int] = ("127.0.0.1", 2775)
     http_listen: tuple[str, int] = ("127.0.0.1", 8080)
     ops_listen: tuple[str, int] = ("127.0.0.1", 8081)
+    workers: int = 1  # router processes sharing the listen ports (router/workers.py)
     database_url: str | None = field(default=None, repr=False)
     traffic_log: bool = True
     log_buffer: int = 200_000
@@ -210,6 +211,26 @@ def _routes(routes_t: dict[str, Any], p: str, names: set[str]) -> RoutesConfig:
     return r
 
 
+MAX_WORKERS = 64
+
+
+def share_config(cfg: Config, index: int, count: int) -> Config:
+    """Worker ``index`` of ``count`` (router/workers.py): what the config
+    gives as a total for the router is this worker's share of it. A
+    carrier's ``tps`` and ``queue_size`` are divided evenly and its
+    ``sessions`` spread over the workers (each worker needs one, so a
+    carrier with fewer sessions than workers gets one per worker). Account
+    rates are divided where they are applied (``Router.rate_share``).
+    Changes ``cfg`` in place and returns it."""
+    if count <= 1:
+        return cfg
+    for c in cfg.carriers:
+        c.tps = c.tps / count
+        c.queue_size = max(1, -(-c.queue_size // count))
+        c.sessions = max(1, c.sessions // count + (1 if index < c.sessions % count else 0))
+    return cfg
+
+
 def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
     """Build and check a Config from parsed TOML and the environment."""
     env = dict(os.environ) if env is None else env
@@ -219,9 +240,21 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
     listen = data.pop("listen", {})
     for key in ("smpp", "http", "ops"):
         env_key = f"ROUTER_{key.upper()}_LISTEN"
-        value = env.get(env_key) or listen.pop(key, None)
+        in_file = listen.pop(key, None)
+        value = env.get(env_key) or in_file
         if value is not None:
             setattr(cfg, f"{key}_listen", _addr(value, f"listen.{key}"))
+    workers = env.get("ROUTER_WORKERS")
+    if workers is not None:
+        try:
+            cfg.workers = int(workers)
+        except ValueError:
+            raise ConfigError("ROUTER_WORKERS: expected a number") from None
+        listen.pop("workers", None)
+    else:
+        cfg.workers = _take(listen, "workers", "listen.", int, cfg.workers)
+    if not 1 <= cfg.workers <= MAX_WORKERS:
+        raise ConfigError(f"listen.workers: 1..{MAX_WORKERS}")
     if listen:
         raise ConfigError(f"listen.{sorted(listen)[0]}: unknown key")
 

@@ -195,6 +195,9 @@ class Engine:
         # Hands a carrier receipt to the live node that owns its message
         # (set by the app; False when that node is not known alive).
         self.forward_receipt: Callable[[str, str, CarrierReceipt], bool] | None = None
+        # Worker processes (router/workers.py): a receipt this worker did not
+        # send is first offered to its siblings in memory, then looked up.
+        self.offer_receipt: Callable[[str, CarrierReceipt], None] | None = None
         self.sinks: dict[Origin, ReceiptSink] = {}
         # Receipts matched through receipt_routes (durable spool only).
         self.recovery: RouteRecovery | None = None
@@ -680,7 +683,26 @@ class Engine:
             self.recovery.add(carrier, receipt, forwarded=True)
 
     def on_unknown_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
-        if self.recovery is not None:
+        if self.offer_receipt is not None:
+            self.offer_receipt(carrier, receipt)  # answered by sibling_receipt_result
+        elif self.recovery is not None:
+            self.recovery.add(carrier, receipt)
+
+    def take_sibling_receipt(self, carrier: str, receipt: CarrierReceipt) -> bool:
+        """A receipt a sibling worker got: True if this worker sent its
+        message (and has now handled it)."""
+        c = self.carriers.get(carrier)
+        return c is not None and c.take_receipt(receipt)
+
+    def sibling_receipt_result(self, carrier: str, receipt: CarrierReceipt, taken: bool) -> None:
+        """What became of a receipt offered to the sibling workers: taken by
+        one, or looked up in receipt_routes as any other unknown receipt
+        (unless this worker's own submit_sm_resp matched it meanwhile)."""
+        c = self.carriers.get(carrier)
+        if taken:
+            if c is not None:
+                c.correlator.unpark(receipt.carrier_id)
+        elif self.recovery is not None and (c is None or c.correlator.is_parked(receipt)):
             self.recovery.add(carrier, receipt)
 
     def _still_parked(self, w: Waiting) -> bool:

@@ -22,7 +22,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -77,6 +77,14 @@ _THROTTLING = frozenset((Smpp.ESME_RTHROTTLED, Smpp.ESME_RMSGQFUL))
 _SUBMIT_RESPONSES = frozenset((CommandId.SUBMIT_SM_RESP, CommandId.DATA_SM_RESP))
 
 
+class BindAdmission(Protocol):
+    """Who counts binds across processes (router/workers.py's supervisor link)."""
+
+    async def admit(self, account_id: int, max_binds: int) -> int | None: ...
+
+    def release(self, account_id: int, token: int) -> None: ...
+
+
 class CustomerBind(SmppProtocol):
     """One customer connection."""
 
@@ -97,6 +105,7 @@ class CustomerBind(SmppProtocol):
         self.door = door
         self.account: Account | None = None
         self.bind_type: BindType | None = None
+        self.admission = 0  # the supervisor's token for this bind (router/workers.py); 0 = none
         self._binding = False
         self._throttle_streak = 0  # read holds since the last accepted submit
 
@@ -142,7 +151,8 @@ class CustomerBind(SmppProtocol):
             account = await self.door.accounts.authenticate_bind(
                 pdu.system_id, pdu.password, self.peer_ip
             )
-            if self.door.bind_count(account.id) >= account.max_binds:
+            token = await self.door.admit(account)
+            if token is None:
                 raise AuthError(Smpp.ESME_RBINDFAIL, "max_binds")
         except AuthError as exc:
             metrics.BIND_FAILURES.labels(exc.reason).inc()
@@ -157,9 +167,11 @@ class CustomerBind(SmppProtocol):
                 self.answer(pdu, exc.status, system_id="sms-router")
             return
         if not self.is_open:
+            self.door.unadmit(account.id, token)
             return
         self.account = account
         self.bind_type = bind_type
+        self.admission = token
         self.answer(pdu, Smpp.ESME_ROK, system_id="sms-router")
         self.door.add_bind(self)
         log.info("bound", account=account.name, bind_type=bind_type.name.lower())
@@ -263,6 +275,10 @@ class SmppFrontDoor:
         # Receipts for accounts bound only to other routers sharing the
         # database (set by the app when the spool is durable).
         self.handoff: ReceiptHandoff | None = None
+        # With several worker processes (router/workers.py), max_binds is
+        # counted across them by the supervisor: it admits each bind.
+        self.admission: BindAdmission | None = None
+        self.reuse_port = False  # share the port with sibling workers (SO_REUSEPORT)
 
     def reconfigure(self, cfg: Config) -> None:
         """SIGHUP: [smpp] settings apply to binds made from now on (window,
@@ -279,7 +295,12 @@ class SmppFrontDoor:
         host, port = self.cfg.smpp_listen
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: CustomerBind(self), host, port, backlog=2048, reuse_address=True
+            lambda: CustomerBind(self),
+            host,
+            port,
+            backlog=2048,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
         )
         self._sweeper = loop.call_later(5, self._sweep)
         return int(self.server.sockets[0].getsockname()[1])
@@ -316,6 +337,19 @@ class SmppFrontDoor:
     def bind_count(self, account_id: int) -> int:
         return len(self.binds.get(account_id, ()))
 
+    async def admit(self, account: Account) -> int | None:
+        """None if the account is at max_binds, else a token to give back
+        when the bind ends (0 when this process counts alone)."""
+        if self.bind_count(account.id) >= account.max_binds:
+            return None
+        if self.admission is None:
+            return 0
+        return await self.admission.admit(account.id, account.max_binds)
+
+    def unadmit(self, account_id: int, token: int) -> None:
+        if token and self.admission is not None:
+            self.admission.release(account_id, token)
+
     def add_bind(self, b: CustomerBind) -> None:
         assert b.account is not None and b.bind_type is not None
         self.binds.setdefault(b.account.id, []).append(b)
@@ -332,6 +366,7 @@ class SmppFrontDoor:
         lst = self.binds.get(b.account.id)
         if lst and b in lst:
             lst.remove(b)
+            self.unadmit(b.account.id, b.admission)
             metrics.BINDS.labels(b.account.name, b.bind_type.name.lower()).dec()
         rl = self.receivers.get(b.account.id)
         if rl and b in rl:

@@ -312,6 +312,13 @@ RECEIPT_ROUTE_WAIT = FastHistogram(  # once per receipt crossing between nodes
     " receipt_routes row was found (router.carriers.recovery).",
     buckets=(0.005, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0, 120.0),
 )
+WORKER_RECEIPTS = Counter(
+    "smsrouter_worker_receipts_total",
+    "Carrier receipts a worker got for a message it did not send, offered to its"
+    " sibling workers (listen.workers): taken by one, or unclaimed (then looked up"
+    " in receipt_routes).",
+    ["outcome"],
+)
 CARRIER_RECEIPTS_FORWARDED = Counter(
     "smsrouter_carrier_receipts_forwarded_total",
     "Carrier receipts that reached this node for a message another live node sent,"

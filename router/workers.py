@@ -1,0 +1,788 @@
+"""Several router processes on one host, behind the same ports (``listen.workers``).
+
+Why: one CPython process runs its message path on one core. On a 2-core box
+a single router process tops out while the second core idles (the
+``smpp-e2e-2nodes`` benchmark: two processes +25-45 %). Operators should not
+need a second host, a load balancer and two configs to use the cores they
+have; ``sms-router run --workers N`` does it on one.
+
+Shape:
+
+- The process started as ``sms-router run`` becomes the **supervisor**. It
+  does no message work: it starts N **worker** processes (``python -m
+  router.workers``), serves the ops port, passes signals on, and starts a
+  worker again when one dies.
+- Each worker is a whole router node (router/app.py) with its own node id,
+  ``<node>/w<i>``, on the one database: the multi-node machinery (receipt
+  hand-off, spool adoption, route claims) is what makes workers safe. A
+  worker started again after a crash has the same id, so it resumes what it
+  left in the spool at once.
+- The SMPP and HTTP listeners of all workers share their ports
+  (``SO_REUSEPORT``): the kernel spreads new connections over the workers.
+  The supervisor resolves port 0 once and holds the port (bound, not
+  listening) so that every worker and every restart gets the same one.
+- Totals stay totals: a carrier's ``tps``, ``queue_size`` and ``sessions``
+  and an account's ``tps`` are divided over the workers
+  (``config.share_config``); ``max_binds`` is counted across the workers by
+  the supervisor, which every worker asks before it answers a bind.
+- The ops port is the supervisor's: ``/metrics`` is every worker's
+  exposition with a ``worker`` label (plus the supervisor's own
+  ``smsrouter_workers`` and ``smsrouter_worker_restarts_total``),
+  ``/readyz`` is ready when every worker is, ``/healthz`` when every worker
+  answers its own. Each worker's own ops listener is on loopback, port 0.
+
+Supervisor and worker talk over a socketpair (one JSON object per line):
+``ready`` (worker up, with its ops port), ``bind``/``unbind`` with a token
+per bind (``unbind`` of an unknown token is ignored, so a worker may give
+back a bind it timed out on). A worker whose supervisor goes away drains
+and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from .carriers.receipt import CarrierReceipt
+from .config import Config, share_config
+from .observe import metrics
+from .smpp.constants import MessageState
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+log = structlog.get_logger("router.workers")
+
+ENV_WORKER = "ROUTER_WORKER"  # "<index>/<count>/<control fd>/<node>" (set by the supervisor)
+ADMIT_TIMEOUT = 5.0  # a bind the supervisor does not answer in time is refused
+OFFER_TIMEOUT = 5.0  # a receipt offer unanswered this long takes the database path
+READY_TIMEOUT = 120.0  # a worker not ready this long after its start is a failed start
+RESTART_MIN, RESTART_MAX = 1.0, 30.0  # back-off between restarts of a crashing worker
+STABLE_AFTER = 60.0  # a worker up this long resets its back-off
+STOP_GRACE = 30.0  # SIGTERM -> SIGKILL for a worker that does not finish draining
+PROBE_TIMEOUT = 2.0  # supervisor -> worker ops requests
+
+
+# ---------------------------------------------------------------- worker side
+
+
+class SupervisorLink:
+    """A worker's end of the control socket: bind admission and readiness."""
+
+    def __init__(self, fd: int) -> None:
+        self._sock = socket.socket(fileno=fd)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._seq = 0
+        self._waiting: dict[int, asyncio.Future[bool]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.engine: Engine | None = None
+        # Receipts offered to the siblings: rid -> (carrier, receipt, offered at).
+        self._offered: dict[int, tuple[str, CarrierReceipt, float]] = {}
+        self._outbox: list[list[Any]] = []
+        self._rid = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Carrier receipts this worker did not send go to the siblings first."""
+        self.engine = engine
+        engine.offer_receipt = self.offer_receipt
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+
+    async def open(self, on_lost: Callable[[], None]) -> None:
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
+        self._task = asyncio.get_running_loop().create_task(self._read(on_lost))
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(json.dumps(msg).encode() + b"\n")
+
+    def ready(self, ops_port: int) -> None:
+        self._send({"op": "ready", "ops": ops_port, "pid": os.getpid()})
+
+    async def admit(self, account_id: int, max_binds: int) -> int | None:
+        self._seq += 1
+        token = self._seq
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = fut
+        self._send({"op": "bind", "token": token, "account": account_id, "max": max_binds})
+        try:
+            ok = await asyncio.wait_for(fut, ADMIT_TIMEOUT)
+        except TimeoutError:
+            log.warning("bind_admission_timeout")
+            self.release(account_id, token)  # in case it was counted after all
+            return None
+        finally:
+            self._waiting.pop(token, None)
+        return token if ok else None
+
+    def release(self, account_id: int, token: int) -> None:
+        self._send({"op": "unbind", "token": token, "account": account_id})
+
+    # Receipts: the carrier sends a receipt over any of its binds, so with
+    # one carrier account (system_id) shared by the workers about (N-1)/N of
+    # them reach a worker that did not send the message. Asking the siblings
+    # in memory (through the supervisor, batched per loop turn) costs a few
+    # microseconds; the database path (receipt_routes lookup, hand-off table,
+    # NOTIFY) that remains for receipts nobody claims costs far more.
+
+    def offer_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
+        self._rid += 1
+        rid = self._rid
+        self._offered[rid] = (carrier, receipt, time.monotonic())
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush_offers)
+        self._outbox.append([rid, carrier, receipt.carrier_id, int(receipt.state), receipt.error])
+
+    def _flush_offers(self) -> None:
+        items, self._outbox = self._outbox, []
+        if items:
+            self._send({"op": "receipts", "items": items})
+
+    def _results(self, items: list[list[Any]]) -> None:
+        engine = self.engine
+        for rid, taken in items:
+            entry = self._offered.pop(int(rid), None)
+            if entry is None or engine is None:
+                continue
+            metrics.WORKER_RECEIPTS.labels("taken" if taken else "unclaimed").inc()
+            engine.sibling_receipt_result(entry[0], entry[1], bool(taken))
+
+    def _take(self, origin: int, items: list[list[Any]]) -> None:
+        """Receipts a sibling got: which of them this worker sent."""
+        engine = self.engine
+        answers = []
+        for rid, carrier, carrier_id, state, error in items:
+            taken = engine is not None and engine.take_sibling_receipt(
+                str(carrier), CarrierReceipt(str(carrier_id), MessageState(state), str(error))
+            )
+            answers.append([rid, taken])
+        self._send({"op": "receipts_taken", "to": origin, "items": answers})
+
+    def _sweep(self) -> None:
+        """Offers the supervisor never answered (it went away): the database path."""
+        limit = time.monotonic() - OFFER_TIMEOUT
+        stale = [rid for rid, (_, _, at) in self._offered.items() if at < limit]
+        if stale:
+            self._results([[rid, False] for rid in stale])
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+
+    async def _read(self, on_lost: Callable[[], None]) -> None:
+        assert self._reader is not None
+        try:
+            while line := await self._reader.readline():
+                try:
+                    msg = json.loads(line)
+                    op = msg.get("op")
+                    if op == "receipts":
+                        self._take(int(msg["from"]), msg["items"])
+                    elif op == "receipts_result":
+                        self._results(msg["items"])
+                    else:
+                        fut = self._waiting.get(int(msg["token"]))
+                        if fut is not None and not fut.done():
+                            fut.set_result(bool(msg.get("ok")))
+                except (ValueError, KeyError, TypeError):
+                    log.warning("supervisor_message_invalid")
+        except (ConnectionError, OSError):
+            pass
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_result(False)
+        self._results([[rid, False] for rid in list(self._offered)])
+        on_lost()
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._writer is not None:
+            self._writer.close()
+
+
+def parse_worker_env(value: str) -> tuple[int, int, int, str]:
+    index, count, fd, node = value.split("/", 3)
+    return int(index), int(count), int(fd), node
+
+
+async def _work(cfg: Config, *, demo: bool, config_path: str | None) -> int:
+    from .app import Router, demo_config, tune_gc
+
+    index, count, fd, node = parse_worker_env(os.environ[ENV_WORKER])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    link = SupervisorLink(fd)
+
+    def lost() -> None:
+        if not stop.is_set():
+            log.error("supervisor_lost", consequence="draining")
+            stop.set()
+
+    await link.open(lost)
+    if demo:
+        cfg.demo = True
+        if not cfg.carriers:
+            cfg = demo_config(cfg)
+    cfg.node = f"{node}/w{index}"
+    cfg.ops_listen = ("127.0.0.1", 0)  # the supervisor serves the configured one
+    share_config(cfg, index, count)
+    router = Router(cfg, worker=(index, count), supervisor=link)
+    try:
+        await router.start()
+        tune_gc()
+        reload_path = config_path if not (demo and not config_path) else None
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(router.reload(reload_path))
+        )
+        link.ready(router.ports["ops"])
+        log.info("worker_ready", node=cfg.node)
+        await stop.wait()
+        log.info("draining")
+        return 0
+    finally:
+        await router.stop()
+        await link.close()
+        log.info("stopped")
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """``python -m router.workers [--config PATH] [--demo]``: started by the supervisor only."""
+    import argparse
+
+    from .app import event_loop_runner
+    from .config import load_config
+    from .observe import malloc
+    from .observe.logging import configure_logging
+
+    parser = argparse.ArgumentParser(prog="router.workers")
+    parser.add_argument("--config")
+    parser.add_argument("--demo", action="store_true")
+    args = parser.parse_args(argv)
+    if ENV_WORKER not in os.environ:
+        print("router.workers: started by `sms-router run` only", file=sys.stderr)
+        return 2
+    configure_logging()
+    index = os.environ[ENV_WORKER].split("/", 1)[0]
+    structlog.contextvars.bind_contextvars(worker=int(index))
+    cfg = load_config(args.config)
+    malloc.tune()
+    return int(event_loop_runner()(_work(cfg, demo=args.demo, config_path=args.config)))
+
+
+# ------------------------------------------------------------ supervisor side
+
+
+def hold_port(host: str, port: int) -> tuple[socket.socket, int]:
+    """Bind (without listening) a SO_REUSEPORT socket on host:port and return
+    it with the port: port 0 becomes a fixed one for every worker, and a port
+    some other program holds fails here, once, with a clear error."""
+    family, _, _, _, addr = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock, int(sock.getsockname()[1])
+
+
+@dataclass
+class WorkerState:
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    ops_port: int | None = None
+    binds: dict[int, set[int]] = field(default_factory=dict)  # account -> tokens
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = RESTART_MIN
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    writer: asyncio.StreamWriter | None = None
+
+
+class Supervisor:
+    """Starts, watches and stops the workers; serves the ops port."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        count: int,
+        *,
+        config_path: str | None,
+        demo: bool,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.count = count
+        self.config_path = config_path
+        self.demo = demo
+        self.env = dict(os.environ if env is None else env)
+        self.workers = [WorkerState(i) for i in range(count)]
+        self.node = ""
+        self.ports: dict[str, int] = {}
+        self._held: list[socket.socket] = []
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # Receipt offers in flight: (origin worker, rid) -> siblings yet to answer.
+        self._offers: dict[tuple[int, int], set[int]] = {}
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.m_workers = Gauge(
+            "smsrouter_workers",
+            "Worker processes by state (listen.workers)",
+            ["state"],
+            registry=self.registry,
+        )
+        self.m_restarts = Counter(
+            "smsrouter_worker_restarts",
+            "Workers started again after they exited unasked",
+            registry=self.registry,
+        )
+
+    # ----------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        from .app import node_id
+
+        for name in ("smpp", "http"):
+            host, port = getattr(self.cfg, f"{name}_listen")
+            sock, self.ports[name] = hold_port(host, port)
+            self._held.append(sock)
+        self.cfg.smpp_listen = (self.cfg.smpp_listen[0], self.ports["smpp"])
+        self.cfg.http_listen = (self.cfg.http_listen[0], self.ports["http"])
+        self.node = node_id(self.cfg)  # may hold a slash: parse_worker_env splits 3 times
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT))
+        await self._serve_ops()
+        for w in self.workers:
+            await self._spawn(w)
+        waits = [asyncio.ensure_future(self._first_ready(w)) for w in self.workers]
+        try:
+            await asyncio.gather(*waits)
+        except BaseException:
+            for t in waits:
+                t.cancel()
+            raise
+
+    async def _first_ready(self, w: WorkerState) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not w.ready.is_set():
+            if w.proc is not None and w.proc.returncode is not None:
+                raise RuntimeError(f"worker {w.index} exited ({w.proc.returncode}) while starting")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {w.index} not ready in {READY_TIMEOUT:.0f} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(w.ready.wait(), 0.2)
+
+    async def _spawn(self, w: WorkerState) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(self.env)
+        env[ENV_WORKER] = f"{w.index}/{self.count}/{child.fileno()}/{self.node}"
+        env["ROUTER_SMPP_LISTEN"] = _addr(self.cfg.smpp_listen)
+        env["ROUTER_HTTP_LISTEN"] = _addr(self.cfg.http_listen)
+        if self.cfg.database_url:
+            env["ROUTER_DATABASE_URL"] = self.cfg.database_url
+        argv = [sys.executable, "-m", "router.workers"]
+        if self.config_path:
+            argv += ["--config", self.config_path]
+        if self.demo:
+            argv.append("--demo")
+        try:
+            w.proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL
+            )
+        finally:
+            child.close()
+        w.started_at = time.monotonic()
+        w.ready.clear()
+        w.ops_port = None
+        w.binds.clear()
+        reader, w.writer = await asyncio.open_unix_connection(sock=parent)
+        log.info("worker_started", worker=w.index, pid=w.proc.pid)
+        self._task(self._control(w, reader, w.writer))
+        self._task(self._watch(w, w.proc))
+        self._publish()
+
+    def _task(self, coro: Awaitable[Any]) -> None:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _control(
+        self, w: WorkerState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while line := await reader.readline():
+                try:
+                    msg = json.loads(line)
+                    op = msg["op"]
+                except (ValueError, KeyError, TypeError):
+                    log.warning("worker_message_invalid", worker=w.index)
+                    continue
+                if op == "ready":
+                    w.ops_port = int(msg["ops"])
+                    w.ready.set()
+                    w.backoff = RESTART_MIN if w.restarts == 0 else w.backoff
+                    self._publish()
+                elif op == "bind":
+                    ok = self._admit(w, int(msg["account"]), int(msg["max"]), int(msg["token"]))
+                    _write(writer, {"token": msg["token"], "ok": ok})
+                elif op == "receipts":
+                    self._fan_out(w, msg["items"])
+                elif op == "receipts_taken":
+                    self._collect(w, int(msg["to"]), msg["items"])
+                elif op == "unbind":
+                    tokens = w.binds.get(int(msg["account"]))
+                    if tokens is not None:
+                        tokens.discard(int(msg["token"]))
+                        if not tokens:
+                            del w.binds[int(msg["account"])]
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def _fan_out(self, w: WorkerState, items: list[list[Any]]) -> None:
+        """A worker's unknown receipts, to every other ready worker."""
+        targets = [x for x in self.workers if x is not w and x.ready.is_set() and x.writer]
+        if not targets:
+            _write(w.writer, {"op": "receipts_result", "items": [[i[0], False] for i in items]})
+            return
+        line = {"op": "receipts", "from": w.index, "items": items}
+        for x in targets:
+            _write(x.writer, line)
+        indexes = {x.index for x in targets}
+        for item in items:
+            self._offers[(w.index, int(item[0]))] = set(indexes)
+
+    def _collect(self, x: WorkerState, origin: int, items: list[list[Any]]) -> None:
+        """Worker x's answers to ``origin``'s offers: the first taker, or
+        'unclaimed' once every sibling said no."""
+        done = []
+        for rid, taken in items:
+            key = (origin, int(rid))
+            waiting = self._offers.get(key)
+            if waiting is None:
+                continue
+            waiting.discard(x.index)
+            if taken or not waiting:
+                del self._offers[key]
+                done.append([rid, bool(taken)])
+        if done:
+            _write(self.workers[origin].writer, {"op": "receipts_result", "items": done})
+
+    def _forget_offers(self, gone: WorkerState) -> None:
+        """A worker exited: its own offers go, and it answers no to the others'."""
+        results: dict[int, list[list[Any]]] = {}
+        for key in list(self._offers):
+            origin, rid = key
+            waiting = self._offers[key]
+            if origin == gone.index:
+                del self._offers[key]
+            elif gone.index in waiting:
+                waiting.discard(gone.index)
+                if not waiting:
+                    del self._offers[key]
+                    results.setdefault(origin, []).append([rid, False])
+        for origin, done in results.items():
+            _write(self.workers[origin].writer, {"op": "receipts_result", "items": done})
+
+    def _admit(self, w: WorkerState, account: int, max_binds: int, token: int) -> bool:
+        held = sum(len(x.binds.get(account, ())) for x in self.workers)
+        if held >= max_binds:
+            return False
+        w.binds.setdefault(account, set()).add(token)
+        return True
+
+    async def _watch(self, w: WorkerState, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        w.binds.clear()  # its binds died with it
+        w.ready.clear()
+        self._forget_offers(w)
+        w.ops_port = None
+        self._publish()
+        if self._stopping:
+            return
+        log.error("worker_exited", worker=w.index, pid=proc.pid, code=code)
+        if time.monotonic() - w.started_at > STABLE_AFTER:
+            w.backoff = RESTART_MIN
+        delay = w.backoff
+        w.backoff = min(RESTART_MAX, w.backoff * 2)
+        await asyncio.sleep(delay)
+        if self._stopping:
+            return
+        w.restarts += 1
+        self.m_restarts.inc()
+        try:
+            await self._spawn(w)
+        except Exception as exc:  # spawn again later rather than leave the slot empty
+            log.error("worker_start_failed", worker=w.index, error=type(exc).__name__)
+            self._task(self._retry_spawn(w))
+
+    async def _retry_spawn(self, w: WorkerState) -> None:
+        await asyncio.sleep(w.backoff)
+        if not self._stopping:
+            await self._spawn(w)
+
+    def _publish(self) -> None:
+        alive = sum(1 for w in self.workers if w.proc and w.proc.returncode is None)
+        ready = sum(1 for w in self.workers if w.ready.is_set())
+        self.m_workers.labels("configured").set(self.count)
+        self.m_workers.labels("running").set(alive)
+        self.m_workers.labels("ready").set(ready)
+
+    def signal_all(self, sig: int) -> None:
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(sig)
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Drain every worker (SIGTERM), SIGKILL what is left after ``grace``."""
+        self._stopping = True
+        self.signal_all(signal.SIGTERM)
+        procs = [w.proc for w in self.workers if w.proc is not None]
+        if procs:
+            done, pending = await asyncio.wait(
+                [asyncio.ensure_future(p.wait()) for p in procs], timeout=grace
+            )
+            if pending:
+                log.error("workers_killed", count=len(pending), after_s=grace)
+                self.signal_all(signal.SIGKILL)
+                await asyncio.wait(pending, timeout=5.0)
+        for t in list(self._tasks):
+            t.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+        for sock in self._held:
+            sock.close()
+        self._held.clear()
+
+    # ----------------------------------------------------------------- ops
+
+    async def _serve_ops(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        host, port = self.cfg.ops_listen
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.ports["ops"] = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    async def _get(self, w: WorkerState, path: str) -> tuple[int, str] | None:
+        if w.ops_port is None or self._session is None:
+            return None
+        try:
+            async with self._session.get(f"http://127.0.0.1:{w.ops_port}{path}") as resp:
+                return resp.status, await resp.text()
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
+
+    async def _each(self, path: str) -> list[tuple[int, str] | None]:
+        return list(await asyncio.gather(*(self._get(w, path) for w in self.workers)))
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        answers = await self._each("/readyz")
+        detail: dict[str, Any] = {}
+        ok = not self._stopping
+        for w, ans in zip(self.workers, answers, strict=True):
+            if ans is None:
+                ok = False
+                detail[str(w.index)] = {"ready": False, "reason": "not answering"}
+                continue
+            ok = ok and ans[0] == 200
+            try:
+                detail[str(w.index)] = json.loads(ans[1])
+            except ValueError:
+                detail[str(w.index)] = {"ready": False, "reason": "bad answer"}
+        return web.json_response(
+            {"ready": ok, "draining": self._stopping, "workers": detail},
+            status=200 if ok else 503,
+        )
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        answers = await self._each("/healthz")
+        detail: dict[str, Any] = {}
+        ok = True
+        for w, ans in zip(self.workers, answers, strict=True):
+            if ans is None:
+                ok = False
+                detail[str(w.index)] = {"status": "not answering"}
+                continue
+            ok = ok and ans[0] == 200
+            try:
+                detail[str(w.index)] = json.loads(ans[1])
+            except ValueError:
+                detail[str(w.index)] = {"status": "bad answer"}
+        return web.json_response(
+            {"status": "ok" if ok else "unhealthy", "workers": detail}, status=200 if ok else 503
+        )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        answers = await self._each("/metrics")
+        texts = {str(w.index): a[1] for w, a in zip(self.workers, answers, strict=True) if a}
+        texts["supervisor"] = generate_latest(self.registry).decode()
+        return web.Response(
+            body=merge_expositions(texts), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def merge_expositions(texts: dict[str, str]) -> bytes:
+    """Prometheus text expositions, one per worker, as one: every sample gets
+    a ``worker`` label; families of the same name are merged."""
+    families: dict[str, Metric] = {}
+    for worker, text in texts.items():
+        for fam in text_string_to_metric_families(text):
+            into = families.get(fam.name)
+            if into is None:
+                into = families[fam.name] = Metric(fam.name, fam.documentation, fam.type)
+            for s in fam.samples:
+                into.samples.append(
+                    Sample(s.name, {**s.labels, "worker": worker}, s.value, s.timestamp, s.exemplar)
+                )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
+
+
+def _write(writer: asyncio.StreamWriter | None, msg: dict[str, Any]) -> None:
+    if writer is not None and not writer.is_closing():
+        writer.write(json.dumps(msg).encode() + b"\n")
+
+
+def _addr(hp: tuple[str, int]) -> str:
+    host, port = hp
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def supervise(
+    cfg: Config, *, demo: bool, data_dir: Path, config_path: str | None = None
+) -> int:
+    """``sms-router run`` with ``listen.workers`` > 1 (see the module docstring)."""
+    from .app import banner_lines, demo_config
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    embedded = None
+    sims: list[Any] = []
+    sup: Supervisor | None = None
+    try:
+        if demo:
+            embedded, sims, cfg = await _demo_backing(cfg, data_dir, demo_config)
+        sup = Supervisor(cfg, cfg.workers, config_path=config_path, demo=demo)
+        loop.add_signal_handler(signal.SIGHUP, lambda: sup.signal_all(signal.SIGHUP))
+        await sup.start()
+        lines = banner_lines(cfg, sup.ports, demo, embedded is not None)
+        lines.insert(1, f"  workers   {cfg.workers} processes, node ids {sup.node}/w0..")
+        print("\n".join(lines), file=sys.stdout, flush=True)
+        await stop.wait()
+        log.info("draining")
+        return 0
+    finally:
+        if sup is not None:
+            await sup.stop()
+        for sim in sims:
+            await sim.stop()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+        log.info("stopped")
+
+
+async def _demo_backing(
+    cfg: Config, data_dir: Path, demo_config: Callable[[Config], Config]
+) -> tuple[Any, list[Any], Config]:
+    """Demo mode: the embedded PostgreSQL (migrated, with the demo account)
+    and the carrier simulators, started once here for all workers."""
+    import asyncpg
+
+    from .accounts import ensure_demo_account
+    from .sim import CarrierSimulator, SimConfig
+    from .store.db import migrate
+
+    embedded = None
+    sims: list[Any] = []
+    cfg.demo = True
+    if cfg.database_url is None:
+        from .store.embedded import EmbeddedPostgres
+
+        embedded = EmbeddedPostgres(data_dir / "demo")
+        cfg.database_url = await asyncio.to_thread(embedded.start)
+    conn = await asyncpg.connect(cfg.database_url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    pool = await asyncpg.create_pool(cfg.database_url, min_size=1, max_size=1)
+    try:
+        await ensure_demo_account(pool)
+    finally:
+        await pool.close()
+    if not cfg.carriers:
+        cfg = demo_config(cfg)  # what every worker makes of it too (fixed simulator ports)
+        for c in cfg.carriers:
+            sim = CarrierSimulator(
+                SimConfig(
+                    port=c.port,
+                    name=c.name,
+                    system_id=c.system_id,
+                    password=c.password,
+                    dlr_delay=0.5,
+                    keep_received=0,
+                )
+            )
+            await sim.start()
+            sims.append(sim)
+    return embedded, sims, cfg
+
+
+if __name__ == "__main__":
+    raise SystemExit(worker_main())

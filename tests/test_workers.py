@@ -1,0 +1,319 @@
+"""``listen.workers``: several router processes behind the same ports.
+
+The router runs as a real subprocess tree (supervisor + workers), the
+carrier simulator in the test's loop; customers connect over real TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from router.accounts import add_api_key, create_account
+from router.config import CarrierConfig, Config, ConfigError, parse_config, share_config
+from router.sim import CarrierSimulator, SimConfig
+from router.smpp.constants import Status
+from router.workers import hold_port, merge_expositions
+from tests.esme import TestEsme as Esme
+from tests.esme import connect
+from tests.routerproc import (
+    carrier_toml,
+    free_ports,
+    listen_toml,
+    parse_metrics,
+    start_router,
+    stop_router,
+)
+
+# ------------------------------------------------------------------ pure parts
+
+
+def test_share_config_divides_the_totals() -> None:
+    cfg = Config(
+        carriers=[
+            CarrierConfig("a", tps=300.0, queue_size=1001, sessions=5),
+            CarrierConfig("b", tps=10.0, queue_size=10, sessions=1),
+        ]
+    )
+    shares = [share_config(Config(carriers=[_copy(c) for c in cfg.carriers]), i, 2) for i in (0, 1)]
+    a0, a1 = (s.carriers[0] for s in shares)
+    assert (a0.tps, a1.tps) == (150.0, 150.0)
+    assert a0.queue_size == a1.queue_size == 501  # rounded up: never below the total
+    assert (a0.sessions, a1.sessions) == (3, 2)  # 5 sessions over 2 workers
+    b0, b1 = (s.carriers[1] for s in shares)
+    assert (b0.sessions, b1.sessions) == (1, 1)  # each worker needs one
+    assert (b0.tps, b1.tps) == (5.0, 5.0)
+    one = share_config(Config(carriers=[_copy(cfg.carriers[0])]), 0, 1)
+    assert (one.carriers[0].tps, one.carriers[0].sessions) == (300.0, 5)
+
+
+def _copy(c: CarrierConfig) -> CarrierConfig:
+    return CarrierConfig(c.name, tps=c.tps, queue_size=c.queue_size, sessions=c.sessions)
+
+
+def test_workers_setting() -> None:
+    assert parse_config({}, env={}).workers == 1
+    assert parse_config({"listen": {"workers": 3}}, env={}).workers == 3
+    assert parse_config({"listen": {"workers": 3}}, env={"ROUTER_WORKERS": "2"}).workers == 2
+    for bad in (0, 65, "2"):
+        with pytest.raises(ConfigError, match="workers"):
+            parse_config({"listen": {"workers": bad}}, env={})
+    with pytest.raises(ConfigError, match="ROUTER_WORKERS"):
+        parse_config({}, env={"ROUTER_WORKERS": "two"})
+
+
+def test_merged_metrics_keep_each_worker_apart() -> None:
+    a = (
+        "# HELP smsrouter_x_total Things.\n# TYPE smsrouter_x_total counter\n"
+        'smsrouter_x_total{account="a"} 3.0\n'
+        "# HELP smsrouter_g A gauge.\n# TYPE smsrouter_g gauge\nsmsrouter_g 1.0\n"
+    )
+    b = (
+        "# HELP smsrouter_x_total Things.\n# TYPE smsrouter_x_total counter\n"
+        'smsrouter_x_total{account="a"} 4.0\n'
+    )
+    text = merge_expositions({"0": a, "1": b}).decode()
+    got = parse_metrics(text)
+    assert got['smsrouter_x_total{account="a",worker="0"}'] == 3.0
+    assert got['smsrouter_x_total{account="a",worker="1"}'] == 4.0
+    assert got['smsrouter_g{worker="0"}'] == 1.0
+    assert text.count("# TYPE smsrouter_x_total counter") == 1
+
+
+def test_held_port_is_shared_by_reuseport_listeners() -> None:
+    held, port = hold_port("127.0.0.1", 0)
+    listeners = []
+    try:
+        assert port > 0
+        for _ in range(2):  # what two workers do
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            listeners.append(s)
+    finally:
+        for s in listeners:
+            s.close()
+        held.close()
+
+
+# ----------------------------------------------------------- the process tree
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def metrics_of(http: aiohttp.ClientSession, ops: int) -> dict[str, float]:
+    async with http.get(f"http://127.0.0.1:{ops}/metrics") as r:
+        assert r.status == 200
+        return parse_metrics(await r.text())
+
+
+def total(m: dict[str, float], name: str, **labels: str) -> float:
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in m.items() if k.split("{", 1)[0] == name and all(w in k for w in want))
+
+
+async def wait_for(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_two_workers_share_ports_binds_receipts_and_restarts(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    acme = await create_account(db, "acme", system_id="acme", password="acme-pw1", max_binds=12)
+    _, key = await add_api_key(db, acme)
+    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.05))
+    sim_port = await sim.start()
+    ports = free_ports()
+    cfg = tmp_path / "router.toml"
+    cfg.write_text(
+        listen_toml(ports)
+        + "workers = 2\n"
+        + carrier_toml("sim", sim_port, tps=2000.0, window=32, sessions=2)
+        + '[routes]\ndefault = ["sim"]\n'
+    )
+    log = tmp_path / "router.log"
+    proc = await start_router(cfg, database_url, ports["ops"], log, timeout=60)
+    esmes: list[Esme] = []
+    workers: list[int] = []
+    try:
+        workers = children_of(proc.pid)
+        assert len(workers) == 2, log.read_text()[-2000:]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{ports['ops']}/readyz") as r:
+                body = await r.json()
+            assert r.status == 200 and body["ready"] is True
+            assert sorted(body["workers"]) == ["0", "1"]
+            assert all(w["ready"] for w in body["workers"].values())
+            # Both workers bound to the carrier: 2 sessions = one each.
+            m = await metrics_of(http, ports["ops"])
+            assert total(m, "smsrouter_workers", state="running") == 2
+            assert total(m, "smsrouter_carrier_binds", worker="0") == 1
+            assert total(m, "smsrouter_carrier_binds", worker="1") == 1
+
+            # max_binds counts across the workers: 12 binds, the 13th refused.
+            for _ in range(12):
+                esme, resp = await connect(ports["smpp"])
+                assert resp.status == Status.ESME_ROK
+                esmes.append(esme)
+            extra, resp = await connect(ports["smpp"])
+            assert resp.status == Status.ESME_RBINDFAIL
+            extra.close()
+            m = await metrics_of(http, ports["ops"])
+            per_worker = [total(m, "smsrouter_smpp_binds", worker=str(i)) for i in (0, 1)]
+            assert sum(per_worker) == 12
+            # The kernel spread the connections (all 12 on one: p = 2/4096).
+            assert min(per_worker) > 0, per_worker
+            # A bind that ends gives its slot back, whichever worker held it.
+            await esmes.pop().unbind()
+            await asyncio.sleep(0.2)
+            again, resp = await connect(ports["smpp"])
+            assert resp.status == Status.ESME_ROK
+            esmes.append(again)
+
+            # Every bind submits; each receipt reaches a bind of the account (any
+            # of them, on either worker) although the carrier returns it over
+            # either worker's session.
+            ids: dict[str, Esme] = {}
+            for n, esme in enumerate(esmes):
+                for i in range(5):
+                    r = await esme.submit("+4512345678", f"w-{n}-{i}")
+                    assert r.status == Status.ESME_ROK
+                    ids[r.message_id] = esme  # type: ignore[attr-defined]
+
+            async def receipts_in() -> bool:
+                got = set().union(*(e.receipts for e in esmes))
+                return set(ids) <= got
+
+            await wait_for(receipts_in, 30, "receipts for every SMPP message")
+            # HTTP on the shared port, a new connection per request.
+            http_ids = []
+            for _ in range(8):
+                async with aiohttp.ClientSession() as one:  # a new connection each
+                    async with one.post(
+                        f"http://127.0.0.1:{ports['http']}/v1/messages",
+                        json={"to": "+4512345678", "from": "Acme", "text": "over http"},
+                        headers={"Authorization": f"Bearer {key}"},
+                    ) as r:
+                        assert r.status == 202, await r.text()
+                        http_ids.append((await r.json())["id"])
+
+            async def http_delivered() -> bool:
+                # Any worker answers for any message (the status lives in PostgreSQL).
+                for mid in http_ids:
+                    async with http.get(
+                        f"http://127.0.0.1:{ports['http']}/v1/messages/{mid}",
+                        headers={"Authorization": f"Bearer {key}"},
+                    ) as r:
+                        if r.status != 200 or (await r.json())["status"] != "delivered":
+                            return False
+                return True
+
+            await wait_for(http_delivered, 30, "HTTP messages delivered")
+            m = await metrics_of(http, ports["ops"])
+            accepted = [
+                total(m, "smsrouter_messages_accepted_total", worker=str(i)) for i in (0, 1)
+            ]
+            assert sum(accepted) == len(ids) + len(http_ids)
+            # The carrier sent receipts over both workers' sessions: those that
+            # reached the worker that did not send the message were taken by
+            # its sibling in memory (none needed the database path here).
+            taken = total(m, "smsrouter_worker_receipts_total", outcome="taken")
+            assert taken > 0
+            assert total(m, "smsrouter_carrier_receipts_forwarded_total") == 0
+
+            # kill -9 one worker: the supervisor starts it again, same node id.
+            victim = workers[0]
+            os.kill(victim, signal.SIGKILL)
+
+            async def replaced() -> bool:
+                now = children_of(proc.pid)
+                if len(now) != 2 or victim in now:
+                    return False
+                async with http.get(f"http://127.0.0.1:{ports['ops']}/readyz") as r:
+                    return r.status == 200
+
+            await wait_for(replaced, 60, "the killed worker to be replaced and ready")
+            m = await metrics_of(http, ports["ops"])
+            assert total(m, "smsrouter_worker_restarts_total") == 1
+            workers = children_of(proc.pid)
+    finally:
+        for e in esmes:
+            e.close()
+        code = stop_router(proc, timeout=40)
+        await sim.stop()
+    assert code == 0, log.read_text()[-3000:]
+    for pid in workers:
+        assert not alive(pid), f"worker {pid} outlived its supervisor's SIGTERM"
+
+
+async def test_workers_leave_when_the_supervisor_dies(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    sim = CarrierSimulator(SimConfig(port=0, name="sim"))
+    sim_port = await sim.start()
+    ports = free_ports()
+    cfg = tmp_path / "router.toml"
+    cfg.write_text(
+        listen_toml(ports) + "workers = 2\n" + carrier_toml("sim", sim_port) + "[routes]\n"
+        'default = ["sim"]\n'
+    )
+    log = tmp_path / "router.log"
+    proc = await start_router(cfg, database_url, ports["ops"], log, timeout=60)
+    workers = children_of(proc.pid)
+    try:
+        assert len(workers) == 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not any(alive(p) for p in workers), "a worker outlived its supervisor"
+        assert "supervisor_lost" in log.read_text()
+    finally:
+        for p in workers:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+        stop_router(proc)
+        await sim.stop()
+
+
+def test_workers_flag_is_checked(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "router.cli", "run", "--workers", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, ROUTER_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none"),
+    )
+    assert res.returncode != 0
+    assert "--workers: 1..64" in res.stderr
