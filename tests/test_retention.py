@@ -318,3 +318,35 @@ async def test_receipts_for_customers_nobody_took_are_deleted_once_expired(
     left = await db.fetch("SELECT node, expires_at FROM receipt_handoff")
     assert [(r["node"], r["expires_at"]) for r in left] == [("gone", now + dt.timedelta(minutes=1))]
     assert (await run_retention(db, now)).receipt_handoff_expired == 0
+
+
+async def test_routers_starting_together_create_each_partition_once_quietly(
+    db: asyncpg.Pool,
+) -> None:
+    """Sibling workers start at the same moment: CREATE TABLE IF NOT EXISTS
+    races in the catalog (DuplicateTableError / UniqueViolation); the loser
+    must take the partition as made, not warn that it could not make it."""
+    from structlog.testing import capture_logs
+
+    from router.store.trafficlog import ensure_partitions
+
+    day = dt.date(2031, 1, 1) + dt.timedelta(days=secrets.randbelow(3000))
+    conns = [await db.acquire() for _ in range(4)]
+    try:
+        with capture_logs() as logs:
+            await asyncio.gather(*(ensure_partitions(c, day, days=2) for c in conns))
+    finally:
+        for c in conns:
+            await db.release(c)
+    names = {
+        f"{t}_{d:%Y%m%d}"
+        for t in ("traffic_log", "delivery_events")
+        for d in (day, day + dt.timedelta(days=1))
+    }
+    found = await db.fetchval(
+        "SELECT count(*) FROM pg_class WHERE relname = ANY($1::text[])", list(names)
+    )
+    assert found == len(names)
+    assert [e for e in logs if e["event"] == "partition_not_created"] == []
+    for name in names:
+        await db.execute(f"DROP TABLE {name}")

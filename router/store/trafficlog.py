@@ -60,6 +60,10 @@ async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, days: int 
                     f" FOR VALUES FROM ('{day.isoformat()}')"
                     f" TO ('{(day + dt.timedelta(days=1)).isoformat()}')"
                 )
+            except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+                # Another router (a sibling worker starting with this one) made
+                # it between IF NOT EXISTS and the catalog insert: it exists.
+                continue
             except asyncpg.PostgresError as exc:
                 # Rows for that day already sit in the default partition.
                 log.warning("partition_not_created", table=name, error=type(exc).__name__)
