@@ -14,12 +14,15 @@ from typing import Any
 
 ORDER = (
     "smpp-e2e",
+    "smpp-e2e-workers",
     "smpp-1bind",
     "smpp-e2e-memory",
     "overload",
     "carrier-flap",
     "http-single",
+    "http-single-workers",
     "http-batch",
+    "http-batch-workers",
     "soak",
 )
 

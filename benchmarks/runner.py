@@ -190,7 +190,7 @@ SCENARIOS: dict[str, Scenario] = {
                  "two worker processes on one port)", concurrency=128, workers=2),
         Scenario("http-batch-workers", "http",
                  "as http-batch with listen.workers = 2", batch=100, concurrency=8,
-                 workers=2),
+                 workers=2, default=False),
         Scenario("codec", "codec",
                  "SMPP codec micro-benchmark (benchmarks/codec.py): ours vs aiosmpplib"),
     )

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,10 @@ def test_scenario_table_default_set_and_configs() -> None:
     assert "soak" not in r.DEFAULT_SET and "jasmin-compare" not in r.DEFAULT_SET
     for name in ("smpp-e2e-memory", "overload", "carrier-flap"):
         assert name in r.DEFAULT_SET
+    for name in ("smpp-e2e-workers", "http-single-workers"):
+        assert name in r.DEFAULT_SET
+        toml = r.router_toml(r.SCENARIOS[name], [1, 2])
+        assert "[listen]" in toml and "workers = 2" in toml
     memory = r.router_toml(r.SCENARIOS["smpp-e2e-memory"], [1, 2])
     assert 'guarantee = "in-memory"' in memory
     over = r.SCENARIOS["overload"]
@@ -198,3 +203,38 @@ def test_soak_settled_tells_a_filling_cache_from_a_leak() -> None:
     steps = rows([100, 100, 115, 115, 115, 130, 130, 130, 145, 145, 145, 145])
     assert settled(steps) == (90.0, 0.0)  # settles only at the last step: late, not early
     assert settled(rows([100])) == (None, None)
+
+
+def test_process_tree_sample_sums_the_children() -> None:
+    """A router with listen.workers is a supervisor and its workers: CPU and
+    memory of the benchmark's "router" are the whole tree's."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks.process import children, sample, sample_tree
+
+    code = (
+        "import subprocess, sys, time\n"
+        "kids = [subprocess.Popen([sys.executable, '-c', "
+        "'x = bytearray(40_000_000); import time; time.sleep(30)']) for _ in range(2)]\n"
+        "print('up', flush=True); time.sleep(30)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "up"
+        kids = children(parent.pid)
+        assert len(kids) == 2
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until both children hold their 40 MB
+            rss = [s.rss_kb for s in map(sample, kids) if s is not None]
+            if len(rss) == 2 and min(rss) > 40_000:
+                break
+            time.sleep(0.05)
+        own, tree = sample(parent.pid), sample_tree(parent.pid)
+        assert own is not None and tree is not None
+        assert tree.rss_kb > own.rss_kb + 80_000  # both children's 40 MB
+        assert tree.cpu_s >= own.cpu_s
+    finally:
+        for pid in children(parent.pid):
+            os.kill(pid, signal.SIGKILL)
+        parent.kill()
+        parent.wait()

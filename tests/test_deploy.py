@@ -110,6 +110,12 @@ def exported_names(rules: dict[str, Any]) -> set[str]:
             "process_start_time_seconds",
         }
     )
+    # The supervisor's own, with listen.workers > 1 (router/workers.py).
+    from router.config import Config
+    from router.workers import Supervisor
+
+    for fam in Supervisor(Config(), 2, config_path=None, demo=False).registry.collect():
+        names.update(fam.name + s for s in suffixes[fam.type])
     names.add("up")
     names.update(r["record"] for r in all_rules(rules) if "record" in r)
     return names
