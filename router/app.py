@@ -30,6 +30,7 @@ from .config import (
     ConfigError,
     RouteEntry,
     RoutesConfig,
+    check_workers,
     load_config,
     share_config,
 )
@@ -471,12 +472,16 @@ def event_loop_runner() -> Any:
 
 
 def run(config_path: str | None, *, demo: bool, workers: int | None = None) -> int:
+    # A reload (SIGHUP) before the handler is installed would end the process
+    # (its default action); the config is read at start anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config_path = config_path or os.environ.get("ROUTER_CONFIG")
     cfg = load_config(config_path)
     if workers is not None:
         if not 1 <= workers <= MAX_WORKERS:
             raise ConfigError(f"--workers: 1..{MAX_WORKERS}")
         cfg.workers = workers
+        check_workers(cfg)
     data_dir = Path(os.environ.get("ROUTER_DATA_DIR", ".pgdata"))
     runner = event_loop_runner()
     if cfg.workers > 1:

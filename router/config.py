@@ -214,6 +214,16 @@ def _routes(routes_t: dict[str, Any], p: str, names: set[str]) -> RoutesConfig:
 MAX_WORKERS = 64
 
 
+def check_workers(cfg: Config) -> None:
+    if not 1 <= cfg.workers <= MAX_WORKERS:
+        raise ConfigError(f"listen.workers: 1..{MAX_WORKERS}")
+    if cfg.workers > 1 and cfg.delivery_guarantee != "at-least-once":
+        # Receipts between workers (a customer's binds on different workers,
+        # a carrier receipt ahead of its submit_sm_resp) go through the
+        # database tables that only the durable mode has.
+        raise ConfigError('listen.workers > 1 needs delivery.guarantee = "at-least-once"')
+
+
 def share_config(cfg: Config, index: int, count: int) -> Config:
     """Worker ``index`` of ``count`` (router/workers.py): what the config
     gives as a total for the router is this worker's share of it. A
@@ -253,8 +263,6 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
         listen.pop("workers", None)
     else:
         cfg.workers = _take(listen, "workers", "listen.", int, cfg.workers)
-    if not 1 <= cfg.workers <= MAX_WORKERS:
-        raise ConfigError(f"listen.workers: 1..{MAX_WORKERS}")
     if listen:
         raise ConfigError(f"listen.{sorted(listen)[0]}: unknown key")
 
@@ -320,6 +328,7 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
         )
     if delivery_t:
         raise ConfigError(f"delivery.{sorted(delivery_t)[0]}: unknown key")
+    check_workers(cfg)
 
     logging_t = data.pop("logging", {})
     cfg.log_format = _take(logging_t, "format", "logging.", str, cfg.log_format)

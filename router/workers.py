@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -63,9 +64,6 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
-from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
 from .carriers.receipt import CarrierReceipt
 from .config import Config, share_config
@@ -106,6 +104,8 @@ class SupervisorLink:
         self._outbox: list[list[Any]] = []
         self._rid = 0
         self._sweeper: asyncio.TimerHandle | None = None
+        self._taking = True  # answers siblings' offers (False once draining)
+        self._lost = False
 
     def attach(self, engine: Engine) -> None:
         """Carrier receipts this worker did not send go to the siblings first."""
@@ -123,6 +123,13 @@ class SupervisorLink:
 
     def ready(self, ops_port: int) -> None:
         self._send({"op": "ready", "ops": ops_port, "pid": os.getpid()})
+
+    def draining(self) -> None:
+        """Before the router stops: its customer receipt sinks stop with it,
+        so it takes no more receipts from its siblings (they go the
+        database way), and the supervisor offers it none."""
+        self._taking = False
+        self._send({"op": "draining"})
 
     async def admit(self, account_id: int, max_binds: int) -> int | None:
         self._seq += 1
@@ -151,6 +158,11 @@ class SupervisorLink:
     # NOTIFY) that remains for receipts nobody claims costs far more.
 
     def offer_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
+        if self._lost:
+            if self.engine is not None:
+                metrics.WORKER_RECEIPTS.labels("unclaimed").inc()
+                self.engine.sibling_receipt_result(carrier, receipt, False)
+            return
         self._rid += 1
         rid = self._rid
         self._offered[rid] = (carrier, receipt, time.monotonic())
@@ -172,16 +184,23 @@ class SupervisorLink:
             metrics.WORKER_RECEIPTS.labels("taken" if taken else "unclaimed").inc()
             engine.sibling_receipt_result(entry[0], entry[1], bool(taken))
 
-    def _take(self, origin: int, items: list[list[Any]]) -> None:
-        """Receipts a sibling got: which of them this worker sent."""
-        engine = self.engine
+    def _take(self, origin: int, gen: int, items: list[list[Any]]) -> None:
+        """Receipts a sibling got: which of them this worker sent. Every
+        item is answered, whatever happens to another."""
+        engine = self.engine if self._taking else None
         answers = []
-        for rid, carrier, carrier_id, state, error in items:
-            taken = engine is not None and engine.take_sibling_receipt(
-                str(carrier), CarrierReceipt(str(carrier_id), MessageState(state), str(error))
-            )
+        for item in items:
+            taken = False
+            try:
+                rid, carrier, carrier_id, state, error = item
+                if engine is not None:
+                    receipt = CarrierReceipt(str(carrier_id), MessageState(state), str(error))
+                    taken = engine.take_sibling_receipt(str(carrier), receipt)
+            except Exception as exc:  # the sibling falls back to the database path
+                log.error("sibling_receipt_failed", error=type(exc).__name__)
+                rid = item[0] if isinstance(item, list) and item else None
             answers.append([rid, taken])
-        self._send({"op": "receipts_taken", "to": origin, "items": answers})
+        self._send({"op": "receipts_taken", "to": origin, "gen": gen, "items": answers})
 
     def _sweep(self) -> None:
         """Offers the supervisor never answered (it went away): the database path."""
@@ -199,17 +218,18 @@ class SupervisorLink:
                     msg = json.loads(line)
                     op = msg.get("op")
                     if op == "receipts":
-                        self._take(int(msg["from"]), msg["items"])
+                        self._take(int(msg["from"]), int(msg["gen"]), msg["items"])
                     elif op == "receipts_result":
                         self._results(msg["items"])
                     else:
                         fut = self._waiting.get(int(msg["token"]))
                         if fut is not None and not fut.done():
                             fut.set_result(bool(msg.get("ok")))
-                except (ValueError, KeyError, TypeError):
-                    log.warning("supervisor_message_invalid")
+                except Exception as exc:  # one bad line must not end the link
+                    log.error("supervisor_message_failed", error=type(exc).__name__)
         except (ConnectionError, OSError):
             pass
+        self._lost = True
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_result(False)
@@ -240,6 +260,19 @@ async def _work(cfg: Config, *, demo: bool, config_path: str | None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # A reload asked for while starting is done once started (the file is
+    # read again then anyway); SIGHUP's default action would end the process.
+    hup: list[Router] = []
+    reload_pending = asyncio.Event()
+    reload_path = config_path if not (demo and not config_path) else None
+
+    def on_hup() -> None:
+        if hup:
+            asyncio.ensure_future(hup[0].reload(reload_path))
+        else:
+            reload_pending.set()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     link = SupervisorLink(fd)
 
     def lost() -> None:
@@ -259,16 +292,16 @@ async def _work(cfg: Config, *, demo: bool, config_path: str | None) -> int:
     try:
         await router.start()
         tune_gc()
-        reload_path = config_path if not (demo and not config_path) else None
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: asyncio.ensure_future(router.reload(reload_path))
-        )
+        hup.append(router)
+        if reload_pending.is_set():
+            await router.reload(reload_path)
         link.ready(router.ports["ops"])
         log.info("worker_ready", node=cfg.node)
         await stop.wait()
         log.info("draining")
         return 0
     finally:
+        link.draining()
         await router.stop()
         await link.close()
         log.info("stopped")
@@ -290,6 +323,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     if ENV_WORKER not in os.environ:
         print("router.workers: started by `sms-router run` only", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until _work takes it over
     configure_logging()
     index = os.environ[ENV_WORKER].split("/", 1)[0]
     structlog.contextvars.bind_contextvars(worker=int(index))
@@ -308,6 +342,13 @@ def hold_port(host: str, port: int) -> tuple[socket.socket, int]:
     family, _, _, _, addr = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
+    if port:
+        # Without SO_REUSEPORT first: a program already on the port with
+        # SO_REUSEPORT (another router started by hand) would otherwise let
+        # our workers join its listeners and share its customers.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(addr)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -356,7 +397,7 @@ class Supervisor:
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
         # Receipt offers in flight: (origin worker, rid) -> siblings yet to answer.
-        self._offers: dict[tuple[int, int], set[int]] = {}
+        self._offers: dict[tuple[int, int, int], set[int]] = {}
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.registry = CollectorRegistry(auto_describe=True)
@@ -374,8 +415,30 @@ class Supervisor:
 
     # ----------------------------------------------------------- lifecycle
 
+    def _shared_keys(self) -> None:
+        """Keys each router makes up when unset (with a warning) must be one
+        for all the workers: webhooks of one account signed alike, audit
+        hashes comparable. Made here once, for this run of the supervisor."""
+        from .dlr.webhooks import SECRET_ENV
+        from .store.audit import AUDIT_KEY_ENV
+
+        if not self.env.get(SECRET_ENV):
+            self.env[SECRET_ENV] = secrets.token_hex(32)
+            log.warning(
+                "webhook_signing_key_generated",
+                hint=f"set {SECRET_ENV} so signatures survive restarts and agree across nodes",
+            )
+        if not self.env.get(AUDIT_KEY_ENV) and not self.demo:
+            self.env[AUDIT_KEY_ENV] = "hex:" + secrets.token_hex(32)
+            log.warning(
+                "audit_key_missing",
+                consequence="number hashes in audit_log are not comparable across restarts",
+            )
+
     async def start(self) -> None:
         from .app import node_id
+
+        self._shared_keys()
 
         for name in ("smpp", "http"):
             host, port = getattr(self.cfg, f"{name}_listen")
@@ -410,6 +473,7 @@ class Supervisor:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(self.env)
         env[ENV_WORKER] = f"{w.index}/{self.count}/{child.fileno()}/{self.node}"
+        env["ROUTER_WORKERS"] = str(self.count)  # what a worker's reload reads back
         env["ROUTER_SMPP_LISTEN"] = _addr(self.cfg.smpp_listen)
         env["ROUTER_HTTP_LISTEN"] = _addr(self.cfg.http_listen)
         if self.cfg.database_url:
@@ -429,7 +493,13 @@ class Supervisor:
         w.ready.clear()
         w.ops_port = None
         w.binds.clear()
-        reader, w.writer = await asyncio.open_unix_connection(sock=parent)
+        try:
+            reader, w.writer = await asyncio.open_unix_connection(sock=parent)
+        except BaseException:
+            w.proc.kill()  # no link: it would wait for nothing; _retry starts another
+            await w.proc.wait()
+            parent.close()
+            raise
         log.info("worker_started", worker=w.index, pid=w.proc.pid)
         self._task(self._control(w, reader, w.writer))
         self._task(self._watch(w, w.proc))
@@ -462,7 +532,10 @@ class Supervisor:
                 elif op == "receipts":
                     self._fan_out(w, msg["items"])
                 elif op == "receipts_taken":
-                    self._collect(w, int(msg["to"]), msg["items"])
+                    self._collect(w, int(msg["to"]), int(msg["gen"]), msg["items"])
+                elif op == "draining":
+                    w.ready.clear()
+                    self._publish()
                 elif op == "unbind":
                     tokens = w.binds.get(int(msg["account"]))
                     if tokens is not None:
@@ -471,6 +544,10 @@ class Supervisor:
                             del w.binds[int(msg["account"])]
         except (ConnectionError, OSError):
             pass
+        except Exception as exc:  # a defect here must not leave the worker unserved
+            log.error("worker_link_failed", worker=w.index, error=type(exc).__name__)
+            if w.proc is not None and w.proc.returncode is None:
+                w.proc.kill()  # started again by _watch, with a fresh link
         finally:
             writer.close()
 
@@ -480,19 +557,23 @@ class Supervisor:
         if not targets:
             _write(w.writer, {"op": "receipts_result", "items": [[i[0], False] for i in items]})
             return
-        line = {"op": "receipts", "from": w.index, "items": items}
+        line = {"op": "receipts", "from": w.index, "gen": w.restarts, "items": items}
         for x in targets:
             _write(x.writer, line)
         indexes = {x.index for x in targets}
         for item in items:
-            self._offers[(w.index, int(item[0]))] = set(indexes)
+            self._offers[(w.index, w.restarts, int(item[0]))] = set(indexes)
 
-    def _collect(self, x: WorkerState, origin: int, items: list[list[Any]]) -> None:
+    def _collect(self, x: WorkerState, origin: int, gen: int, items: list[list[Any]]) -> None:
         """Worker x's answers to ``origin``'s offers: the first taker, or
-        'unclaimed' once every sibling said no."""
+        'unclaimed' once every sibling said no. ``gen`` is the origin's
+        generation (restarts), so answers meant for a worker that has died
+        since never match the offers of the one started in its place."""
         done = []
         for rid, taken in items:
-            key = (origin, int(rid))
+            if rid is None:
+                continue
+            key = (origin, gen, int(rid))
             waiting = self._offers.get(key)
             if waiting is None:
                 continue
@@ -507,7 +588,7 @@ class Supervisor:
         """A worker exited: its own offers go, and it answers no to the others'."""
         results: dict[int, list[list[Any]]] = {}
         for key in list(self._offers):
-            origin, rid = key
+            origin, _, rid = key
             waiting = self._offers[key]
             if origin == gone.index:
                 del self._offers[key]
@@ -545,16 +626,15 @@ class Supervisor:
             return
         w.restarts += 1
         self.m_restarts.inc()
-        try:
-            await self._spawn(w)
-        except Exception as exc:  # spawn again later rather than leave the slot empty
-            log.error("worker_start_failed", worker=w.index, error=type(exc).__name__)
-            self._task(self._retry_spawn(w))
-
-    async def _retry_spawn(self, w: WorkerState) -> None:
-        await asyncio.sleep(w.backoff)
-        if not self._stopping:
-            await self._spawn(w)
+        while not self._stopping:
+            try:
+                await self._spawn(w)
+                return
+            except Exception as exc:  # fork/exec or the link failed: again, later
+                log.error("worker_start_failed", worker=w.index, error=type(exc).__name__)
+                delay = w.backoff
+                w.backoff = min(RESTART_MAX, w.backoff * 2)
+                await asyncio.sleep(delay)
 
     def _publish(self) -> None:
         alive = sum(1 for w in self.workers if w.proc and w.proc.returncode is None)
@@ -563,8 +643,10 @@ class Supervisor:
         self.m_workers.labels("running").set(alive)
         self.m_workers.labels("ready").set(ready)
 
-    def signal_all(self, sig: int) -> None:
+    def signal_all(self, sig: int, *, ready_only: bool = False) -> None:
         for w in self.workers:
+            if ready_only and not w.ready.is_set():
+                continue  # a starting worker reads the config file when it is ready
             if w.proc is not None and w.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.send_signal(sig)
@@ -621,75 +703,89 @@ class Supervisor:
         return list(await asyncio.gather(*(self._get(w, path) for w in self.workers)))
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        answers = await self._each("/readyz")
-        detail: dict[str, Any] = {}
-        ok = not self._stopping
-        for w, ans in zip(self.workers, answers, strict=True):
-            if ans is None:
-                ok = False
-                detail[str(w.index)] = {"ready": False, "reason": "not answering"}
-                continue
-            ok = ok and ans[0] == 200
-            try:
-                detail[str(w.index)] = json.loads(ans[1])
-            except ValueError:
-                detail[str(w.index)] = {"ready": False, "reason": "bad answer"}
-        return web.json_response(
-            {"ready": ok, "draining": self._stopping, "workers": detail},
-            status=200 if ok else 503,
-        )
+        """Ready while at least one worker is: a dead worker's listeners are
+        closed, so the kernel gives its share of connections to the others,
+        and one worker restarting must not take the whole host out of a
+        load balancer. Each worker's detail is in the body;
+        SmsRouterWorkersNotReady alerts on a worker missing."""
+        return await self._quorum("/readyz", "ready", "not ready")
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        answers = await self._each("/healthz")
+        """Healthy while at least one worker's loop answers (see _readyz)."""
+        return await self._quorum("/healthz", "status", "unhealthy")
+
+    async def _quorum(self, path: str, key: str, bad: str) -> web.Response:
+        answers = await self._each(path)
         detail: dict[str, Any] = {}
-        ok = True
+        good = 0
         for w, ans in zip(self.workers, answers, strict=True):
             if ans is None:
-                ok = False
-                detail[str(w.index)] = {"status": "not answering"}
+                detail[str(w.index)] = {key: False if key == "ready" else "not answering"}
                 continue
-            ok = ok and ans[0] == 200
+            good += ans[0] == 200
             try:
                 detail[str(w.index)] = json.loads(ans[1])
             except ValueError:
-                detail[str(w.index)] = {"status": "bad answer"}
+                detail[str(w.index)] = {key: False if key == "ready" else "bad answer"}
+        ok = good > 0 and not self._stopping
+        head: dict[str, Any] = (
+            {"ready": ok, "draining": self._stopping}
+            if key == "ready"
+            else {"status": "ok" if ok else bad}
+        )
         return web.json_response(
-            {"status": "ok" if ok else "unhealthy", "workers": detail}, status=200 if ok else 503
+            {**head, "workers_ok": good, "workers_configured": self.count, "workers": detail},
+            status=200 if ok else 503,
         )
 
     async def _metrics(self, request: web.Request) -> web.Response:
         answers = await self._each("/metrics")
-        texts = {str(w.index): a[1] for w, a in zip(self.workers, answers, strict=True) if a}
+        texts = {}
+        for w, a in zip(self.workers, answers, strict=True):
+            if a is not None and a[0] == 200:
+                texts[str(w.index)] = a[1]
+            elif a is not None:
+                log.warning("worker_metrics_failed", worker=w.index, status=a[0])
         texts["supervisor"] = generate_latest(self.registry).decode()
         return web.Response(
             body=merge_expositions(texts), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
 
-class _Families:
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self) -> list[Metric]:
-        return self.families
-
-
 def merge_expositions(texts: dict[str, str]) -> bytes:
-    """Prometheus text expositions, one per worker, as one: every sample gets
-    a ``worker`` label; families of the same name are merged."""
-    families: dict[str, Metric] = {}
+    """Prometheus text expositions (prometheus_client's: each family a HELP
+    line, a TYPE line, its samples), one per worker, as one: every sample
+    gets a ``worker`` label, and each family's samples from every worker are
+    put together under one HELP/TYPE (the format wants a family in one
+    group). Line by line, without parsing values: a scrape of several
+    workers with thousands of series each stays in the milliseconds on the
+    supervisor's loop, which also answers bind admissions and receipt offers."""
+    heads: dict[str, list[str]] = {}  # family -> its HELP and TYPE lines (the first seen)
+    samples: dict[str, list[str]] = {}
     for worker, text in texts.items():
-        for fam in text_string_to_metric_families(text):
-            into = families.get(fam.name)
-            if into is None:
-                into = families[fam.name] = Metric(fam.name, fam.documentation, fam.type)
-            for s in fam.samples:
-                into.samples.append(
-                    Sample(s.name, {**s.labels, "worker": worker}, s.value, s.timestamp, s.exemplar)
-                )
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(list(families.values())))
-    return generate_latest(registry)
+        label = f'worker="{worker}"'
+        family: list[str] | None = None
+        for line in text.splitlines():
+            if line.startswith(("# HELP ", "# TYPE ")):
+                name = line[7:].split(" ", 1)[0]
+                head = heads.setdefault(name, [])
+                if not any(h.startswith(line[:7]) for h in head):
+                    head.append(line)
+                family = samples.setdefault(name, [])
+            elif not line or line[0] == "#" or family is None:
+                continue
+            else:
+                brace, space = line.find("{"), line.find(" ")
+                if brace >= 0 and (space < 0 or brace < space):
+                    family.append(f"{line[: brace + 1]}{label},{line[brace + 1 :]}")
+                elif space > 0:
+                    family.append(f"{line[:space]}{{{label}}}{line[space:]}")
+    out = []
+    for name, head in heads.items():
+        out.extend(head)
+        out.extend(samples[name])
+    out.append("")
+    return "\n".join(out).encode()
 
 
 def _write(writer: asyncio.StreamWriter | None, msg: dict[str, Any]) -> None:
@@ -719,7 +815,9 @@ async def supervise(
         if demo:
             embedded, sims, cfg = await _demo_backing(cfg, data_dir, demo_config)
         sup = Supervisor(cfg, cfg.workers, config_path=config_path, demo=demo)
-        loop.add_signal_handler(signal.SIGHUP, lambda: sup.signal_all(signal.SIGHUP))
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: sup.signal_all(signal.SIGHUP, ready_only=True)
+        )
         await sup.start()
         lines = banner_lines(cfg, sup.ports, demo, embedded is not None)
         lines.insert(1, f"  workers   {cfg.workers} processes, node ids {sup.node}/w0..")

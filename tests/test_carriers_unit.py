@@ -49,6 +49,19 @@ def test_token_bucket_rate_and_adaptation() -> None:
     assert b.rate == b.floor >= 1.0
 
 
+def test_a_rate_below_one_per_second_is_never_raised_by_throttling() -> None:
+    # A carrier at 0.5/s (or a worker's share of a 1/s carrier): a throttling
+    # answer must not lift it to the 1/s floor.
+    reloaded = TokenBucket(8.0, now=0.0)
+    reloaded.set_rate(0.5)
+    for b in (TokenBucket(0.5, now=0.0), reloaded):
+        for _ in range(5):
+            b.slow_down()
+            assert b.rate <= 0.5
+        b.speed_up()
+        assert b.rate <= 0.5
+
+
 def receipt_pdu(text: bytes, **tlvs: bytes) -> DeliverSm:
     pdu = DeliverSm(esm_class=0x04, short_message=text)
     for k, v in tlvs.items():

@@ -7,6 +7,7 @@ carrier simulator in the test's loop; customers connect over real TCP.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -70,6 +71,10 @@ def test_workers_setting() -> None:
             parse_config({"listen": {"workers": bad}}, env={})
     with pytest.raises(ConfigError, match="ROUTER_WORKERS"):
         parse_config({}, env={"ROUTER_WORKERS": "two"})
+    # Receipts between workers need the durable mode's tables.
+    with pytest.raises(ConfigError, match="at-least-once"):
+        parse_config({"listen": {"workers": 2}, "delivery": {"guarantee": "in-memory"}}, env={})
+    assert parse_config({"delivery": {"guarantee": "in-memory"}}, env={}).workers == 1
 
 
 def test_merged_metrics_keep_each_worker_apart() -> None:
@@ -84,10 +89,79 @@ def test_merged_metrics_keep_each_worker_apart() -> None:
     )
     text = merge_expositions({"0": a, "1": b}).decode()
     got = parse_metrics(text)
-    assert got['smsrouter_x_total{account="a",worker="0"}'] == 3.0
-    assert got['smsrouter_x_total{account="a",worker="1"}'] == 4.0
+    assert got['smsrouter_x_total{worker="0",account="a"}'] == 3.0
+    assert got['smsrouter_x_total{worker="1",account="a"}'] == 4.0
     assert got['smsrouter_g{worker="0"}'] == 1.0
     assert text.count("# TYPE smsrouter_x_total counter") == 1
+
+
+def test_merge_round_trips_real_expositions() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def exposition(n: int) -> str:
+        reg = CollectorRegistry()
+        Counter("smsrouter_c", "C.", ["account"], registry=reg).labels('we"ird}, a=b').inc(n)
+        Histogram("smsrouter_h", "H.", registry=reg).observe(0.01 * n)
+        return generate_latest(reg).decode()
+
+    text = merge_expositions({"0": exposition(1), "1": exposition(2)}).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    c = {s.labels["worker"]: s for s in fams["smsrouter_c"].samples}
+    assert c["0"].value == 1.0 and c["1"].value == 2.0
+    assert c["1"].labels["account"] == 'we"ird}, a=b'
+    buckets = [s for s in fams["smsrouter_h"].samples if s.name == "smsrouter_h_bucket"]
+    assert {s.labels["worker"] for s in buckets} == {"0", "1"}
+    assert text.count("# TYPE smsrouter_h histogram") == 1
+
+
+def test_a_draining_worker_takes_no_sibling_receipt() -> None:
+    """Once a worker drains, its receipt sinks stop: a receipt a sibling got
+    for one of its messages must go the database way, not into it."""
+    from router.workers import SupervisorLink
+
+    class Sender:  # the engine's side of the exchange: a message it sent
+        def __init__(self) -> None:
+            self.took: list[str] = []
+
+        def take_sibling_receipt(self, carrier: str, receipt: object) -> bool:
+            self.took.append(carrier)
+            return True
+
+    async def run() -> list[dict[str, object]]:
+        ours, theirs = socket.socketpair()
+        link = SupervisorLink(ours.detach())
+        await link.open(lambda: None)
+        sender = Sender()
+        link.engine = sender  # type: ignore[assignment]
+        reader, writer = await asyncio.open_unix_connection(sock=theirs)
+        answers = []
+        for draining in (False, True):
+            if draining:
+                link.draining()
+                assert json.loads(await reader.readline()) == {"op": "draining"}
+            offer = {"op": "receipts", "from": 1, "gen": 0, "items": [[7, "sim", "ab12", 2, "000"]]}
+            writer.write(json.dumps(offer).encode() + b"\n")
+            answers.append(json.loads(await reader.readline()))
+        assert sender.took == ["sim"]  # only before draining
+        writer.close()
+        await link.close()
+        return answers
+
+    before, after = asyncio.run(run())
+    assert before["items"] == [[7, True]] and after["items"] == [[7, False]]
+
+
+def test_hold_port_refuses_a_port_another_router_listens_on() -> None:
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    try:
+        with pytest.raises(OSError):
+            hold_port("127.0.0.1", other.getsockname()[1])
+    finally:
+        other.close()
 
 
 def test_held_port_is_shared_by_reuseport_listeners() -> None:
@@ -169,9 +243,16 @@ async def test_two_workers_share_ports_binds_receipts_and_restarts(
         workers = children_of(proc.pid)
         assert len(workers) == 2, log.read_text()[-2000:]
         async with aiohttp.ClientSession() as http:
+            # Ready as soon as one worker is (start_router waited for that).
+            async def both_ready() -> bool:
+                async with http.get(f"http://127.0.0.1:{ports['ops']}/readyz") as r:
+                    return r.status == 200 and (await r.json())["workers_ok"] == 2
+
+            await wait_for(both_ready, 30, "both workers ready")
             async with http.get(f"http://127.0.0.1:{ports['ops']}/readyz") as r:
                 body = await r.json()
             assert r.status == 200 and body["ready"] is True
+            assert (body["workers_ok"], body["workers_configured"]) == (2, 2)
             assert sorted(body["workers"]) == ["0", "1"]
             assert all(w["ready"] for w in body["workers"].values())
             # Both workers bound to the carrier: 2 sessions = one each.
@@ -254,6 +335,13 @@ async def test_two_workers_share_ports_binds_receipts_and_restarts(
             # kill -9 one worker: the supervisor starts it again, same node id.
             victim = workers[0]
             os.kill(victim, signal.SIGKILL)
+            # The host stays ready on the other worker meanwhile (its listeners
+            # take every new connection), with the missing one shown.
+            while alive(victim):
+                await asyncio.sleep(0.01)
+            async with http.get(f"http://127.0.0.1:{ports['ops']}/readyz") as r:
+                body = await r.json()
+                assert r.status == 200 and body["workers_ok"] == 1, body
 
             async def replaced() -> bool:
                 now = children_of(proc.pid)
@@ -274,6 +362,60 @@ async def test_two_workers_share_ports_binds_receipts_and_restarts(
     assert code == 0, log.read_text()[-3000:]
     for pid in workers:
         assert not alive(pid), f"worker {pid} outlived its supervisor's SIGTERM"
+    # One signing key for all the workers, made by the supervisor.
+    assert log.read_text().count('"webhook_signing_key_generated"') == 1
+
+
+async def test_sighup_while_workers_start_kills_none(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    """A reload (systemctl reload: SIGHUP to the main process) while the
+    workers start: SIGHUP's default action would end a worker that has not
+    taken it over yet, so the supervisor passes it on to ready ones only."""
+    sim = CarrierSimulator(SimConfig(port=0, name="sim"))
+    sim_port = await sim.start()
+    ports = free_ports()
+    cfg = tmp_path / "router.toml"
+    cfg.write_text(
+        listen_toml(ports) + "workers = 2\n" + carrier_toml("sim", sim_port) + "[routes]\n"
+        'default = ["sim"]\n'
+    )
+    log = tmp_path / "router.log"
+    env = dict(os.environ, ROUTER_DATABASE_URL=database_url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router.cli", "--config", str(cfg), "run"],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not children_of(proc.pid) and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            await asyncio.sleep(0.01)  # the supervisor is up: it spawns workers
+        hups = 0
+        ready = False
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline and not ready:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                proc.send_signal(signal.SIGHUP)
+                hups += 1
+                try:
+                    async with http.get(f"http://127.0.0.1:{ports['ops']}/readyz") as r:
+                        body = await r.json()
+                        ready = r.status == 200 and body["workers_ok"] == 2
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+            assert ready, log.read_text()[-3000:]
+            assert hups >= 5  # the workers took a while to start: signals came meanwhile
+            m = await metrics_of(http, ports["ops"])
+            assert total(m, "smsrouter_worker_restarts_total") == 0
+            assert "worker_exited" not in log.read_text()
+    finally:
+        code = stop_router(proc, timeout=40)
+        await sim.stop()
+    assert code == 0, log.read_text()[-3000:]
 
 
 async def test_workers_leave_when_the_supervisor_dies(

@@ -19,7 +19,7 @@ class TokenBucket:
         self.burst = burst if burst is not None else max(1.0, rate / 10)
         self.tokens = self.burst
         self.stamp = now
-        self.floor = max(1.0, rate / 64)
+        self.floor = _floor(rate)
 
     def _refill(self, now: float) -> None:
         elapsed = now - self.stamp
@@ -48,4 +48,11 @@ class TokenBucket:
         self.rate = rate
         self.burst = max(1.0, rate / 10)
         self.tokens = min(self.tokens, self.burst)
-        self.floor = max(1.0, rate / 64)
+        self.floor = _floor(rate)
+
+
+def _floor(rate: float) -> float:
+    """How far ``slow_down`` may go: 1/64 of the rate, at least 1/s, and
+    never above the configured rate itself (a carrier limited to 0.5/s, or a
+    worker's share of 1/s, must not be sped up by a throttling answer)."""
+    return min(rate, max(1.0, rate / 64))
