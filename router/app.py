@@ -383,39 +383,70 @@ def tune_gc() -> None:
     metrics.watch_gc()
 
 
-async def _serve(cfg: Config, *, demo: bool, data_dir: Path, config_path: str | None = None) -> int:
-    from .sim import CarrierSimulator, SimConfig
+@dataclass
+class DemoBacking:
+    """What ``run --demo`` starts beside the router: the embedded PostgreSQL
+    (when no ROUTER_DATABASE_URL is given) and the carrier simulators (when
+    the config names no carriers), started once by the process that owns
+    them (the router, or the supervisor of its workers)."""
 
+    embedded: Any = None
+    sims: list[Any] = field(default_factory=list)
+
+    async def start(self, cfg: Config, data_dir: Path, *, prepare_db: bool = False) -> Config:
+        """Starts them and returns the config the router runs with. With
+        ``prepare_db``, migrates the database and makes the demo account
+        first (the supervisor's job: its workers start at once)."""
+        from .sim import CarrierSimulator, SimConfig
+
+        cfg.demo = True  # the demo account, even with carriers from a config file
+        if cfg.database_url is None:
+            from .store.embedded import EmbeddedPostgres
+
+            self.embedded = EmbeddedPostgres(data_dir / "demo")
+            cfg.database_url = await asyncio.to_thread(self.embedded.start)
+        if prepare_db and cfg.database_url is not None:
+            pool = await create_pool(cfg.database_url)
+            try:
+                async with pool.acquire() as conn:
+                    await migrate(conn)
+                await ensure_demo_account(pool)
+            finally:
+                await pool.close()
+        if not cfg.carriers:
+            cfg = demo_config(cfg)  # fixed simulator ports: what every worker makes of it too
+            for c in cfg.carriers:
+                sim = CarrierSimulator(
+                    SimConfig(
+                        port=c.port,
+                        name=c.name,
+                        system_id=c.system_id,
+                        password=c.password,
+                        dlr_delay=0.5,
+                        keep_received=0,  # a demo may run for days
+                    )
+                )
+                await sim.start()
+                self.sims.append(sim)
+        return cfg
+
+    async def stop(self) -> None:
+        for sim in self.sims:
+            await sim.stop()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+
+async def _serve(cfg: Config, *, demo: bool, data_dir: Path, config_path: str | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    embedded = None
-    sims: list[Any] = []
+    backing = DemoBacking()
     router: Router | None = None
     try:
         if demo:
-            cfg.demo = True  # the demo account, even with carriers from a config file
-            if cfg.database_url is None:
-                from .store.embedded import EmbeddedPostgres
-
-                embedded = EmbeddedPostgres(data_dir / "demo")
-                cfg.database_url = await asyncio.to_thread(embedded.start)
-            if not cfg.carriers:
-                cfg = demo_config(cfg)
-                for c in cfg.carriers:
-                    sim = CarrierSimulator(
-                        SimConfig(
-                            port=c.port,
-                            name=c.name,
-                            system_id=c.system_id,
-                            password=c.password,
-                            dlr_delay=0.5,
-                            keep_received=0,  # a demo may run for days
-                        )
-                    )
-                    await sim.start()
-                    sims.append(sim)
+            cfg = await backing.start(cfg, data_dir)
         router = Router(cfg)
         await router.start(migrate_schema=demo)
         tune_gc()
@@ -423,7 +454,7 @@ async def _serve(cfg: Config, *, demo: bool, data_dir: Path, config_path: str | 
         loop.add_signal_handler(
             signal.SIGHUP, lambda: asyncio.ensure_future(router.reload(reload_path))
         )
-        lines = banner_lines(router.cfg, router.ports, demo, embedded is not None)
+        lines = banner_lines(router.cfg, router.ports, demo, backing.embedded is not None)
         print("\n".join(lines), file=sys.stdout, flush=True)
         await stop.wait()
         log.info("draining")
@@ -431,10 +462,7 @@ async def _serve(cfg: Config, *, demo: bool, data_dir: Path, config_path: str | 
     finally:
         if router is not None:
             await router.stop()
-        for sim in sims:
-            await sim.stop()
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+        await backing.stop()
         log.info("stopped")
 
 

@@ -802,24 +802,23 @@ async def supervise(
     cfg: Config, *, demo: bool, data_dir: Path, config_path: str | None = None
 ) -> int:
     """``sms-router run`` with ``listen.workers`` > 1 (see the module docstring)."""
-    from .app import banner_lines, demo_config
+    from .app import DemoBacking, banner_lines
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    embedded = None
-    sims: list[Any] = []
+    backing = DemoBacking()
     sup: Supervisor | None = None
     try:
         if demo:
-            embedded, sims, cfg = await _demo_backing(cfg, data_dir, demo_config)
+            cfg = await backing.start(cfg, data_dir, prepare_db=True)
         sup = Supervisor(cfg, cfg.workers, config_path=config_path, demo=demo)
         loop.add_signal_handler(
             signal.SIGHUP, lambda: sup.signal_all(signal.SIGHUP, ready_only=True)
         )
         await sup.start()
-        lines = banner_lines(cfg, sup.ports, demo, embedded is not None)
+        lines = banner_lines(cfg, sup.ports, demo, backing.embedded is not None)
         lines.insert(1, f"  workers   {cfg.workers} processes, node ids {sup.node}/w0..")
         print("\n".join(lines), file=sys.stdout, flush=True)
         await stop.wait()
@@ -828,58 +827,8 @@ async def supervise(
     finally:
         if sup is not None:
             await sup.stop()
-        for sim in sims:
-            await sim.stop()
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+        await backing.stop()
         log.info("stopped")
-
-
-async def _demo_backing(
-    cfg: Config, data_dir: Path, demo_config: Callable[[Config], Config]
-) -> tuple[Any, list[Any], Config]:
-    """Demo mode: the embedded PostgreSQL (migrated, with the demo account)
-    and the carrier simulators, started once here for all workers."""
-    import asyncpg
-
-    from .accounts import ensure_demo_account
-    from .sim import CarrierSimulator, SimConfig
-    from .store.db import migrate
-
-    embedded = None
-    sims: list[Any] = []
-    cfg.demo = True
-    if cfg.database_url is None:
-        from .store.embedded import EmbeddedPostgres
-
-        embedded = EmbeddedPostgres(data_dir / "demo")
-        cfg.database_url = await asyncio.to_thread(embedded.start)
-    conn = await asyncpg.connect(cfg.database_url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await asyncpg.create_pool(cfg.database_url, min_size=1, max_size=1)
-    try:
-        await ensure_demo_account(pool)
-    finally:
-        await pool.close()
-    if not cfg.carriers:
-        cfg = demo_config(cfg)  # what every worker makes of it too (fixed simulator ports)
-        for c in cfg.carriers:
-            sim = CarrierSimulator(
-                SimConfig(
-                    port=c.port,
-                    name=c.name,
-                    system_id=c.system_id,
-                    password=c.password,
-                    dlr_delay=0.5,
-                    keep_received=0,
-                )
-            )
-            await sim.start()
-            sims.append(sim)
-    return embedded, sims, cfg
 
 
 if __name__ == "__main__":

@@ -220,6 +220,21 @@ async def wait_for(check, timeout: float, what: str) -> None:  # type: ignore[no
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def two_workers_on_a_simulator(
+    tmp_path: Path,
+) -> tuple[CarrierSimulator, dict[str, int], Path, Path]:
+    """A carrier simulator and a config of two workers routing to it."""
+    sim = CarrierSimulator(SimConfig(port=0, name="sim"))
+    sim_port = await sim.start()
+    ports = free_ports()
+    cfg = tmp_path / "router.toml"
+    cfg.write_text(
+        listen_toml(ports) + "workers = 2\n" + carrier_toml("sim", sim_port) + "[routes]\n"
+        'default = ["sim"]\n'
+    )
+    return sim, ports, cfg, tmp_path / "router.log"
+
+
 async def test_two_workers_share_ports_binds_receipts_and_restarts(
     db: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:
@@ -372,15 +387,7 @@ async def test_sighup_while_workers_start_kills_none(
     """A reload (systemctl reload: SIGHUP to the main process) while the
     workers start: SIGHUP's default action would end a worker that has not
     taken it over yet, so the supervisor passes it on to ready ones only."""
-    sim = CarrierSimulator(SimConfig(port=0, name="sim"))
-    sim_port = await sim.start()
-    ports = free_ports()
-    cfg = tmp_path / "router.toml"
-    cfg.write_text(
-        listen_toml(ports) + "workers = 2\n" + carrier_toml("sim", sim_port) + "[routes]\n"
-        'default = ["sim"]\n'
-    )
-    log = tmp_path / "router.log"
+    sim, ports, cfg, log = await two_workers_on_a_simulator(tmp_path)
     env = dict(os.environ, ROUTER_DATABASE_URL=database_url)
     proc = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "--config", str(cfg), "run"],
@@ -421,15 +428,7 @@ async def test_sighup_while_workers_start_kills_none(
 async def test_workers_leave_when_the_supervisor_dies(
     db: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:
-    sim = CarrierSimulator(SimConfig(port=0, name="sim"))
-    sim_port = await sim.start()
-    ports = free_ports()
-    cfg = tmp_path / "router.toml"
-    cfg.write_text(
-        listen_toml(ports) + "workers = 2\n" + carrier_toml("sim", sim_port) + "[routes]\n"
-        'default = ["sim"]\n'
-    )
-    log = tmp_path / "router.log"
+    sim, ports, cfg, log = await two_workers_on_a_simulator(tmp_path)
     proc = await start_router(cfg, database_url, ports["ops"], log, timeout=60)
     workers = children_of(proc.pid)
     try:
