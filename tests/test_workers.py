@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -458,3 +459,86 @@ def test_workers_flag_is_checked(tmp_path: Path) -> None:
     )
     assert res.returncode != 0
     assert "--workers: 1..64" in res.stderr
+
+
+async def test_kill_9_of_a_worker_under_load_loses_no_acknowledged_message(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    """At-least-once with workers: kill -9 one worker while both have a
+    backlog for a slow carrier; the supervisor starts it again with its node
+    id, it resends its own spool, and every message that got a positive
+    submit_sm_resp on either worker reaches the carrier."""
+    await create_account(db, "acme", system_id="acme", password="acme-pw1", max_binds=20)
+    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.2, latency=0.01))
+    sim_port = await sim.start()
+    ports = free_ports()
+    cfg = tmp_path / "router.toml"
+    cfg.write_text(
+        listen_toml(ports)
+        + "workers = 2\n"
+        + carrier_toml("sim", sim_port, tps=300.0, window=32)
+        + '[routes]\ndefault = ["sim"]\n'
+    )
+    log = tmp_path / "router.log"
+    proc = await start_router(cfg, database_url, ports["ops"], log, timeout=60)
+    acked: dict[str, str] = {}  # text -> our id
+    esmes: list[Esme] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def both_ready() -> bool:
+                async with http.get(f"http://127.0.0.1:{ports['ops']}/readyz") as r:
+                    return r.status == 200 and (await r.json())["workers_ok"] == 2
+
+            await wait_for(both_ready, 30, "both workers ready")
+            for _ in range(8):
+                esme, resp = await connect(ports["smpp"])
+                assert resp.status == Status.ESME_ROK
+                esmes.append(esme)
+            m = await metrics_of(http, ports["ops"])
+            assert min(total(m, "smsrouter_smpp_binds", worker=str(i)) for i in (0, 1)) > 0
+
+            async def one(i: int) -> None:
+                text = f"wcrash-{i:05d}"
+                try:
+                    r = await esmes[i % len(esmes)].submit("+4512345678", text)
+                except (ConnectionError, TimeoutError):
+                    return
+                if r.status == Status.ESME_ROK:
+                    acked[text] = r.message_id  # type: ignore[attr-defined]
+
+            tasks = [asyncio.create_task(one(i)) for i in range(1600)]
+            deadline = time.monotonic() + 30
+            while len(acked) < 700 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            received_before = sim.received_count()
+            victim = children_of(proc.pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            assert len(acked) >= 700, "load did not reach the kill point"
+            assert received_before < len(acked), "nothing was in flight at the kill"
+
+            want = set(acked)
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                if want <= {m.payload.decode() for m in sim.received}:
+                    break
+                await asyncio.sleep(0.2)
+            seen = Counter(m.payload.decode() for m in sim.received)
+            missing = want - set(seen)
+            duplicates = sum(n - 1 for t, n in seen.items() if t in want and n > 1)
+            print(
+                f"\nacknowledged={len(acked)} delivered_before_kill={received_before} "
+                f"missing={len(missing)} duplicates={duplicates}"
+            )
+            assert not missing, f"{len(missing)} acknowledged messages never reached the carrier"
+            m = await metrics_of(http, ports["ops"])
+            assert total(m, "smsrouter_worker_restarts_total") == 1
+            # The worker started again under its node id resent its own backlog
+            # (not its sibling after node_grace).
+            assert '"event": "spool_replayed"' in log.read_text()
+    finally:
+        for e in esmes:
+            e.close()
+        stop_router(proc, timeout=40)
+        await sim.stop()
