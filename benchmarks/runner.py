@@ -1164,6 +1164,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output-dir", type=Path, default=RESULTS,
                    help="where <scenario>.json/.png go (default benchmarks/results)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="run each router with listen.workers = N (recorded as router.workers)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra router config, e.g. --set database.traffic_log=false "
                         "(repeatable; recorded in the result)")
@@ -1180,6 +1182,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--duration must be > 0")
     if args.rate is not None and args.rate <= 0:
         p.error("--rate must be > 0")
+    if args.workers is not None and not 1 <= args.workers <= 64:
+        p.error("--workers: 1..64")
     return args
 
 
@@ -1261,7 +1265,10 @@ def main(argv: list[str]) -> int:
     try:
         for name in names:
             sc = SCENARIOS[name]
-            print(f"== {name}: {sc.summary}", flush=True)
+            if args.workers is not None and sc.kind in ("smpp", "http"):
+                sc = replace(sc, workers=args.workers)
+            print(f"== {name}: {sc.summary}" + (f" [listen.workers = {sc.workers}]"
+                                                 if args.workers else ""), flush=True)
             t = time.monotonic()
             timing = scenario_timing(sc, args)
             try:
