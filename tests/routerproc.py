@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -76,6 +78,26 @@ def stop_router(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
             proc.kill()
             proc.wait()
     return int(proc.returncode)
+
+
+async def carrier_got_all(
+    sim: Any, want: set[str], acked: int, received_before: int, timeout: float = 60
+) -> tuple[set[str], int]:
+    """Wait until the simulator has received every text in ``want`` (bounded);
+    print and return what is missing and how many duplicates came."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if want <= {m.payload.decode() for m in sim.received}:
+            break
+        await asyncio.sleep(0.2)
+    seen = Counter(m.payload.decode() for m in sim.received)
+    missing = want - set(seen)
+    duplicates = sum(n - 1 for t, n in seen.items() if t in want and n > 1)
+    print(
+        f"\nacknowledged={acked} delivered_before_kill={received_before} "
+        f"missing={len(missing)} duplicates={duplicates}"
+    )
+    return missing, duplicates
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -22,7 +22,14 @@ from router.sim import CarrierSimulator, SimConfig
 from router.smpp.constants import Status
 from router.smpp.pdu import BindReceiver, BindTransmitter, SubmitSm
 from tests.esme import connect
-from tests.routerproc import carrier_toml, free_ports, listen_toml, start_router, stop_router
+from tests.routerproc import (
+    carrier_got_all,
+    carrier_toml,
+    free_ports,
+    listen_toml,
+    start_router,
+    stop_router,
+)
 
 
 def texts(sim: CarrierSimulator) -> set[str]:
@@ -87,20 +94,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_message(
         assert received_before < len(acked), "nothing was in flight at the kill"
 
         proc = await start_router(cfg, database_url, ports["ops"], log)
-        want = set(acked)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            got = {m.payload.decode() for m in sim.received}
-            if want <= got:
-                break
-            await asyncio.sleep(0.2)
-        seen = Counter(m.payload.decode() for m in sim.received)
-        missing = want - set(seen)
-        duplicates = sum(n - 1 for t, n in seen.items() if t in want and n > 1)
-        print(
-            f"\nacknowledged={len(acked)} delivered_before_kill={received_before} "
-            f"missing={len(missing)} duplicates={duplicates}"
-        )
+        missing, _ = await carrier_got_all(sim, set(acked), len(acked), received_before)
         assert not missing, f"{len(missing)} acknowledged messages never reached the carrier"
         # The spool is empty once the carrier has taken everything.
         deadline = time.monotonic() + 10

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -29,6 +28,7 @@ from router.workers import hold_port, merge_expositions
 from tests.esme import TestEsme as Esme
 from tests.esme import connect
 from tests.routerproc import (
+    carrier_got_all,
     carrier_toml,
     free_ports,
     listen_toml,
@@ -222,16 +222,18 @@ async def wait_for(check, timeout: float, what: str) -> None:  # type: ignore[no
 
 
 async def two_workers_on_a_simulator(
-    tmp_path: Path,
+    tmp_path: Path, sim_config: SimConfig | None = None, **carrier: object
 ) -> tuple[CarrierSimulator, dict[str, int], Path, Path]:
     """A carrier simulator and a config of two workers routing to it."""
-    sim = CarrierSimulator(SimConfig(port=0, name="sim"))
+    sim = CarrierSimulator(sim_config or SimConfig(port=0, name="sim"))
     sim_port = await sim.start()
     ports = free_ports()
     cfg = tmp_path / "router.toml"
     cfg.write_text(
-        listen_toml(ports) + "workers = 2\n" + carrier_toml("sim", sim_port) + "[routes]\n"
-        'default = ["sim"]\n'
+        listen_toml(ports)
+        + "workers = 2\n"
+        + carrier_toml("sim", sim_port, **carrier)
+        + '[routes]\ndefault = ["sim"]\n'
     )
     return sim, ports, cfg, tmp_path / "router.log"
 
@@ -241,17 +243,9 @@ async def test_two_workers_share_ports_binds_receipts_and_restarts(
 ) -> None:
     acme = await create_account(db, "acme", system_id="acme", password="acme-pw1", max_binds=12)
     _, key = await add_api_key(db, acme)
-    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.05))
-    sim_port = await sim.start()
-    ports = free_ports()
-    cfg = tmp_path / "router.toml"
-    cfg.write_text(
-        listen_toml(ports)
-        + "workers = 2\n"
-        + carrier_toml("sim", sim_port, tps=2000.0, window=32, sessions=2)
-        + '[routes]\ndefault = ["sim"]\n'
+    sim, ports, cfg, log = await two_workers_on_a_simulator(
+        tmp_path, SimConfig(port=0, name="sim", dlr_delay=0.05), tps=2000.0, window=32, sessions=2
     )
-    log = tmp_path / "router.log"
     proc = await start_router(cfg, database_url, ports["ops"], log, timeout=60)
     esmes: list[Esme] = []
     workers: list[int] = []
@@ -469,17 +463,9 @@ async def test_kill_9_of_a_worker_under_load_loses_no_acknowledged_message(
     id, it resends its own spool, and every message that got a positive
     submit_sm_resp on either worker reaches the carrier."""
     await create_account(db, "acme", system_id="acme", password="acme-pw1", max_binds=20)
-    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.2, latency=0.01))
-    sim_port = await sim.start()
-    ports = free_ports()
-    cfg = tmp_path / "router.toml"
-    cfg.write_text(
-        listen_toml(ports)
-        + "workers = 2\n"
-        + carrier_toml("sim", sim_port, tps=300.0, window=32)
-        + '[routes]\ndefault = ["sim"]\n'
+    sim, ports, cfg, log = await two_workers_on_a_simulator(
+        tmp_path, SimConfig(port=0, name="sim", dlr_delay=0.2, latency=0.01), tps=300.0, window=32
     )
-    log = tmp_path / "router.log"
     proc = await start_router(cfg, database_url, ports["ops"], log, timeout=60)
     acked: dict[str, str] = {}  # text -> our id
     esmes: list[Esme] = []
@@ -518,18 +504,8 @@ async def test_kill_9_of_a_worker_under_load_loses_no_acknowledged_message(
             assert len(acked) >= 700, "load did not reach the kill point"
             assert received_before < len(acked), "nothing was in flight at the kill"
 
-            want = set(acked)
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                if want <= {m.payload.decode() for m in sim.received}:
-                    break
-                await asyncio.sleep(0.2)
-            seen = Counter(m.payload.decode() for m in sim.received)
-            missing = want - set(seen)
-            duplicates = sum(n - 1 for t, n in seen.items() if t in want and n > 1)
-            print(
-                f"\nacknowledged={len(acked)} delivered_before_kill={received_before} "
-                f"missing={len(missing)} duplicates={duplicates}"
+            missing, _ = await carrier_got_all(
+                sim, set(acked), len(acked), received_before, timeout=90
             )
             assert not missing, f"{len(missing)} acknowledged messages never reached the carrier"
             m = await metrics_of(http, ports["ops"])
