@@ -34,7 +34,7 @@ from .config import (
     load_config,
     share_config,
 )
-from .dlr.webhooks import WebhookSender
+from .dlr.webhooks import PER_ACCOUNT, PER_HOST, WebhookSender
 from .engine import Engine
 from .ingress.admin import add_admin_routes
 from .ingress.handoff import ReceiptHandoff
@@ -210,6 +210,7 @@ class Router:
         self._set_account_rates()
         # Demo mode is all on loopback, so its webhooks may target it too.
         w = cfg.webhooks
+        shares = webhook_shares(self.worker[1] if self.worker else 1)
         self.webhooks = WebhookSender(
             self.accounts,
             initial_backoff=w.initial_backoff,
@@ -218,6 +219,8 @@ class Router:
             timeout=w.timeout,
             allow_private_targets=w.allow_private_targets or cfg.demo,
             pool=self.pool,  # the durable outbox (migration 008); secret messages stay in memory
+            per_account=shares[0],
+            per_host=shares[1],
             write_interval=w.outbox_write_interval,
             lease=w.outbox_lease,
         )
@@ -369,6 +372,12 @@ class Router:
             await self.optout.stop()
         if self.pool is not None:
             await self.pool.close()
+
+
+def webhook_shares(workers: int) -> tuple[int, int]:
+    """Webhook concurrency (per account, per callback host) is a total for
+    the router: each of ``workers`` processes gets its share (at least one)."""
+    return max(1, PER_ACCOUNT // workers), max(1, PER_HOST // workers)
 
 
 def tune_gc() -> None:

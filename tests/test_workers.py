@@ -63,6 +63,15 @@ def _copy(c: CarrierConfig) -> CarrierConfig:
     return CarrierConfig(c.name, tps=c.tps, queue_size=c.queue_size, sessions=c.sessions)
 
 
+def test_webhook_concurrency_per_endpoint_is_a_total() -> None:
+    from router.app import webhook_shares
+    from router.dlr.webhooks import PER_ACCOUNT, PER_HOST
+
+    assert webhook_shares(1) == (PER_ACCOUNT, PER_HOST)
+    assert webhook_shares(2) == (PER_ACCOUNT // 2, PER_HOST // 2)
+    assert webhook_shares(64) == (1, 1)  # each worker needs one
+
+
 def test_workers_setting() -> None:
     assert parse_config({}, env={}).workers == 1
     assert parse_config({"listen": {"workers": 3}}, env={}).workers == 3

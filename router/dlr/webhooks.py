@@ -91,6 +91,8 @@ log = structlog.get_logger("router.dlr.webhooks")
 
 SIGNATURE_HEADER = "X-SMSRouter-Signature"
 SECRET_ENV = "ROUTER_WEBHOOK_SECRET"
+PER_ACCOUNT = 4  # deliveries in flight per account (one slow customer cannot take them all)
+PER_HOST = 8  # connections per callback host
 
 
 # ------------------------------------------------------------------ signing
@@ -245,8 +247,8 @@ class WebhookSender:
         timeout: float = 10.0,
         max_pending: int = 100_000,
         max_concurrency: int = 64,
-        per_account: int = 4,
-        per_host: int = 8,
+        per_account: int = PER_ACCOUNT,
+        per_host: int = PER_HOST,
         allow_private_targets: bool = False,
         pool: asyncpg.Pool | None = None,
         write_interval: float = 1.0,
