@@ -145,12 +145,12 @@ class Router:
     supervisor: Any = None  # a worker's link to its supervisor (workers.SupervisorLink)
 
     @property
-    def rate_share(self) -> float:
-        return 1.0 / self.worker[1] if self.worker else 1.0
+    def worker_count(self) -> int:
+        return self.worker[1] if self.worker else 1
 
     def _set_account_rates(self) -> None:
         if self.engine is not None:
-            share = self.rate_share
+            share = 1.0 / self.worker_count
             self.engine.set_account_rates(
                 {a.id: a.tps * share if a.tps else a.tps for a in self.accounts.by_id.values()}
             )
@@ -210,7 +210,7 @@ class Router:
         self._set_account_rates()
         # Demo mode is all on loopback, so its webhooks may target it too.
         w = cfg.webhooks
-        shares = webhook_shares(self.worker[1] if self.worker else 1)
+        shares = webhook_shares(self.worker_count)
         self.webhooks = WebhookSender(
             self.accounts,
             initial_backoff=w.initial_backoff,

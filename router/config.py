@@ -230,7 +230,7 @@ def share_config(cfg: Config, index: int, count: int) -> Config:
     carrier's ``tps`` and ``queue_size`` are divided evenly and its
     ``sessions`` spread over the workers (each worker needs one, so a
     carrier with fewer sessions than workers gets one per worker). Account
-    rates are divided where they are applied (``Router.rate_share``).
+    rates are divided where they are applied (``Router._set_account_rates``).
     Changes ``cfg`` in place and returns it."""
     if count <= 1:
         return cfg

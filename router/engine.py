@@ -675,8 +675,7 @@ class Engine:
 
     def take_forwarded_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
         """A carrier receipt another node got for a message this node sent."""
-        c = self.carriers.get(carrier)
-        if c is not None and c.take_receipt(receipt):
+        if self.take_sibling_receipt(carrier, receipt):
             return
         if self.recovery is not None:
             # Let go from memory meanwhile (receipt_memory) or never ours: from the route.

@@ -118,8 +118,7 @@ class SupervisorLink:
         self._task = asyncio.get_running_loop().create_task(self._read(on_lost))
 
     def _send(self, msg: dict[str, Any]) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(json.dumps(msg).encode() + b"\n")
+        _write(self._writer, msg)
 
     def ready(self, ops_port: int) -> None:
         self._send({"op": "ready", "ops": ops_port, "pid": os.getpid()})
@@ -160,7 +159,7 @@ class SupervisorLink:
     def offer_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
         if self._lost:
             if self.engine is not None:
-                metrics.WORKER_RECEIPTS.labels("unclaimed").inc()
+                metrics.child(metrics.WORKER_RECEIPTS, "unclaimed").inc()
                 self.engine.sibling_receipt_result(carrier, receipt, False)
             return
         self._rid += 1
@@ -181,7 +180,7 @@ class SupervisorLink:
             entry = self._offered.pop(int(rid), None)
             if entry is None or engine is None:
                 continue
-            metrics.WORKER_RECEIPTS.labels("taken" if taken else "unclaimed").inc()
+            metrics.child(metrics.WORKER_RECEIPTS, "taken" if taken else "unclaimed").inc()
             engine.sibling_receipt_result(entry[0], entry[1], bool(taken))
 
     def _take(self, origin: int, gen: int, items: list[list[Any]]) -> None:
@@ -524,7 +523,6 @@ class Supervisor:
                 if op == "ready":
                     w.ops_port = int(msg["ops"])
                     w.ready.set()
-                    w.backoff = RESTART_MIN if w.restarts == 0 else w.backoff
                     self._publish()
                 elif op == "bind":
                     ok = self._admit(w, int(msg["account"]), int(msg["max"]), int(msg["token"]))
@@ -619,22 +617,22 @@ class Supervisor:
         log.error("worker_exited", worker=w.index, pid=proc.pid, code=code)
         if time.monotonic() - w.started_at > STABLE_AFTER:
             w.backoff = RESTART_MIN
-        delay = w.backoff
-        w.backoff = min(RESTART_MAX, w.backoff * 2)
-        await asyncio.sleep(delay)
-        if self._stopping:
-            return
-        w.restarts += 1
-        self.m_restarts.inc()
-        while not self._stopping:
+        restarted = False
+        while True:
+            delay = w.backoff  # 1 s, doubling to 30 s while it keeps failing
+            w.backoff = min(RESTART_MAX, w.backoff * 2)
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            if not restarted:
+                restarted = True
+                w.restarts += 1
+                self.m_restarts.inc()
             try:
                 await self._spawn(w)
                 return
             except Exception as exc:  # fork/exec or the link failed: again, later
                 log.error("worker_start_failed", worker=w.index, error=type(exc).__name__)
-                delay = w.backoff
-                w.backoff = min(RESTART_MAX, w.backoff * 2)
-                await asyncio.sleep(delay)
 
     def _publish(self) -> None:
         alive = sum(1 for w in self.workers if w.proc and w.proc.returncode is None)
