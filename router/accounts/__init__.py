@@ -93,6 +93,12 @@ class AccountStore:
         self.by_id: dict[int, Account] = {}
         self.by_system_id: dict[str, Account] = {}
         self.keys_by_prefix: dict[str, list[ApiKey]] = {}
+        # Proven (stored hash, secret) pairs, by fingerprint. Kept across
+        # reloads: a fingerprint covers the stored hash, so a new password or
+        # key hash is a new fingerprint, and a revoked key or disabled account
+        # is refused by the lookups below before its fingerprint is consulted.
+        # Clearing it on each reload would make every customer pay an argon2
+        # run at once after any account change anywhere (a CPU stampede).
         self._verified: dict[bytes, int] = {}
         # Keys are found by their first API_KEY_PREFIX_LEN characters ("sk_"
         # and 3 random ones), so two keys may share a prefix. For a valid key
@@ -141,8 +147,6 @@ class AccountStore:
         self.by_id = by_id
         self.by_system_id = {a.system_id: a for a in by_id.values() if a.system_id}
         self.keys_by_prefix = by_prefix
-        self._verified.clear()
-        self._mismatch.clear()
 
     def _fingerprint(self, stored_hash: str, secret: str) -> bytes:
         return hashlib.sha256(stored_hash.encode() + b"\0" + secret.encode()).digest()
@@ -193,8 +197,8 @@ class AccountStore:
         without a coroutine: the candidates in the same order and the same
         checks, but None as soon as one was not verified before (the caller
         then awaits authenticate_key). A revoked key is gone from
-        ``keys_by_prefix`` and ``load`` clears the verified memory, so this
-        answers no sooner or later than authenticate_key would."""
+        ``keys_by_prefix`` after ``load`` and a disabled account is checked
+        here, so this answers no sooner or later than authenticate_key would."""
         for cand in self.keys_by_prefix.get(key[:API_KEY_PREFIX_LEN], ()):
             fp = self._fingerprint(cand.key_hash, key)
             if fp in self._mismatch:
