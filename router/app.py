@@ -143,6 +143,10 @@ class Router:
     # (router/workers.py): listeners with SO_REUSEPORT, totals divided.
     worker: tuple[int, int] | None = None
     supervisor: Any = None  # a worker's link to its supervisor (workers.SupervisorLink)
+    # This worker's fraction of each account's tps, from the supervisor's
+    # rebalance (router/shares.py); accounts not in it get ``share_default``.
+    account_shares: dict[int, float] = field(default_factory=dict)
+    share_default: float | None = None
 
     @property
     def worker_count(self) -> int:
@@ -150,9 +154,44 @@ class Router:
 
     def _set_account_rates(self) -> None:
         if self.engine is not None:
-            share = 1.0 / self.worker_count
+            default = self.share_default or 1.0 / self.worker_count
+            shares = self.account_shares
             self.engine.set_account_rates(
-                {a.id: a.tps * share if a.tps else a.tps for a in self.accounts.by_id.values()}
+                {
+                    a.id: a.tps * shares.get(a.id, default) if a.tps else a.tps
+                    for a in self.accounts.by_id.values()
+                }
+            )
+
+    def rate_demand(self, elapsed: float) -> dict[str, list[list[Any]]]:
+        """What this worker asked of each rate limit in the last ``elapsed``
+        seconds, per second, with the limit's total (router/shares.py)."""
+        if self.engine is None or elapsed <= 0:
+            return {"a": [], "c": []}
+        asked_a, asked_c = self.engine.demand()
+        by_id = self.accounts.by_id
+        accounts = [
+            [aid, round(n / elapsed, 3), by_id[aid].tps]
+            for aid, n in asked_a.items()
+            if aid in by_id and by_id[aid].tps
+        ]
+        carriers = self.engine.carriers
+        return {
+            "a": accounts,
+            "c": [
+                [name, round(n / elapsed, 3), carriers[name].cfg.tps] for name, n in asked_c.items()
+            ],
+        }
+
+    def apply_shares(self, n: int, accounts: dict[str, float], carriers: dict[str, float]) -> None:
+        """The supervisor's rebalance: fractions of the account and carrier
+        rates for this worker, 1/n of those not named."""
+        self.share_default = 1.0 / max(1, n)
+        self.account_shares = {int(k): float(v) for k, v in accounts.items()}
+        self._set_account_rates()
+        if self.engine is not None:
+            self.engine.set_carrier_shares(
+                {str(k): float(v) for k, v in carriers.items()}, self.share_default
             )
 
     async def start(self, *, migrate_schema: bool = False) -> None:
@@ -206,7 +245,13 @@ class Router:
                 consequence="accepted messages are lost if the process dies",
             )
             self.spool = MemorySpool()
-        self.engine = Engine(cfg, self.traffic_log, spool=self.spool, optout=self.optout)
+        self.engine = Engine(
+            cfg,
+            self.traffic_log,
+            spool=self.spool,
+            optout=self.optout,
+            share=1.0 / self.worker_count,
+        )
         self._set_account_rates()
         # Demo mode is all on loopback, so its webhooks may target it too.
         w = cfg.webhooks
@@ -237,7 +282,7 @@ class Router:
         self.smpp = SmppFrontDoor(cfg, self.engine, self.accounts)
         if self.supervisor is not None:
             self.smpp.admission = self.supervisor  # max_binds across the workers
-            self.supervisor.attach(self.engine)  # receipts across the workers
+            self.supervisor.attach(self.engine, self)  # receipts, rate shares
         self.smpp.reuse_port = self.worker is not None
         if isinstance(self.spool, PgSpool):
             self.handoff = ReceiptHandoff(

@@ -172,6 +172,7 @@ class Engine:
         recent_limit: int = 200_000,
         spool: MemorySpool | PgSpool | None = None,
         optout: OptOutList | None = None,
+        share: float = 1.0,
     ) -> None:
         self.cfg = cfg
         self.traffic_log = traffic_log
@@ -182,8 +183,13 @@ class Engine:
         self.rng = rng or random.Random()
         self.countries = CountryLookup()
         self.table = RouteTable.from_config(cfg.routes)
+        # A worker process's share of each carrier's tps (router/shares.py).
+        self.carrier_share_default = share
+        self.carrier_shares: dict[str, float] = {}
+        self._asked: dict[tuple[str, object], int] = {}
         self.carriers: dict[str, Carrier] = {
-            c.name: Carrier(c, self, clock=clock, wall=wall, rng=self.rng) for c in cfg.carriers
+            c.name: Carrier(c, self, clock=clock, wall=wall, rng=self.rng, share=share)
+            for c in cfg.carriers
         }
         self.active: dict[str, Delivery] = {}
         # Finished messages, as flat tuples of atoms: the garbage collector
@@ -892,6 +898,37 @@ class Engine:
             elif bucket.max_rate != tps:
                 bucket.set_rate(tps)
 
+    def set_carrier_shares(self, shares: dict[str, float], default: float) -> None:
+        """This worker's fraction of each carrier's tps (``default`` for the
+        carriers not named), from the supervisor's rebalance."""
+        self.carrier_shares = shares
+        self.carrier_share_default = default
+        for name, carrier in self.carriers.items():
+            carrier.set_share(shares.get(name, default))
+
+    def demand(self) -> tuple[dict[int, int], dict[str, int]]:
+        """Tokens asked of each account limit and each carrier's limit since
+        the last call, a carrier's backlog added: what a worker reports for
+        the rebalance of the shares (router/shares.py). Only non-zero ones."""
+        seen = self._asked
+        accounts: dict[int, int] = {}
+        for account_id, bucket in self.account_limits.items():
+            last = seen.get(("a", account_id), 0)
+            seen["a", account_id] = bucket.asked
+            asked = bucket.asked - last if bucket.asked >= last else bucket.asked
+            if asked > 0:
+                accounts[account_id] = asked
+        carriers: dict[str, int] = {}
+        for name, carrier in self.carriers.items():
+            bucket = carrier.bucket
+            last = seen.get(("c", name), 0)
+            seen["c", name] = bucket.asked
+            asked = bucket.asked - last if bucket.asked >= last else bucket.asked
+            asked += carrier.backlog
+            if asked > 0:
+                carriers[name] = asked
+        return accounts, carriers
+
     def reconfigure(self, cfg: Config) -> dict[str, list[str]]:
         """Apply a new config's routes and carriers without touching customer
         binds: new carriers start, removed ones hand their queue to the
@@ -903,13 +940,16 @@ class Engine:
         for name, ccfg in new.items():
             carrier = self.carriers.get(name)
             if carrier is None:
-                carrier = Carrier(ccfg, self, clock=self.clock, wall=self.wall, rng=self.rng)
+                share = self.carrier_shares.get(name, self.carrier_share_default)
+                carrier = Carrier(
+                    ccfg, self, clock=self.clock, wall=self.wall, rng=self.rng, share=share
+                )
                 self.carriers[name] = carrier
                 carrier.start()
                 changes["added"].append(name)
             elif ccfg != carrier.cfg:
                 if ccfg.tps != carrier.cfg.tps:
-                    carrier.bucket.set_rate(ccfg.tps)
+                    carrier.bucket.set_rate(ccfg.tps * carrier.share)
                 carrier.cfg = ccfg
                 metrics.CARRIER_QUEUE_CAPACITY.labels(carrier=name).set(ccfg.queue_size)
                 changes["updated"].append(name)

@@ -21,10 +21,12 @@ Shape:
   (``SO_REUSEPORT``): the kernel spreads new connections over the workers.
   The supervisor resolves port 0 once and holds the port (bound, not
   listening) so that every worker and every restart gets the same one.
-- Totals stay totals: a carrier's ``tps``, ``queue_size`` and ``sessions``
-  and an account's ``tps`` are divided over the workers
-  (``config.share_config``); ``max_binds`` is counted across the workers by
-  the supervisor, which every worker asks before it answers a bind.
+- Totals stay totals: a carrier's ``queue_size`` and ``sessions`` are
+  divided over the workers (``config.share_config``); carrier and account
+  ``tps`` are shared by demand, rebalanced every second by the supervisor
+  from what each worker asked of them (router/shares.py); ``max_binds`` is
+  counted across the workers by the supervisor, which every worker asks
+  before it answers a bind.
 - The ops port is the supervisor's: ``/metrics`` is every worker's
   exposition with a ``worker`` label (plus the supervisor's own
   ``smsrouter_workers`` and ``smsrouter_worker_restarts_total``),
@@ -34,8 +36,9 @@ Shape:
 Supervisor and worker talk over a socketpair (one JSON object per line):
 ``ready`` (worker up, with its ops port), ``bind``/``unbind`` with a token
 per bind (``unbind`` of an unknown token is ignored, so a worker may give
-back a bind it timed out on). A worker whose supervisor goes away drains
-and exits.
+back a bind it timed out on), ``receipts`` offered to the siblings,
+``demand`` reports and ``shares`` answers for the rates. A worker whose
+supervisor goes away drains and exits.
 """
 
 from __future__ import annotations
@@ -65,12 +68,14 @@ from prometheus_client import (
     generate_latest,
 )
 
+from . import shares
 from .carriers.receipt import CarrierReceipt
 from .config import Config, share_config
 from .observe import metrics
 from .smpp.constants import MessageState
 
 if TYPE_CHECKING:
+    from .app import Router
     from .engine import Engine
 
 log = structlog.get_logger("router.workers")
@@ -106,12 +111,33 @@ class SupervisorLink:
         self._sweeper: asyncio.TimerHandle | None = None
         self._taking = True  # answers siblings' offers (False once draining)
         self._lost = False
+        self.router: Router | None = None
+        self._reporter: asyncio.TimerHandle | None = None
+        self._reported_at = 0.0
 
-    def attach(self, engine: Engine) -> None:
-        """Carrier receipts this worker did not send go to the siblings first."""
+    def attach(self, engine: Engine, router: Router | None = None) -> None:
+        """Carrier receipts this worker did not send go to the siblings
+        first; the router's rate demand goes to the supervisor every second."""
         self.engine = engine
         engine.offer_receipt = self.offer_receipt
-        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(1.0, self._sweep)
+        if router is not None:
+            self.router = router
+            router.rate_demand(1.0)  # starts the counts from here
+            self._reported_at = time.monotonic()
+            self._reporter = loop.call_later(shares.INTERVAL, self._report)
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        try:
+            if self.router is not None and not self._lost:
+                demand = self.router.rate_demand(now - self._reported_at)
+                self._send({"op": "demand", **demand})
+        except Exception as exc:  # the next report comes all the same
+            log.error("rate_demand_failed", error=type(exc).__name__)
+        self._reported_at = now
+        self._reporter = asyncio.get_running_loop().call_later(shares.INTERVAL, self._report)
 
     async def open(self, on_lost: Callable[[], None]) -> None:
         self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
@@ -220,6 +246,9 @@ class SupervisorLink:
                         self._take(int(msg["from"]), int(msg["gen"]), msg["items"])
                     elif op == "receipts_result":
                         self._results(msg["items"])
+                    elif op == "shares":
+                        if self.router is not None:
+                            self.router.apply_shares(int(msg["n"]), msg["a"], msg["c"])
                     else:
                         fut = self._waiting.get(int(msg["token"]))
                         if fut is not None and not fut.done():
@@ -238,6 +267,8 @@ class SupervisorLink:
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._reporter is not None:
+            self._reporter.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -370,6 +401,9 @@ class WorkerState:
     backoff: float = RESTART_MIN
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     writer: asyncio.StreamWriter | None = None
+    demand: shares.Report | None = None  # its last rate demand report
+    demand_at: float = 0.0
+    told: dict[str, Any] | None = None  # the shares it was last told
 
 
 class Supervisor:
@@ -450,6 +484,7 @@ class Supervisor:
         await self._serve_ops()
         for w in self.workers:
             await self._spawn(w)
+        self._task(self._rebalancing())
         waits = [asyncio.ensure_future(self._first_ready(w)) for w in self.workers]
         try:
             await asyncio.gather(*waits)
@@ -492,6 +527,7 @@ class Supervisor:
         w.ready.clear()
         w.ops_port = None
         w.binds.clear()
+        w.demand, w.told = None, None
         try:
             reader, w.writer = await asyncio.open_unix_connection(sock=parent)
         except BaseException:
@@ -531,6 +567,9 @@ class Supervisor:
                     self._fan_out(w, msg["items"])
                 elif op == "receipts_taken":
                     self._collect(w, int(msg["to"]), int(msg["gen"]), msg["items"])
+                elif op == "demand":
+                    w.demand = {"a": msg.get("a") or [], "c": msg.get("c") or []}
+                    w.demand_at = time.monotonic()
                 elif op == "draining":
                     w.ready.clear()
                     self._publish()
@@ -598,6 +637,27 @@ class Supervisor:
         for origin, done in results.items():
             _write(self.workers[origin].writer, {"op": "receipts_result", "items": done})
 
+    def rebalance(self) -> None:
+        """Share every rate some worker asked of over the running workers,
+        by demand (router/shares.py); tell each worker what changed."""
+        live = [w for w in self.workers if w.writer is not None and _running(w)]
+        fresh = time.monotonic() - shares.STALE_AFTER
+        reports = {w.index: w.demand for w in live if w.demand_at >= fresh}
+        plan = shares.allocate(reports, [w.index for w in live])
+        for w in live:
+            mine = plan[w.index]
+            if mine != w.told:
+                w.told = mine
+                _write(w.writer, {"op": "shares", **mine})
+
+    async def _rebalancing(self) -> None:
+        while True:
+            await asyncio.sleep(shares.INTERVAL)
+            try:
+                self.rebalance()
+            except Exception as exc:  # shares stay as they were until the next round
+                log.error("rebalance_failed", error=type(exc).__name__)
+
     def _admit(self, w: WorkerState, account: int, max_binds: int, token: int) -> bool:
         held = sum(len(x.binds.get(account, ())) for x in self.workers)
         if held >= max_binds:
@@ -609,6 +669,8 @@ class Supervisor:
         code = await proc.wait()
         w.binds.clear()  # its binds died with it
         w.ready.clear()
+        w.demand, w.told = None, None
+        self.rebalance()  # its shares go to the others now
         self._forget_offers(w)
         w.ops_port = None
         self._publish()
@@ -635,7 +697,7 @@ class Supervisor:
                 log.error("worker_start_failed", worker=w.index, error=type(exc).__name__)
 
     def _publish(self) -> None:
-        alive = sum(1 for w in self.workers if w.proc and w.proc.returncode is None)
+        alive = sum(1 for w in self.workers if _running(w))
         ready = sum(1 for w in self.workers if w.ready.is_set())
         self.m_workers.labels("configured").set(self.count)
         self.m_workers.labels("running").set(alive)
@@ -784,6 +846,10 @@ def merge_expositions(texts: dict[str, str]) -> bytes:
         out.extend(samples[name])
     out.append("")
     return "\n".join(out).encode()
+
+
+def _running(w: WorkerState) -> bool:
+    return w.proc is not None and w.proc.returncode is None
 
 
 def _write(writer: asyncio.StreamWriter | None, msg: dict[str, Any]) -> None:

@@ -62,6 +62,23 @@ def test_a_rate_below_one_per_second_is_never_raised_by_throttling() -> None:
         assert b.rate <= 0.5
 
 
+def test_a_new_share_of_the_rate_keeps_the_slow_down_and_counts_demand() -> None:
+    # A worker's share moves with demand (router/shares.py): a carrier that
+    # throttled us stays slowed down by the same factor at its new share.
+    b = TokenBucket(100.0, now=0.0)
+    b.slow_down()
+    b.rescale(40.0)
+    assert (b.max_rate, b.rate, b.burst) == (40.0, 20.0, 4.0)
+    b.rescale(40.0)  # unchanged: nothing reset
+    assert b.rate == 20.0
+    b.rescale(0.5)
+    assert b.rate <= 0.5 and b.max_rate == 0.5
+    asked = b.asked
+    b.take(1.0)
+    b.take(1.0)  # refused ones count too: that is demand
+    assert b.asked == asked + 2
+
+
 def receipt_pdu(text: bytes, **tlvs: bytes) -> DeliverSm:
     pdu = DeliverSm(esm_class=0x04, short_message=text)
     for k, v in tlvs.items():

@@ -181,6 +181,8 @@ async def test_metrics_move_with_traffic_and_carry_no_personal_data(stack_factor
     )
     assert after['smsrouter_carrier_up{carrier="good"}'] == 1
     assert after['smsrouter_carrier_queue_capacity{carrier="good"}'] == 10_000
+    good = stack.router.engine.carriers["good"]
+    assert after['smsrouter_carrier_rate_limit{carrier="good"}'] == good.cfg.tps  # one process
     assert (
         delta("smsrouter_accept_to_submit_seconds_count") == 3
     )  # the rejected one never got there

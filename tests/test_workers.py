@@ -22,6 +22,7 @@ import pytest
 
 from router.accounts import add_api_key, create_account
 from router.config import CarrierConfig, Config, ConfigError, parse_config, share_config
+from router.shares import HEADROOM, RESERVE, allocate, divide
 from router.sim import CarrierSimulator, SimConfig
 from router.smpp.constants import Status
 from router.workers import hold_port, merge_expositions
@@ -49,14 +50,53 @@ def test_share_config_divides_the_totals() -> None:
     )
     shares = [share_config(Config(carriers=[_copy(c) for c in cfg.carriers]), i, 2) for i in (0, 1)]
     a0, a1 = (s.carriers[0] for s in shares)
-    assert (a0.tps, a1.tps) == (150.0, 150.0)
+    assert (a0.tps, a1.tps) == (300.0, 300.0)  # rates are shared by demand (router/shares.py)
     assert a0.queue_size == a1.queue_size == 501  # rounded up: never below the total
     assert (a0.sessions, a1.sessions) == (3, 2)  # 5 sessions over 2 workers
     b0, b1 = (s.carriers[1] for s in shares)
     assert (b0.sessions, b1.sessions) == (1, 1)  # each worker needs one
-    assert (b0.tps, b1.tps) == (5.0, 5.0)
     one = share_config(Config(carriers=[_copy(cfg.carriers[0])]), 0, 1)
     assert (one.carriers[0].tps, one.carriers[0].sessions) == (300.0, 5)
+
+
+def test_rates_are_divided_by_demand() -> None:
+    # Nobody asked: an even split. One member: all of it.
+    assert divide([0.0, 0.0], 100.0) == [0.5, 0.5]
+    assert divide([5.0], 100.0) == [1.0]
+    # Only one worker has traffic (one bind): it gets all but the idle one's
+    # floor, instead of half.
+    busy, idle = divide([300.0, 0.0], 100.0)
+    assert busy == pytest.approx(1 - RESERVE / 2) and idle == pytest.approx(RESERVE / 2)
+    # Everyone's want fits: each gets it, the rest goes by demand.
+    f = divide([10.0, 30.0], 100.0)
+    assert f[0] * 100 >= 10 * HEADROOM and f[1] * 100 >= 30 * HEADROOM
+    assert f[1] > f[0]
+    # Over-subscribed: max-min fair. A small demand is met whole, the big
+    # ones share what is left equally.
+    f = divide([5.0, 200.0, 400.0], 100.0)
+    assert f[0] * 100 == pytest.approx(RESERVE / 3 * 100 + 5 * HEADROOM)
+    assert f[1] == pytest.approx(f[2])
+    for demands in ([1.0, 0.0, 0.0], [50.0, 50.0], [1e6, 1.0], [3.0, 7.0, 0.0, 90.0]):
+        assert sum(divide(demands, 40.0)) == pytest.approx(1.0)  # never above the total
+        assert min(divide(demands, 40.0)) > 0  # nobody starved
+
+
+def test_allocate_shares_each_limit_over_the_live_workers() -> None:
+    reports = {
+        0: {"a": [[7, 100.0, 50.0]], "c": [["sim", 10.0, 200.0]]},
+        1: {"a": [], "c": [["sim", 30.0, 200.0]]},
+        2: None,  # no report yet (just started)
+    }
+    plan = allocate(reports, [0, 1, 2])
+    assert {w: p["n"] for w, p in plan.items()} == {0: 3, 1: 3, 2: 3}
+    assert plan[0]["a"]["7"] > 0.9 and plan[1]["a"]["7"] == plan[2]["a"]["7"]
+    assert sum(plan[w]["c"]["sim"] for w in plan) == pytest.approx(1.0, abs=1e-5)
+    assert plan[1]["c"]["sim"] > plan[0]["c"]["sim"] > plan[2]["c"]["sim"]
+    # A dead worker is no member: the survivors share its part.
+    plan = allocate(reports, [0, 1])
+    assert plan[0]["n"] == 2 and "2" not in plan
+    assert sum(plan[w]["a"]["7"] for w in plan) == pytest.approx(1.0, abs=1e-5)
+    assert allocate({}, [0]) == {0: {"n": 1, "a": {}, "c": {}}}
 
 
 def _copy(c: CarrierConfig) -> CarrierConfig:
@@ -383,6 +423,92 @@ async def test_two_workers_share_ports_binds_receipts_and_restarts(
         assert not alive(pid), f"worker {pid} outlived its supervisor's SIGTERM"
     # One signing key for all the workers, made by the supervisor.
     assert log.read_text().count('"webhook_signing_key_generated"') == 1
+
+
+async def test_rates_follow_the_traffic_to_the_worker_that_has_it(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    """One bind lands on one worker. Its account's tps and the carrier's tps
+    are totals for the router: the supervisor moves them to the worker that
+    has the traffic (router/shares.py), where a fixed split would give it
+    half. The router as a whole never goes above either total."""
+    acme = await create_account(db, "acme", system_id="acme", password="acme-pw1")
+    await db.execute("UPDATE accounts SET tps = 40 WHERE id = $1", acme)
+    await create_account(db, "bulk", system_id="bulk", password="bulk-pw1")
+    sim, ports, cfg, log = await two_workers_on_a_simulator(
+        tmp_path, SimConfig(port=0, name="sim", dlr_delay=0.05), tps=60.0, window=32, sessions=2
+    )
+    proc = await start_router(cfg, database_url, ports["ops"], log, timeout=60)
+    esmes: list[Esme] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def both_ready() -> bool:
+                async with http.get(f"http://127.0.0.1:{ports['ops']}/readyz") as r:
+                    return r.status == 200 and (await r.json())["workers_ok"] == 2
+
+            await wait_for(both_ready, 30, "both workers ready")
+            # The account: 100 submit_sm/s offered over one bind for 7 s.
+            esme, resp = await connect(ports["smpp"])
+            assert resp.status == Status.ESME_ROK
+            esmes.append(esme)
+            start = time.monotonic()
+            answers: list[tuple[float, int]] = []
+            for i in range(700):
+                r = await esme.submit("+4512345678", f"a-{i}")
+                answers.append((time.monotonic() - start, r.status))
+                pause = start + (i + 1) / 100 - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+            codes = {code for _, code in answers}
+            assert codes <= {Status.ESME_ROK, Status.ESME_RTHROTTLED}, codes
+            # After the first rebalances (<= 2 s): close to 40/s, where a
+            # fixed half would be 20/s.
+            late = [t for t, code in answers if code == Status.ESME_ROK and t >= 3.0]
+            span = answers[-1][0] - 3.0
+            assert 32 * span <= len(late) <= 40 * span + 8, (len(late), span)
+            ok = sum(1 for _, code in answers if code == Status.ESME_ROK)
+            assert ok <= 40 * answers[-1][0] + 2 * 4 + 20, ok  # bursts + one 1/N second
+            await wait_for(
+                lambda: _async_true(sim.received_count() >= ok), 30, "the account's messages sent"
+            )
+            # The carrier: 360 messages queued on one worker drain at close to
+            # the carrier's 60/s, not at a fixed half of it.
+            bulk, resp = await connect(ports["smpp"], "bulk", "bulk-pw1")
+            assert resp.status == Status.ESME_ROK
+            esmes.append(bulk)
+            base = sim.received_count()
+            sends = [bulk.submit("+4512345678", f"b-{i}") for i in range(360)]
+            results = await asyncio.gather(*sends)
+            assert all(r.status == Status.ESME_ROK for r in results)
+            marks: dict[int, float] = {}
+            deadline = time.monotonic() + 30
+            while len(marks) < 2 and time.monotonic() < deadline:
+                got = sim.received_count() - base
+                for mark in (120, 300):
+                    if got >= mark and mark not in marks:
+                        marks[mark] = time.monotonic()
+                        if mark == 120:  # the backlog's worker holds nearly all of it
+                            m = await metrics_of(http, ports["ops"])
+                            limits = [
+                                total(m, "smsrouter_carrier_rate_limit", worker=str(i))
+                                for i in (0, 1)
+                            ]
+                await asyncio.sleep(0.01)
+            assert len(marks) == 2, sim.received_count() - base
+            rate = 180 / (marks[300] - marks[120])
+            assert 48 <= rate <= 60 * 1.1, rate
+            assert max(limits) >= 0.9 * 60 and sum(limits) <= 60.0 + 1e-3, limits
+    finally:
+        for e in esmes:
+            e.close()
+        code = stop_router(proc, timeout=40)
+        await sim.stop()
+    assert code == 0, log.read_text()[-3000:]
+
+
+async def _async_true(value: bool) -> bool:
+    return value
 
 
 async def test_sighup_while_workers_start_kills_none(

@@ -122,6 +122,7 @@ class Carrier:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        share: float = 1.0,
     ) -> None:
         self.cfg = cfg
         self.name = cfg.name
@@ -133,7 +134,9 @@ class Carrier:
         self._retry: list[tuple[float, int, Submission]] = []
         self._retry_seq = itertools.count()
         self.sessions: list[CarrierSession] = []
-        self.bucket = TokenBucket(cfg.tps, clock())
+        # This process's share of cfg.tps (router/shares.py; 1 without workers).
+        self.share = share
+        self.bucket = TokenBucket(cfg.tps * share, clock())
         self.correlator: Correlator[Submission] = Correlator()
         # submit_sm in flight -> its submission, by id() of the PDU (alive in
         # its session until answered). One shared callback instead of a
@@ -159,6 +162,8 @@ class Carrier:
         m = metrics
         self._m_queue = m.CARRIER_QUEUE_DEPTH.labels(carrier=self.name)
         m.CARRIER_QUEUE_CAPACITY.labels(carrier=self.name).set(cfg.queue_size)
+        bucket = self.bucket  # read at scrape time: no cost per message
+        m.CARRIER_RATE.labels(carrier=self.name).set_function(lambda: bucket.rate)
         self._m_up = m.CARRIER_UP.labels(carrier=self.name)
         self._m_binds = m.CARRIER_BINDS.labels(carrier=self.name)
         self._m_inflight = m.CARRIER_IN_FLIGHT.labels(carrier=self.name)
@@ -179,6 +184,11 @@ class Carrier:
     @property
     def backlog(self) -> int:
         return len(self.queue) + len(self._retry)
+
+    def set_share(self, share: float) -> None:
+        """A new share of the carrier's tps for this worker process."""
+        self.share = share
+        self.bucket.rescale(self.cfg.tps * share)
 
     def has_room(self, n: int = 1) -> bool:
         return self.backlog + self.reserved + n <= self.cfg.queue_size

@@ -11,7 +11,7 @@ class TokenBucket:
     rate on every success (additive increase, multiplicative decrease).
     """
 
-    __slots__ = ("max_rate", "rate", "burst", "tokens", "stamp", "floor")
+    __slots__ = ("max_rate", "rate", "burst", "tokens", "stamp", "floor", "asked")
 
     def __init__(self, rate: float, now: float, burst: float | None = None) -> None:
         self.max_rate = rate
@@ -20,6 +20,7 @@ class TokenBucket:
         self.tokens = self.burst
         self.stamp = now
         self.floor = _floor(rate)
+        self.asked = 0  # take() calls: the demand reported by a worker (router/shares.py)
 
     def _refill(self, now: float) -> None:
         elapsed = now - self.stamp
@@ -29,6 +30,7 @@ class TokenBucket:
 
     def take(self, now: float) -> float:
         """Take one token: 0.0 if granted, else seconds until one is due."""
+        self.asked += 1
         self._refill(now)
         if self.tokens >= 1.0:
             self.tokens -= 1.0
@@ -49,6 +51,16 @@ class TokenBucket:
         self.burst = max(1.0, rate / 10)
         self.tokens = min(self.tokens, self.burst)
         self.floor = _floor(rate)
+
+    def rescale(self, rate: float) -> None:
+        """A new share of the configured rate (router/shares.py): like
+        ``set_rate``, but a carrier that is being slowed down stays slowed
+        down by the same factor."""
+        if rate == self.max_rate:
+            return
+        slowed = self.rate / self.max_rate if self.max_rate > 0 else 1.0
+        self.set_rate(rate)
+        self.rate = max(self.floor, rate * slowed)
 
 
 def _floor(rate: float) -> float:

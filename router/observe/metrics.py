@@ -212,6 +212,12 @@ CARRIER_QUEUE_DEPTH = Gauge(
 CARRIER_QUEUE_CAPACITY = Gauge(
     "smsrouter_carrier_queue_capacity", "Bound of the carrier queue.", ["carrier"]
 )
+CARRIER_RATE = Gauge(
+    "smsrouter_carrier_rate_limit",
+    "submit_sm/s this process may send now: its share of the carrier's tps"
+    " (listen.workers), lowered while the carrier answers ESME_RTHROTTLED.",
+    ["carrier"],
+)
 CARRIER_IN_FLIGHT = Gauge(
     "smsrouter_carrier_in_flight", "submit_sm awaiting submit_sm_resp.", ["carrier"]
 )
