@@ -186,7 +186,7 @@ class Engine:
         # A worker process's share of each carrier's tps (router/shares.py).
         self.carrier_share_default = share
         self.carrier_shares: dict[str, float] = {}
-        self._asked: dict[tuple[str, object], int] = {}
+        self._asked: dict[object, tuple[TokenBucket, int]] = {}
         self.carriers: dict[str, Carrier] = {
             c.name: Carrier(c, self, clock=clock, wall=wall, rng=self.rng, share=share)
             for c in cfg.carriers
@@ -911,22 +911,25 @@ class Engine:
         the last call, a carrier's backlog added: what a worker reports for
         the rebalance of the shares (router/shares.py). Only non-zero ones."""
         seen = self._asked
+        now: dict[object, tuple[TokenBucket, int]] = {}
+
+        def since(key: object, bucket: TokenBucket) -> int:
+            # Counted per bucket: one made anew (a limit set again) starts at 0.
+            last = seen.get(key)
+            now[key] = (bucket, bucket.asked)
+            return bucket.asked - (last[1] if last is not None and last[0] is bucket else 0)
+
         accounts: dict[int, int] = {}
         for account_id, bucket in self.account_limits.items():
-            last = seen.get(("a", account_id), 0)
-            seen["a", account_id] = bucket.asked
-            asked = bucket.asked - last if bucket.asked >= last else bucket.asked
+            asked = since(account_id, bucket)
             if asked > 0:
                 accounts[account_id] = asked
         carriers: dict[str, int] = {}
         for name, carrier in self.carriers.items():
-            bucket = carrier.bucket
-            last = seen.get(("c", name), 0)
-            seen["c", name] = bucket.asked
-            asked = bucket.asked - last if bucket.asked >= last else bucket.asked
-            asked += carrier.backlog
+            asked = since(name, carrier.bucket) + carrier.backlog
             if asked > 0:
                 carriers[name] = asked
+        self._asked = now  # limits that are gone are forgotten
         return accounts, carriers
 
     def reconfigure(self, cfg: Config) -> dict[str, list[str]]:
@@ -958,6 +961,8 @@ class Engine:
         for name in [n for n in self.carriers if n not in new]:
             gone = self.carriers.pop(name)
             changes["removed"].append(name)
+            with contextlib.suppress(KeyError):
+                metrics.CARRIER_RATE.remove(name)
             subs = gone.drain()
             for sub in subs:
                 msg = sub.delivery.message

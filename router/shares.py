@@ -12,9 +12,11 @@ So every worker reports, once a second, how much it asked of each limit
 backlog), and the supervisor divides each limit over the live workers by
 that demand (:func:`divide`): max-min fair, each worker keeping a small
 floor so that traffic arriving on an idle worker passes at once, and the
-fractions always summing to 1, so the router as a whole never exceeds the
-configured rate. A limit nobody asked of is split evenly. A worker that has
-not heard from the supervisor (just started) uses 1/N.
+fractions never summing above 1, so the router as a whole does not exceed
+the configured rate. A limit nobody asked of is split evenly. The
+supervisor rebalances as soon as it starts a worker, so a worker (re)started
+while the others hold most of a limit learns its small share before it
+binds a carrier or takes a customer; until then it holds 1/N.
 
 Queue sizes stay divided statically (config.share_config): a queue is a
 memory bound and a latency bound, and shrinking an idle worker's queue would
@@ -23,6 +25,7 @@ refuse traffic that arrives there before the next rebalance.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -94,5 +97,5 @@ def allocate(
         for key, by_worker in asked.items():
             fractions = divide([by_worker.get(w, 0.0) for w in ids], rates[key])
             for w, f in zip(ids, fractions, strict=True):
-                out[w][kind][str(key)] = round(f, 6)
+                out[w][kind][str(key)] = math.floor(f * 1e6) / 1e6  # never above 1 in sum
     return out

@@ -114,6 +114,7 @@ class SupervisorLink:
         self.router: Router | None = None
         self._reporter: asyncio.TimerHandle | None = None
         self._reported_at = 0.0
+        self._shares: dict[str, Any] | None = None  # the supervisor's plan before attach
 
     def attach(self, engine: Engine, router: Router | None = None) -> None:
         """Carrier receipts this worker did not send go to the siblings
@@ -124,6 +125,8 @@ class SupervisorLink:
         self._sweeper = loop.call_later(1.0, self._sweep)
         if router is not None:
             self.router = router
+            if self._shares is not None:  # sent while the router was starting
+                self._apply_shares(self._shares)
             router.rate_demand(1.0)  # starts the counts from here
             self._reported_at = time.monotonic()
             self._reporter = loop.call_later(shares.INTERVAL, self._report)
@@ -247,8 +250,7 @@ class SupervisorLink:
                     elif op == "receipts_result":
                         self._results(msg["items"])
                     elif op == "shares":
-                        if self.router is not None:
-                            self.router.apply_shares(int(msg["n"]), msg["a"], msg["c"])
+                        self._apply_shares(msg)
                     else:
                         fut = self._waiting.get(int(msg["token"]))
                         if fut is not None and not fut.done():
@@ -263,6 +265,11 @@ class SupervisorLink:
                 fut.set_result(False)
         self._results([[rid, False] for rid in list(self._offered)])
         on_lost()
+
+    def _apply_shares(self, msg: dict[str, Any]) -> None:
+        self._shares = msg
+        if self.router is not None:
+            self.router.apply_shares(int(msg["n"]), msg["a"], msg["c"])
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -539,6 +546,7 @@ class Supervisor:
         self._task(self._control(w, reader, w.writer))
         self._task(self._watch(w, w.proc))
         self._publish()
+        self.rebalance()  # its share (and the others' smaller ones) at once
 
     def _task(self, coro: Awaitable[Any]) -> None:
         t = asyncio.ensure_future(coro)
@@ -639,24 +647,25 @@ class Supervisor:
 
     def rebalance(self) -> None:
         """Share every rate some worker asked of over the running workers,
-        by demand (router/shares.py); tell each worker what changed."""
-        live = [w for w in self.workers if w.writer is not None and _running(w)]
-        fresh = time.monotonic() - shares.STALE_AFTER
-        reports = {w.index: w.demand for w in live if w.demand_at >= fresh}
-        plan = shares.allocate(reports, [w.index for w in live])
-        for w in live:
-            mine = plan[w.index]
-            if mine != w.told:
-                w.told = mine
-                _write(w.writer, {"op": "shares", **mine})
+        by demand (router/shares.py); tell each worker what changed. Never
+        raises: on a defect the shares stay as they were until next round."""
+        try:
+            live = [w for w in self.workers if w.writer is not None and _running(w)]
+            fresh = time.monotonic() - shares.STALE_AFTER
+            reports = {w.index: w.demand for w in live if w.demand_at >= fresh}
+            plan = shares.allocate(reports, [w.index for w in live])
+            for w in live:
+                mine = plan[w.index]
+                if mine != w.told:
+                    w.told = mine
+                    _write(w.writer, {"op": "shares", **mine})
+        except Exception as exc:
+            log.error("rebalance_failed", error=type(exc).__name__)
 
     async def _rebalancing(self) -> None:
         while True:
             await asyncio.sleep(shares.INTERVAL)
-            try:
-                self.rebalance()
-            except Exception as exc:  # shares stay as they were until the next round
-                log.error("rebalance_failed", error=type(exc).__name__)
+            self.rebalance()
 
     def _admit(self, w: WorkerState, account: int, max_binds: int, token: int) -> bool:
         held = sum(len(x.binds.get(account, ())) for x in self.workers)

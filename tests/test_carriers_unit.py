@@ -73,6 +73,19 @@ def test_a_new_share_of_the_rate_keeps_the_slow_down_and_counts_demand() -> None
     assert b.rate == 20.0
     b.rescale(0.5)
     assert b.rate <= 0.5 and b.max_rate == 0.5
+    # A share that passed through the floor gives the slow-down back intact.
+    b.rescale(40.0)
+    assert b.rate == 20.0
+    for _ in range(6):
+        b.slow_down()
+    b.rescale(1.2)
+    b.rescale(58.8)
+    assert b.factor == 1 / 64 and b.rate == b.floor == 1.0  # 58.8/64 is below the floor
+    for _ in range(10):
+        b.speed_up()
+    assert b.rate == pytest.approx(58.8 * (1 / 64 + 0.1))
+    b.set_rate(58.8)  # a new configured rate starts afresh
+    assert b.rate == 58.8
     asked = b.asked
     b.take(1.0)
     b.take(1.0)  # refused ones count too: that is demand

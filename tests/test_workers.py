@@ -202,6 +202,45 @@ def test_a_draining_worker_takes_no_sibling_receipt() -> None:
     assert before["items"] == [[7, True]] and after["items"] == [[7, False]]
 
 
+async def test_shares_sent_while_the_worker_starts_apply_once_it_is_up() -> None:
+    """The supervisor rebalances as it spawns a worker, before that worker's
+    router exists: the plan is kept and applied when the router attaches,
+    not dropped (the supervisor sends it only once while it is unchanged)."""
+    from router.workers import SupervisorLink
+
+    ours, theirs = socket.socketpair()
+    link = SupervisorLink(ours.detach())
+    lost: list[bool] = []
+    await link.open(lambda: lost.append(True))
+    reader, writer = await asyncio.open_unix_connection(sock=theirs)
+    plan = {"op": "shares", "n": 2, "a": {"7": 0.02}, "c": {"sim": 0.02}}
+    writer.write(json.dumps(plan).encode() + b"\n")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+
+    class Engine:
+        offer_receipt = None
+
+    class Router:
+        applied: list[tuple[int, dict[str, float], dict[str, float]]] = []
+
+        def apply_shares(self, n: int, a: dict[str, float], c: dict[str, float]) -> None:
+            self.applied.append((n, a, c))
+
+        def rate_demand(self, elapsed: float) -> dict[str, list[list[object]]]:
+            return {"a": [[7, 3.0, 40.0]], "c": []}
+
+    router = Router()
+    link.attach(Engine(), router)  # type: ignore[arg-type]
+    assert router.applied == [(2, {"7": 0.02}, {"sim": 0.02})]
+    # And its demand goes to the supervisor every second.
+    line = await asyncio.wait_for(reader.readline(), 3)
+    assert json.loads(line) == {"op": "demand", "a": [[7, 3.0, 40.0]], "c": []}
+    await link.close()
+    writer.close()
+    assert not lost
+
+
 def test_hold_port_refuses_a_port_another_router_listens_on() -> None:
     other = socket.socket()
     other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

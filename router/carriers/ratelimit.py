@@ -9,9 +9,11 @@ class TokenBucket:
     ``slow_down`` halves the current rate (down to ``floor``) when a carrier
     says ESME_RTHROTTLED; ``speed_up`` creeps back toward the configured
     rate on every success (additive increase, multiplicative decrease).
+    The slow-down is kept as a factor of ``max_rate`` (``factor``), apart
+    from the floor, so that a new share of the rate (``rescale``) keeps it.
     """
 
-    __slots__ = ("max_rate", "rate", "burst", "tokens", "stamp", "floor", "asked")
+    __slots__ = ("max_rate", "rate", "burst", "tokens", "stamp", "floor", "asked", "factor")
 
     def __init__(self, rate: float, now: float, burst: float | None = None) -> None:
         self.max_rate = rate
@@ -21,6 +23,7 @@ class TokenBucket:
         self.stamp = now
         self.floor = _floor(rate)
         self.asked = 0  # take() calls: the demand reported by a worker (router/shares.py)
+        self.factor = 1.0  # 1/2 per slow_down (down to 1/64), +1/100 per speed_up
 
     def _refill(self, now: float) -> None:
         elapsed = now - self.stamp
@@ -38,29 +41,31 @@ class TokenBucket:
         return (1.0 - self.tokens) / self.rate
 
     def slow_down(self) -> None:
-        self.rate = max(self.floor, self.rate / 2)
+        self.factor = max(_MIN_FACTOR, self.factor / 2)
+        self.rate = max(self.floor, self.max_rate * self.factor)
 
     def speed_up(self) -> None:
-        if self.rate < self.max_rate:
-            self.rate = min(self.max_rate, self.rate + self.max_rate / 100)
+        if self.factor < 1.0:
+            self.factor = min(1.0, self.factor + 0.01)
+            self.rate = max(self.floor, self.max_rate * self.factor)
 
     def set_rate(self, rate: float) -> None:
         """A new configured rate (e.g. on reload); the burst follows it."""
-        self.max_rate = rate
-        self.rate = rate
-        self.burst = max(1.0, rate / 10)
-        self.tokens = min(self.tokens, self.burst)
-        self.floor = _floor(rate)
+        self.factor = 1.0
+        self.rescale(rate)
 
     def rescale(self, rate: float) -> None:
         """A new share of the configured rate (router/shares.py): like
         ``set_rate``, but a carrier that is being slowed down stays slowed
         down by the same factor."""
-        if rate == self.max_rate:
-            return
-        slowed = self.rate / self.max_rate if self.max_rate > 0 else 1.0
-        self.set_rate(rate)
-        self.rate = max(self.floor, rate * slowed)
+        self.max_rate = rate
+        self.burst = max(1.0, rate / 10)
+        self.tokens = min(self.tokens, self.burst)
+        self.floor = _floor(rate)
+        self.rate = max(self.floor, rate * self.factor)
+
+
+_MIN_FACTOR = 1 / 64
 
 
 def _floor(rate: float) -> float:
