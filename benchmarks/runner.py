@@ -114,6 +114,9 @@ class Scenario:
     # Worker processes of one router (listen.workers): one supervisor, N
     # workers on the same ports; CPU and memory are the whole process tree's.
     workers: int = 1
+    # SMPP sessions per carrier for the whole router (None: one per worker,
+    # so no worker relays through another's bind, router/carriers/relay.py).
+    carrier_sessions: int | None = None
 
 
 OVERLOAD_CARRIER_TPS = 250.0  # per simulated carrier: 500/s in total
@@ -142,6 +145,11 @@ SCENARIOS: dict[str, Scenario] = {
                  "on the same SMPP port (the kernel spreads the 10 binds), one carrier "
                  "system_id, so half the carrier receipts cross between the workers "
                  "through PostgreSQL", binds=10, window=64, workers=2),
+        Scenario("smpp-e2e-workers-relay", "smpp",
+                 "as smpp-e2e-workers with one session per carrier (a carrier that allows "
+                 "one bind): worker 0 binds, worker 1 sends its half through that bind "
+                 "over the control links", binds=10, window=64, workers=2,
+                 carrier_sessions=1, default=False),
         Scenario("smpp-1bind", "smpp",
                  "1 transceiver bind, window 64, closed loop: what one customer "
                  "connection can push", binds=1, window=64),
@@ -468,6 +476,7 @@ def router_toml(sc: Scenario, sim_ports: list[int],
             f'system_id = "{system_id}"',
             'password = "sim"',
             "window = 256",
+            f"sessions = {sc.carrier_sessions or sc.workers}",
             f"tps = {sc.carrier_tps!r}" + ("  # no carrier rate limit: measure the router"
                                             if sc.carrier_tps >= 1_000_000 else ""),
             f"queue_size = {sc.carrier_queue}",

@@ -376,6 +376,8 @@ class Router:
             if self.engine is not None:
                 changes = self.engine.reconfigure(new)
                 log.info("carriers_reloaded", **changes)
+                if self.supervisor is not None:
+                    self.supervisor.refresh_relays()  # carriers added with no session here
             if self.smpp is not None:
                 self.smpp.reconfigure(new)
             self.cfg = new

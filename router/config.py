@@ -228,15 +228,16 @@ def share_config(cfg: Config, index: int, count: int) -> Config:
     """Worker ``index`` of ``count`` (router/workers.py): what the config
     gives as a total for the router is this worker's share of it. A
     carrier's ``queue_size`` is divided evenly and its ``sessions`` spread
-    over the workers (each worker needs one, so a carrier with fewer
-    sessions than workers gets one per worker). Rates (carrier and account
+    over the workers; a worker left with none of a carrier's sessions (it
+    allows fewer binds than there are workers) sends through a sibling's
+    (router/carriers/relay.py). Rates (carrier and account
     ``tps``) stay totals here: the workers share them by demand
     (router/shares.py). Changes ``cfg`` in place and returns it."""
     if count <= 1:
         return cfg
     for c in cfg.carriers:
         c.queue_size = max(1, -(-c.queue_size // count))
-        c.sessions = max(1, c.sessions // count + (1 if index < c.sessions % count else 0))
+        c.sessions = c.sessions // count + (1 if index < c.sessions % count else 0)
     return cfg
 
 

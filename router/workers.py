@@ -22,7 +22,9 @@ Shape:
   The supervisor resolves port 0 once and holds the port (bound, not
   listening) so that every worker and every restart gets the same one.
 - Totals stay totals: a carrier's ``queue_size`` and ``sessions`` are
-  divided over the workers (``config.share_config``); carrier and account
+  divided over the workers (``config.share_config``); a worker left with no
+  session of a carrier (it allows fewer binds than there are workers) sends
+  through a sibling's bind (router/carriers/relay.py); carrier and account
   ``tps`` are shared by demand, rebalanced every second by the supervisor
   from what each worker asked of them (router/shares.py); ``max_binds`` is
   counted across the workers by the supervisor, which every worker asks
@@ -37,13 +39,16 @@ Supervisor and worker talk over a socketpair (one JSON object per line):
 ``ready`` (worker up, with its ops port), ``bind``/``unbind`` with a token
 per bind (``unbind`` of an unknown token is ignored, so a worker may give
 back a bind it timed out on), ``receipts`` offered to the siblings,
-``demand`` reports and ``shares`` answers for the rates. A worker whose
+``demand`` reports and ``shares`` answers for the rates, ``bound`` (the
+carriers a worker holds a bind of) and ``relays`` (those it may send
+through a sibling), ``relay`` requests and ``relay_result`` answers. A worker whose
 supervisor goes away drains and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -70,9 +75,11 @@ from prometheus_client import (
 
 from . import shares
 from .carriers.receipt import CarrierReceipt
+from .carriers.relay import RelaySession
 from .config import Config, share_config
 from .observe import metrics
 from .smpp.constants import MessageState
+from .smpp.pdu import decode
 
 if TYPE_CHECKING:
     from .app import Router
@@ -88,6 +95,7 @@ RESTART_MIN, RESTART_MAX = 1.0, 30.0  # back-off between restarts of a crashing 
 STABLE_AFTER = 60.0  # a worker up this long resets its back-off
 STOP_GRACE = 30.0  # SIGTERM -> SIGKILL for a worker that does not finish draining
 PROBE_TIMEOUT = 2.0  # supervisor -> worker ops requests
+RELAY_WAIT = 5.0  # a relayed submit_sm may wait this long for room in the sibling's window
 
 
 # ---------------------------------------------------------------- worker side
@@ -115,6 +123,12 @@ class SupervisorLink:
         self._reporter: asyncio.TimerHandle | None = None
         self._reported_at = 0.0
         self._shares: dict[str, Any] | None = None  # the supervisor's plan before attach
+        # Carriers bound by a sibling only (router/carriers/relay.py).
+        self._relays: dict[str, RelaySession] = {}
+        self._relay_avail: set[str] = set()
+        self._relay_out: list[list[Any]] = []
+        self._relay_answers: dict[tuple[int, int], list[list[Any]]] = {}
+        self._bound_told: list[str] | None = None
 
     def attach(self, engine: Engine, router: Router | None = None) -> None:
         """Carrier receipts this worker did not send go to the siblings
@@ -130,6 +144,7 @@ class SupervisorLink:
             router.rate_demand(1.0)  # starts the counts from here
             self._reported_at = time.monotonic()
             self._reporter = loop.call_later(shares.INTERVAL, self._report)
+        self.refresh_relays()
 
     def _report(self) -> None:
         now = time.monotonic()
@@ -139,6 +154,10 @@ class SupervisorLink:
                 self._send({"op": "demand", **demand})
         except Exception as exc:  # the next report comes all the same
             log.error("rate_demand_failed", error=type(exc).__name__)
+        try:
+            self._report_bound()
+        except Exception as exc:
+            log.error("bound_report_failed", error=type(exc).__name__)
         self._reported_at = now
         self._reporter = asyncio.get_running_loop().call_later(shares.INTERVAL, self._report)
 
@@ -231,11 +250,17 @@ class SupervisorLink:
         self._send({"op": "receipts_taken", "to": origin, "gen": gen, "items": answers})
 
     def _sweep(self) -> None:
-        """Offers the supervisor never answered (it went away): the database path."""
-        limit = time.monotonic() - OFFER_TIMEOUT
+        """Offers the supervisor never answered (it went away): the database
+        path. Relayed submits never answered (the sibling died): resent."""
+        now = time.monotonic()
+        limit = now - OFFER_TIMEOUT
         stale = [rid for rid, (_, _, at) in self._offered.items() if at < limit]
         if stale:
             self._results([[rid, False] for rid in stale])
+        for name, relay in list(self._relays.items()):
+            c = self.engine.carriers.get(name) if self.engine is not None else None
+            timeout = c.cfg.response_timeout if c is not None else 10.0
+            relay.expire(now - timeout - 2 * RELAY_WAIT)
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
     async def _read(self, on_lost: Callable[[], None]) -> None:
@@ -251,6 +276,13 @@ class SupervisorLink:
                         self._results(msg["items"])
                     elif op == "shares":
                         self._apply_shares(msg)
+                    elif op == "relay":
+                        self._serve_relays(int(msg["from"]), int(msg["gen"]), msg["items"])
+                    elif op == "relay_result":
+                        self._relay_results(msg["items"])
+                    elif op == "relays":
+                        self._relay_avail = {str(c) for c in msg["carriers"]}
+                        self.refresh_relays()
                     else:
                         fut = self._waiting.get(int(msg["token"]))
                         if fut is not None and not fut.done():
@@ -260,11 +292,115 @@ class SupervisorLink:
         except (ConnectionError, OSError):
             pass
         self._lost = True
+        self._relay_avail = set()
+        self.refresh_relays()
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_result(False)
         self._results([[rid, False] for rid in list(self._offered)])
         on_lost()
+
+    # Carriers that allow fewer binds than there are workers: a worker with
+    # no session of its own sends through a sibling that has one.
+
+    def _report_bound(self) -> None:
+        """Tell the supervisor which carriers this worker holds a bind of."""
+        if self.engine is None:
+            return
+        own = sorted(
+            name
+            for name, c in self.engine.carriers.items()
+            if any(not getattr(s, "relayed", False) for s in c.sessions)
+        )
+        if own != self._bound_told:
+            self._bound_told = own
+            self._send({"op": "bound", "carriers": own})
+
+    def refresh_relays(self) -> None:
+        """Relay sessions for the carriers this worker has no session of and
+        a sibling has a bind of; none for the others (also after a reload)."""
+        engine = self.engine
+        if engine is None:
+            return
+        for name in list(self._relays):
+            c = engine.carriers.get(name)
+            if c is None or c.cfg.sessions > 0 or name not in self._relay_avail:
+                self._drop_relay(name)
+        for name, c in engine.carriers.items():
+            if c.cfg.sessions > 0 or name not in self._relay_avail:
+                continue
+            sessions: list[Any] = c.sessions  # a RelaySession stands in for a CarrierSession
+            relay = self._relays.get(name)
+            if relay is not None and relay in sessions:
+                continue
+            relay = RelaySession(name, c.cfg.window, self._relay_send, time.monotonic)
+            self._relays[name] = relay
+            sessions.append(relay)
+            c._health_changed()
+            c._schedule_pump()
+            log.info("carrier_relayed", carrier=name)
+
+    def _drop_relay(self, name: str) -> None:
+        relay = self._relays.pop(name)
+        c = self.engine.carriers.get(name) if self.engine is not None else None
+        sessions: list[Any] = c.sessions if c is not None else []
+        if c is not None and relay in sessions:
+            c._session_closed(relay)  # type: ignore[arg-type]
+        relay.close()  # in flight: resent once a sibling binds again, or failed over
+
+    def _relay_send(self, rid: int, carrier: str, data: bytes) -> None:
+        if not self._relay_out:
+            asyncio.get_running_loop().call_soon(self._flush_relay)
+        self._relay_out.append([rid, carrier, base64.b64encode(data).decode()])
+
+    def _flush_relay(self) -> None:
+        items, self._relay_out = self._relay_out, []
+        if items:
+            self._send({"op": "relay", "items": items})
+
+    def _relay_results(self, items: list[list[Any]]) -> None:
+        for rid, carrier, data in items:
+            relay = self._relays.get(str(carrier))
+            if relay is not None:
+                relay.answered(int(rid), base64.b64decode(data) if data else None)
+
+    def _serve_relays(self, origin: int, gen: int, items: list[list[Any]]) -> None:
+        for item in items:
+            asyncio.ensure_future(self._serve_relay(origin, gen, item))
+
+    async def _serve_relay(self, origin: int, gen: int, item: list[Any]) -> None:
+        """A sibling's submit_sm for a carrier this worker has a bind of:
+        sent on the session with the most room (waiting for room in its
+        window), the submit_sm_resp sent back; None if it cannot be sent."""
+        rid, carrier, data = item
+        answer = None
+        try:
+            c = self.engine.carriers.get(str(carrier)) if self.engine is not None else None
+            own = [
+                s
+                for s in (c.sessions if c is not None else ())
+                if not getattr(s, "relayed", False) and s.is_open
+            ]
+            if c is not None and own:
+                session = min(own, key=lambda s: s.session.in_flight)
+                pdu = decode(base64.b64decode(data))
+                pdu.sequence = 0  # numbered by our session
+                resp = await asyncio.wait_for(
+                    session.request(pdu), c.cfg.response_timeout + RELAY_WAIT
+                )
+                answer = base64.b64encode(resp.encode()).decode()
+        except Exception:  # no answer: the sibling resends it  # noqa: S110
+            pass
+        key = (origin, gen)
+        if key not in self._relay_answers:
+            self._relay_answers[key] = []
+            asyncio.get_running_loop().call_soon(self._flush_relay_answers, key)
+        self._relay_answers[key].append([rid, carrier, answer])
+
+    def _flush_relay_answers(self, key: tuple[int, int]) -> None:
+        items = self._relay_answers.pop(key, [])
+        if items:
+            self._send({"op": "relay_result", "to": key[0], "gen": key[1], "items": items})
 
     def _apply_shares(self, msg: dict[str, Any]) -> None:
         self._shares = msg
@@ -411,6 +547,8 @@ class WorkerState:
     demand: shares.Report | None = None  # its last rate demand report
     demand_at: float = 0.0
     told: dict[str, Any] | None = None  # the shares it was last told
+    bound: set[str] = field(default_factory=set)  # carriers it holds a bind of
+    relays_told: list[str] | None = None  # carriers it was told to relay
 
 
 class Supervisor:
@@ -438,6 +576,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Receipt offers in flight: (origin worker, rid) -> siblings yet to answer.
         self._offers: dict[tuple[int, int, int], set[int]] = {}
+        self._relay_rr = 0
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.registry = CollectorRegistry(auto_describe=True)
@@ -535,6 +674,7 @@ class Supervisor:
         w.ops_port = None
         w.binds.clear()
         w.demand, w.told = None, None
+        w.bound, w.relays_told = set(), None
         try:
             reader, w.writer = await asyncio.open_unix_connection(sock=parent)
         except BaseException:
@@ -568,6 +708,7 @@ class Supervisor:
                     w.ops_port = int(msg["ops"])
                     w.ready.set()
                     self._publish()
+                    self._relays_changed()
                 elif op == "bind":
                     ok = self._admit(w, int(msg["account"]), int(msg["max"]), int(msg["token"]))
                     _write(writer, {"token": msg["token"], "ok": ok})
@@ -575,12 +716,22 @@ class Supervisor:
                     self._fan_out(w, msg["items"])
                 elif op == "receipts_taken":
                     self._collect(w, int(msg["to"]), int(msg["gen"]), msg["items"])
+                elif op == "relay":
+                    self._route_relays(w, msg["items"])
+                elif op == "relay_result":
+                    origin = self.workers[int(msg["to"])]
+                    if origin.restarts == int(msg["gen"]):
+                        _write(origin.writer, {"op": "relay_result", "items": msg["items"]})
+                elif op == "bound":
+                    w.bound = {str(c) for c in msg["carriers"]}
+                    self._relays_changed()
                 elif op == "demand":
                     w.demand = {"a": msg.get("a") or [], "c": msg.get("c") or []}
                     w.demand_at = time.monotonic()
                 elif op == "draining":
                     w.ready.clear()
                     self._publish()
+                    self._relays_changed()
                 elif op == "unbind":
                     tokens = w.binds.get(int(msg["account"]))
                     if tokens is not None:
@@ -667,6 +818,43 @@ class Supervisor:
             await asyncio.sleep(shares.INTERVAL)
             self.rebalance()
 
+    def _relays_changed(self) -> None:
+        """Tell each running worker which carriers a ready sibling holds a
+        bind of (it relays those it has no session of)."""
+        for w in self.workers:
+            if w.writer is None or not _running(w):
+                continue
+            avail = sorted(
+                set().union(*(x.bound for x in self.workers if x is not w and x.ready.is_set()))
+            )
+            if avail != w.relays_told:
+                w.relays_told = avail
+                _write(w.writer, {"op": "relays", "carriers": avail})
+
+    def _route_relays(self, w: WorkerState, items: list[list[Any]]) -> None:
+        """A worker's relayed submits, each to a ready sibling bound to the
+        carrier (round robin); None at once when there is none."""
+        groups: dict[int, list[list[Any]]] = {}
+        nobody: list[list[Any]] = []
+        for item in items:
+            carrier = str(item[1])
+            targets = [
+                x
+                for x in self.workers
+                if x is not w and x.ready.is_set() and carrier in x.bound and x.writer
+            ]
+            if not targets:
+                nobody.append([item[0], carrier, None])
+                continue
+            self._relay_rr += 1
+            target = targets[self._relay_rr % len(targets)]
+            groups.setdefault(target.index, []).append(item)
+        for index, group in groups.items():
+            line = {"op": "relay", "from": w.index, "gen": w.restarts, "items": group}
+            _write(self.workers[index].writer, line)
+        if nobody:
+            _write(w.writer, {"op": "relay_result", "items": nobody})
+
     def _admit(self, w: WorkerState, account: int, max_binds: int, token: int) -> bool:
         held = sum(len(x.binds.get(account, ())) for x in self.workers)
         if held >= max_binds:
@@ -679,7 +867,9 @@ class Supervisor:
         w.binds.clear()  # its binds died with it
         w.ready.clear()
         w.demand, w.told = None, None
+        w.bound = set()
         self.rebalance()  # its shares go to the others now
+        self._relays_changed()
         self._forget_offers(w)
         w.ops_port = None
         self._publish()

@@ -113,6 +113,10 @@ def test_scenario_table_default_set_and_configs() -> None:
         assert name in r.DEFAULT_SET
         toml = r.router_toml(r.SCENARIOS[name], [1, 2])
         assert "[listen]" in toml and "workers = 2" in toml
+        assert toml.count("sessions = 2") == 2  # a bind per worker: nothing relayed
+    relay = r.router_toml(r.SCENARIOS["smpp-e2e-workers-relay"], [1, 2])
+    assert "workers = 2" in relay and relay.count("sessions = 1") == 2
+    assert "smpp-e2e-workers-relay" not in r.DEFAULT_SET
     memory = r.router_toml(r.SCENARIOS["smpp-e2e-memory"], [1, 2])
     assert 'guarantee = "in-memory"' in memory
     over = r.SCENARIOS["overload"]

@@ -330,6 +330,23 @@ async def test_wrong_credentials_fail_the_bind(make_sim: Any, connect: Connect) 
     assert sim.stats.bind_failures == 2 and sim.stats.binds == 1
 
 
+async def test_max_binds_answers_already_bound(make_sim: Any, connect: Connect) -> None:
+    # Most carrier accounts allow a fixed number of binds at once.
+    sim = await make_sim(max_binds=1)
+    first, resp = await connect(sim.port)
+    assert resp.status == Status.ESME_ROK
+    extra, resp = await connect(sim.port)
+    assert resp.status == Status.ESME_RALYBND
+    await asyncio.wait_for(asyncio.shield(extra.closed), 5)  # type: ignore[arg-type]
+    _, resp = await connect(sim.port, system_id="other")  # counted per system_id
+    assert resp.status == Status.ESME_ROK
+    first.close()
+    await asyncio.wait_for(asyncio.shield(first.closed), 5)  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    _, resp = await connect(sim.port)  # the slot is free again
+    assert resp.status == Status.ESME_ROK
+
+
 async def test_drop_every_closes_connections(make_sim: Any, connect: Connect) -> None:
     sim = await make_sim(drop_every=0.3)
     esme, _ = await connect(sim.port)
@@ -555,6 +572,8 @@ async def test_nothing_private_is_logged(
 
 
 def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="max_binds"):
+        SimConfig(max_binds=0).validate()
     for bad in (
         {"reject_ratio": 1.5},
         {"id_format": "base64"},

@@ -54,7 +54,7 @@ def test_share_config_divides_the_totals() -> None:
     assert a0.queue_size == a1.queue_size == 501  # rounded up: never below the total
     assert (a0.sessions, a1.sessions) == (3, 2)  # 5 sessions over 2 workers
     b0, b1 = (s.carriers[1] for s in shares)
-    assert (b0.sessions, b1.sessions) == (1, 1)  # each worker needs one
+    assert (b0.sessions, b1.sessions) == (1, 0)  # worker 1 sends through worker 0's bind
     one = share_config(Config(carriers=[_copy(cfg.carriers[0])]), 0, 1)
     assert (one.carriers[0].tps, one.carriers[0].sessions) == (300.0, 5)
 
@@ -220,6 +220,7 @@ async def test_shares_sent_while_the_worker_starts_apply_once_it_is_up() -> None
 
     class Engine:
         offer_receipt = None
+        carriers: dict[str, object] = {}
 
     class Router:
         applied: list[tuple[int, dict[str, float], dict[str, float]]] = []
@@ -548,6 +549,106 @@ async def test_rates_follow_the_traffic_to_the_worker_that_has_it(
 
 async def _async_true(value: bool) -> bool:
     return value
+
+
+async def test_a_carrier_with_one_bind_serves_every_worker(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    """The carrier allows one bind (the simulator answers ESME_RALYBND to a
+    second): one worker binds it, the other sends through that bind
+    (router/carriers/relay.py). Customers on either worker get their
+    messages sent and their receipts; when the binding worker is killed and
+    started again, the relaying worker's messages flow again."""
+    await create_account(db, "acme", system_id="acme", password="acme-pw1", max_binds=40)
+    sim, ports, cfg, log = await two_workers_on_a_simulator(
+        tmp_path,
+        SimConfig(port=0, name="sim", dlr_delay=0.05, max_binds=1),
+        tps=2000.0,
+        window=16,
+        sessions=1,
+    )
+    proc = await start_router(cfg, database_url, ports["ops"], log, timeout=60)
+    esmes: list[Esme] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def both_ready() -> bool:
+                async with http.get(f"http://127.0.0.1:{ports['ops']}/readyz") as r:
+                    return r.status == 200 and (await r.json())["workers_ok"] == 2
+
+            await wait_for(both_ready, 30, "both workers ready")
+            # Binds until each worker has at least one (the kernel spreads them).
+            for _ in range(40):
+                esme, resp = await connect(ports["smpp"])
+                assert resp.status == Status.ESME_ROK
+                esmes.append(esme)
+                if len(esmes) >= 4:
+                    m = await metrics_of(http, ports["ops"])
+                    binds = [total(m, "smsrouter_smpp_binds", worker=str(i)) for i in (0, 1)]
+                    if min(binds) > 0:
+                        break
+            assert min(binds) > 0, binds
+
+            async def send_all(tag: str) -> dict[str, Esme]:
+                ids: dict[str, Esme] = {}
+                for n, esme in enumerate(esmes):
+                    for i in range(10):
+                        r = await esme.submit("+4512345678", f"{tag}-{n}-{i}")
+                        assert r.status == Status.ESME_ROK, r.status
+                        ids[r.message_id] = esme  # type: ignore[attr-defined]
+                return ids
+
+            async def receipts_for(ids: dict[str, Esme]) -> None:
+                async def arrived() -> bool:
+                    return set(ids) <= set().union(*(e.receipts for e in esmes))
+
+                await wait_for(arrived, 30, "a receipt for every message")
+
+            ids = await send_all("one")
+            await receipts_for(ids)
+            assert sim.bound_count() == 1
+            m = await metrics_of(http, ports["ops"])
+            assert total(m, "smsrouter_carrier_binds", worker="0") == 1  # its own
+            assert total(m, "smsrouter_carrier_binds", worker="1") == 1  # the relay
+            relayed = total(m, "smsrouter_worker_relayed_total", outcome="answered")
+            assert relayed > 0
+            # Every message reached the carrier once (no resend was needed).
+            texts = [r.payload.decode() for r in sim.received]
+            assert len(texts) == len(set(texts)) == len(ids)
+
+            # kill -9 the worker holding the bind: it is started again, binds
+            # again, and the other worker's messages go through it again.
+            workers = children_of(proc.pid)
+            binder = workers[0] if len(workers) == 2 else None
+            assert binder is not None
+            os.kill(binder, signal.SIGKILL)
+            while alive(binder):
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)  # its customers' connections are reset
+            survivors = [e for e in esmes if e.is_open]
+            assert survivors  # the relaying worker's customers stay bound
+            esmes[:] = survivors
+
+            async def rebound() -> bool:
+                m = await metrics_of(http, ports["ops"])
+                return (
+                    total(m, "smsrouter_carrier_binds", worker="1") == 1
+                    and total(m, "smsrouter_carrier_binds", worker="0") == 1
+                )
+
+            await wait_for(rebound, 60, "the carrier bound again and relayed")
+            ids = await send_all("two")
+            await receipts_for(ids)
+            assert sim.bound_count() == 1
+            texts = [r.payload.decode() for r in sim.received if r.payload.startswith(b"two-")]
+            assert set(texts) == {f"two-{n}-{i}" for n in range(len(esmes)) for i in range(10)}
+    finally:
+        for e in esmes:
+            e.close()
+        code = stop_router(proc, timeout=40)
+        await sim.stop()
+    assert code == 0, log.read_text()[-3000:]
+    assert "ESME_RALYBND" not in log.read_text()  # nobody asked for a second bind
 
 
 async def test_sighup_while_workers_start_kills_none(

@@ -318,6 +318,13 @@ RECEIPT_ROUTE_WAIT = FastHistogram(  # once per receipt crossing between nodes
     " receipt_routes row was found (router.carriers.recovery).",
     buckets=(0.005, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0, 120.0),
 )
+WORKER_RELAYED = Counter(
+    "smsrouter_worker_relayed_total",
+    "submit_sm sent through a sibling worker's carrier bind (a carrier with fewer"
+    " sessions than listen.workers), by outcome: answered by the carrier, or"
+    " no_answer (no sibling bound, timeout; the message is resent).",
+    ["outcome"],
+)
 WORKER_RECEIPTS = Counter(
     "smsrouter_worker_receipts_total",
     "Carrier receipts a worker got for a message it did not send, offered to its"

@@ -102,6 +102,9 @@ class SimConfig:
     id_format: str = "hex"  # "hex" | "decimal" | "uuid": the carrier message ids
     window: int = 1000  # peer window (ESME_RTHROTTLED beyond)
     max_tps: float | None = None  # answer ESME_RTHROTTLED above this rate (token bucket)
+    # Binds allowed at once per system_id, like most carriers' accounts;
+    # one more is answered ESME_RALYBND (None = any number).
+    max_binds: int | None = None
     seed: int | None = None  # for deterministic ratios in tests
     receipt_before_resp: bool = False  # send the DLR before submit_sm_resp (edge case tests)
     tls_cert: str | None = None  # PEM certificate chain: serve SMPP over TLS
@@ -132,6 +135,8 @@ class SimConfig:
             raise ValueError("max_tps must be > 0")
         if self.window < 1:
             raise ValueError("window must be >= 1")
+        if self.max_binds is not None and self.max_binds < 1:
+            raise ValueError("max_binds must be >= 1")
         if self.receipt_backlog_throttle < 0:
             raise ValueError("receipt_backlog_throttle must be >= 0 (0 = off)")
         if not 0 <= self.port <= 65535:
@@ -480,6 +485,10 @@ class CarrierSimulator:
             status = Status.ESME_RINVSYSID
         elif cfg.password is not None and password != cfg.password:
             status = Status.ESME_RINVPASWD
+        elif cfg.max_binds is not None and cfg.max_binds <= sum(
+            1 for c in self._conns if c.system_id == system_id and c.session.bound
+        ):
+            status = Status.ESME_RALYBND
         if status != Status.ESME_ROK:
             self.stats.bind_failures += 1
             log.info("simulator %s refused a bind: %s", cfg.name, Status(status).name)
@@ -729,6 +738,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--id-format", choices=ID_FORMATS, default=d.id_format)
     p.add_argument("--window", type=int, default=d.window)
     p.add_argument("--max-tps", type=float, default=None)
+    p.add_argument("--max-binds", type=int, default=None, help="binds per system_id at once")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--receipt-before-resp", action="store_true")
     p.add_argument(
@@ -761,6 +771,7 @@ def _configs(args: argparse.Namespace) -> list[SimConfig]:
             id_format=args.id_format,
             window=args.window,
             max_tps=args.max_tps,
+            max_binds=args.max_binds,
             seed=None if args.seed is None else args.seed + i,
             receipt_before_resp=args.receipt_before_resp,
             receipt_backlog_throttle=args.receipt_backlog_throttle,
