@@ -79,7 +79,7 @@ from .carriers.relay import RelaySession
 from .config import Config, share_config
 from .observe import metrics
 from .smpp.constants import MessageState
-from .smpp.pdu import decode
+from .smpp.pdu import Pdu, decode
 
 if TYPE_CHECKING:
     from .app import Router
@@ -95,6 +95,11 @@ RESTART_MIN, RESTART_MAX = 1.0, 30.0  # back-off between restarts of a crashing 
 STABLE_AFTER = 60.0  # a worker up this long resets its back-off
 STOP_GRACE = 30.0  # SIGTERM -> SIGKILL for a worker that does not finish draining
 PROBE_TIMEOUT = 2.0  # supervisor -> worker ops requests
+# Control link lines: batches are cut at BATCH items (a relayed submit_sm is
+# up to ~400 bytes of base64), and a line may be this long (the default
+# 64 KiB of asyncio's StreamReader was exceeded by one loop turn's batch).
+BATCH = 256
+LINE_LIMIT = 8 * 1024 * 1024
 RELAY_WAIT = 5.0  # a relayed submit_sm may wait this long for room in the sibling's window
 
 
@@ -129,6 +134,7 @@ class SupervisorLink:
         self._relay_out: list[list[Any]] = []
         self._relay_answers: dict[tuple[int, int], list[list[Any]]] = {}
         self._bound_told: list[str] | None = None
+        self._relay_tasks: set[asyncio.Future[None]] = set()
 
     def attach(self, engine: Engine, router: Router | None = None) -> None:
         """Carrier receipts this worker did not send go to the siblings
@@ -162,7 +168,9 @@ class SupervisorLink:
         self._reporter = asyncio.get_running_loop().call_later(shares.INTERVAL, self._report)
 
     async def open(self, on_lost: Callable[[], None]) -> None:
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
+        self._reader, self._writer = await asyncio.open_unix_connection(
+            sock=self._sock, limit=LINE_LIMIT
+        )
         self._task = asyncio.get_running_loop().create_task(self._read(on_lost))
 
     def _send(self, msg: dict[str, Any]) -> None:
@@ -219,8 +227,8 @@ class SupervisorLink:
 
     def _flush_offers(self) -> None:
         items, self._outbox = self._outbox, []
-        if items:
-            self._send({"op": "receipts", "items": items})
+        for chunk in _chunks(items):
+            self._send({"op": "receipts", "items": chunk})
 
     def _results(self, items: list[list[Any]]) -> None:
         engine = self.engine
@@ -291,6 +299,8 @@ class SupervisorLink:
                     log.error("supervisor_message_failed", error=type(exc).__name__)
         except (ConnectionError, OSError):
             pass
+        except ValueError as exc:  # a line beyond LINE_LIMIT: the link is unusable
+            log.error("supervisor_link_failed", error=type(exc).__name__)
         self._lost = True
         self._relay_avail = set()
         self.refresh_relays()
@@ -355,8 +365,8 @@ class SupervisorLink:
 
     def _flush_relay(self) -> None:
         items, self._relay_out = self._relay_out, []
-        if items:
-            self._send({"op": "relay", "items": items})
+        for chunk in _chunks(items):
+            self._send({"op": "relay", "items": chunk})
 
     def _relay_results(self, items: list[list[Any]]) -> None:
         for rid, carrier, data in items:
@@ -365,42 +375,68 @@ class SupervisorLink:
                 relay.answered(int(rid), base64.b64decode(data) if data else None)
 
     def _serve_relays(self, origin: int, gen: int, items: list[list[Any]]) -> None:
-        for item in items:
-            asyncio.ensure_future(self._serve_relay(origin, gen, item))
-
-    async def _serve_relay(self, origin: int, gen: int, item: list[Any]) -> None:
-        """A sibling's submit_sm for a carrier this worker has a bind of:
-        sent on the session with the most room (waiting for room in its
-        window), the submit_sm_resp sent back; None if it cannot be sent."""
-        rid, carrier, data = item
-        answer = None
-        try:
-            c = self.engine.carriers.get(str(carrier)) if self.engine is not None else None
+        """Siblings' submit_sm for carriers this worker has a bind of: each
+        sent on the session with the most room, its submit_sm_resp sent
+        back; None when it cannot be sent (the sibling resends it)."""
+        engine = self.engine
+        for rid, carrier, data in items:
+            c = engine.carriers.get(str(carrier)) if engine is not None else None
             own = [
                 s
                 for s in (c.sessions if c is not None else ())
                 if not getattr(s, "relayed", False) and s.is_open
             ]
-            if c is not None and own:
+            try:
+                if c is None or not own:
+                    raise ConnectionError("no bind here")
                 session = min(own, key=lambda s: s.session.in_flight)
                 pdu = decode(base64.b64decode(data))
                 pdu.sequence = 0  # numbered by our session
-                resp = await asyncio.wait_for(
-                    session.request(pdu), c.cfg.response_timeout + RELAY_WAIT
+                if session.session.can_send:
+                    session.send_request(pdu, self._relay_callback(origin, gen, rid, carrier))
+                    continue
+                # Its window is full: wait for room (bounded), off this loop turn.
+                task = asyncio.ensure_future(
+                    self._relay_when_room(
+                        session, pdu, c.cfg.response_timeout, origin, gen, rid, carrier
+                    )
                 )
-                answer = base64.b64encode(resp.encode()).decode()
-        except Exception:  # no answer: the sibling resends it  # noqa: S110
+                self._relay_tasks.add(task)
+                task.add_done_callback(self._relay_tasks.discard)
+            except Exception:
+                self._relay_answer(origin, gen, rid, carrier, None)
+
+    def _relay_callback(
+        self, origin: int, gen: int, rid: int, carrier: str
+    ) -> Callable[[Pdu | None, Pdu], None]:
+        return lambda resp, _req: self._relay_answer(origin, gen, rid, carrier, resp)
+
+    async def _relay_when_room(
+        self, session: Any, pdu: Pdu, timeout: float, origin: int, gen: int, rid: int, carrier: str
+    ) -> None:
+        resp = None
+        try:
+            resp = await asyncio.wait_for(session.request(pdu), timeout + RELAY_WAIT)
+        except Exception:  # no room in time, or the bind went: the sibling resends  # noqa: S110
             pass
+        self._relay_answer(origin, gen, rid, carrier, resp)
+
+    def _relay_answer(
+        self, origin: int, gen: int, rid: int, carrier: str, resp: Pdu | None
+    ) -> None:
         key = (origin, gen)
-        if key not in self._relay_answers:
-            self._relay_answers[key] = []
+        batch = self._relay_answers.get(key)
+        if batch is None:
+            batch = self._relay_answers[key] = []
             asyncio.get_running_loop().call_soon(self._flush_relay_answers, key)
-        self._relay_answers[key].append([rid, carrier, answer])
+        batch.append(
+            [rid, carrier, None if resp is None else base64.b64encode(resp.encode()).decode()]
+        )
 
     def _flush_relay_answers(self, key: tuple[int, int]) -> None:
         items = self._relay_answers.pop(key, [])
-        if items:
-            self._send({"op": "relay_result", "to": key[0], "gen": key[1], "items": items})
+        for chunk in _chunks(items):
+            self._send({"op": "relay_result", "to": key[0], "gen": key[1], "items": chunk})
 
     def _apply_shares(self, msg: dict[str, Any]) -> None:
         self._shares = msg
@@ -676,7 +712,7 @@ class Supervisor:
         w.demand, w.told = None, None
         w.bound, w.relays_told = set(), None
         try:
-            reader, w.writer = await asyncio.open_unix_connection(sock=parent)
+            reader, w.writer = await asyncio.open_unix_connection(sock=parent, limit=LINE_LIMIT)
         except BaseException:
             w.proc.kill()  # no link: it would wait for nothing; _retry starts another
             await w.proc.wait()
@@ -1045,6 +1081,10 @@ def merge_expositions(texts: dict[str, str]) -> bytes:
         out.extend(samples[name])
     out.append("")
     return "\n".join(out).encode()
+
+
+def _chunks(items: list[list[Any]], size: int = BATCH) -> list[list[list[Any]]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _running(w: WorkerState) -> bool:

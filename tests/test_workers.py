@@ -242,6 +242,39 @@ async def test_shares_sent_while_the_worker_starts_apply_once_it_is_up() -> None
     assert not lost
 
 
+async def test_control_link_carries_big_batches() -> None:
+    """One loop turn may relay thousands of submit_sm: the batch is cut into
+    lines of at most BATCH items, and a long line (here 1 MB) is read whole
+    (asyncio's default 64 KiB limit made the supervisor drop the worker)."""
+    from router.workers import BATCH, SupervisorLink
+
+    ours, theirs = socket.socketpair()
+    link = SupervisorLink(ours.detach())
+    lost: list[bool] = []
+    await link.open(lambda: lost.append(True))
+    reader, writer = await asyncio.open_unix_connection(sock=theirs, limit=16 * 1024 * 1024)
+    for rid in range(1, 1001):
+        link._relay_send(rid, "sim", b"\x00" * 300)
+    await asyncio.sleep(0.05)
+    sizes = []
+    while sum(sizes) < 1000:
+        msg = json.loads(await asyncio.wait_for(reader.readline(), 3))
+        assert msg["op"] == "relay"
+        sizes.append(len(msg["items"]))
+    assert max(sizes) <= BATCH and sum(sizes) == 1000
+    # The worker reads a 1 MB line (answers for a carrier it has no relay
+    # of are ignored) and stays linked.
+    items = [[rid, "other", "A" * 1000] for rid in range(1000)]
+    writer.write(json.dumps({"op": "relay_result", "items": items}).encode() + b"\n")
+    plan = {"op": "shares", "n": 2, "a": {}, "c": {}}
+    writer.write(json.dumps(plan).encode() + b"\n")
+    await asyncio.wait_for(writer.drain(), 5)  # a reader that gave up would block this
+    await asyncio.sleep(0.1)
+    assert link._shares == plan and not lost  # it read on past the long line
+    await link.close()
+    writer.close()
+
+
 def test_hold_port_refuses_a_port_another_router_listens_on() -> None:
     other = socket.socket()
     other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

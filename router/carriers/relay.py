@@ -76,7 +76,7 @@ class RelaySession:
                 resp = decode(data)
             except Exception:  # a defect, not the carrier's answer: retried
                 resp = None
-        metrics.child(metrics.WORKER_RELAYED, "answered" if resp else "no_answer").inc()
+        metrics.child(metrics.WORKER_RELAYED, "no_answer" if resp is None else "answered").inc()
         callback(resp, request)
 
     def expire(self, older_than: float) -> None:
