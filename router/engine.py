@@ -963,6 +963,11 @@ class Engine:
             changes["removed"].append(name)
             with contextlib.suppress(KeyError):
                 metrics.CARRIER_RATE.remove(name)
+            for session in list(gone.sessions):
+                if getattr(session, "relayed", False):
+                    # Its requests in flight come back unanswered into the
+                    # retry list now, so they move on with the queue below.
+                    session.close()
             subs = gone.drain()
             for sub in subs:
                 msg = sub.delivery.message

@@ -134,7 +134,6 @@ class SupervisorLink:
         self._relay_out: list[list[Any]] = []
         self._relay_answers: dict[tuple[int, int], list[list[Any]]] = {}
         self._bound_told: list[str] | None = None
-        self._relay_tasks: set[asyncio.Future[None]] = set()
 
     def attach(self, engine: Engine, router: Router | None = None) -> None:
         """Carrier receipts this worker did not send go to the siblings
@@ -332,12 +331,14 @@ class SupervisorLink:
         engine = self.engine
         if engine is None:
             return
+        # A carrier started with sessions of its own keeps them; one started
+        # with none relays (a reload changes sessions at the next restart).
         for name in list(self._relays):
             c = engine.carriers.get(name)
-            if c is None or c.cfg.sessions > 0 or name not in self._relay_avail:
+            if c is None or c._tasks or name not in self._relay_avail:
                 self._drop_relay(name)
         for name, c in engine.carriers.items():
-            if c.cfg.sessions > 0 or name not in self._relay_avail:
+            if c._tasks or name not in self._relay_avail:
                 continue
             sessions: list[Any] = c.sessions  # a RelaySession stands in for a CarrierSession
             relay = self._relays.get(name)
@@ -375,51 +376,28 @@ class SupervisorLink:
                 relay.answered(int(rid), base64.b64decode(data) if data else None)
 
     def _serve_relays(self, origin: int, gen: int, items: list[list[Any]]) -> None:
-        """Siblings' submit_sm for carriers this worker has a bind of: each
-        sent on the session with the most room, its submit_sm_resp sent
-        back; None when it cannot be sent (the sibling resends it)."""
+        """Siblings' submit_sm for carriers this worker has a bind of: queued
+        on the carrier ahead of its own traffic (Carrier.relay), each
+        submit_sm_resp sent back; None when it cannot be sent (the sibling
+        resends it)."""
         engine = self.engine
-        for rid, carrier, data in items:
-            c = engine.carriers.get(str(carrier)) if engine is not None else None
-            own = [
-                s
-                for s in (c.sessions if c is not None else ())
-                if not getattr(s, "relayed", False) and s.is_open
-            ]
+        for item in items:
             try:
-                if c is None or not own:
+                rid, carrier, data = item
+                c = engine.carriers.get(str(carrier)) if engine is not None else None
+                if c is None or not any(not getattr(s, "relayed", False) for s in c.sessions):
                     raise ConnectionError("no bind here")
-                session = min(own, key=lambda s: s.session.in_flight)
                 pdu = decode(base64.b64decode(data))
                 pdu.sequence = 0  # numbered by our session
-                if session.session.can_send:
-                    session.send_request(pdu, self._relay_callback(origin, gen, rid, carrier))
-                    continue
-                # Its window is full: wait for room (bounded), off this loop turn.
-                task = asyncio.ensure_future(
-                    self._relay_when_room(
-                        session, pdu, c.cfg.response_timeout, origin, gen, rid, carrier
-                    )
-                )
-                self._relay_tasks.add(task)
-                task.add_done_callback(self._relay_tasks.discard)
+                c.relay(pdu, self._relay_callback(origin, gen, rid, carrier), RELAY_WAIT)
             except Exception:
-                self._relay_answer(origin, gen, rid, carrier, None)
+                if isinstance(item, list) and len(item) == 3:
+                    self._relay_answer(origin, gen, item[0], item[1], None)
 
     def _relay_callback(
         self, origin: int, gen: int, rid: int, carrier: str
     ) -> Callable[[Pdu | None, Pdu], None]:
         return lambda resp, _req: self._relay_answer(origin, gen, rid, carrier, resp)
-
-    async def _relay_when_room(
-        self, session: Any, pdu: Pdu, timeout: float, origin: int, gen: int, rid: int, carrier: str
-    ) -> None:
-        resp = None
-        try:
-            resp = await asyncio.wait_for(session.request(pdu), timeout + RELAY_WAIT)
-        except Exception:  # no room in time, or the bind went: the sibling resends  # noqa: S110
-            pass
-        self._relay_answer(origin, gen, rid, carrier, resp)
 
     def _relay_answer(
         self, origin: int, gen: int, rid: int, carrier: str, resp: Pdu | None

@@ -343,6 +343,44 @@ async def wait_for(check, timeout: float, what: str) -> None:  # type: ignore[no
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def both_workers_ready(http: aiohttp.ClientSession, ops: int) -> None:
+    async def ready() -> bool:
+        async with http.get(f"http://127.0.0.1:{ops}/readyz") as r:
+            return r.status == 200 and (await r.json())["workers_ok"] == 2
+
+    await wait_for(ready, 30, "both workers ready")
+
+
+async def binds_on_both_workers(
+    http: aiohttp.ClientSession, ports: dict[str, int], at_least: int
+) -> list[Esme]:
+    """At least ``at_least`` binds of acme, more until each worker holds
+    one (the kernel spreads connections; 40 at most)."""
+    esmes: list[Esme] = []
+    binds = [0.0, 0.0]
+    for _ in range(40):
+        esme, resp = await connect(ports["smpp"])
+        assert resp.status == Status.ESME_ROK
+        esmes.append(esme)
+        if len(esmes) >= at_least:
+            m = await metrics_of(http, ports["ops"])
+            binds = [total(m, "smsrouter_smpp_binds", worker=str(i)) for i in (0, 1)]
+            if min(binds) > 0:
+                return esmes
+    raise AssertionError(f"binds not spread over both workers: {binds}")
+
+
+async def stop_all(
+    esmes: list[Esme], proc: subprocess.Popen[bytes], sim: CarrierSimulator, log: Path
+) -> None:
+    """Close the customers, SIGTERM the router (it must exit 0), stop the carrier."""
+    for e in esmes:
+        e.close()
+    code = stop_router(proc, timeout=40)
+    await sim.stop()
+    assert code == 0, log.read_text()[-3000:]
+
+
 async def two_workers_on_a_simulator(
     tmp_path: Path, sim_config: SimConfig | None = None, **carrier: object
 ) -> tuple[CarrierSimulator, dict[str, int], Path, Path]:
@@ -376,11 +414,7 @@ async def test_two_workers_share_ports_binds_receipts_and_restarts(
         assert len(workers) == 2, log.read_text()[-2000:]
         async with aiohttp.ClientSession() as http:
             # Ready as soon as one worker is (start_router waited for that).
-            async def both_ready() -> bool:
-                async with http.get(f"http://127.0.0.1:{ports['ops']}/readyz") as r:
-                    return r.status == 200 and (await r.json())["workers_ok"] == 2
-
-            await wait_for(both_ready, 30, "both workers ready")
+            await both_workers_ready(http, ports["ops"])
             async with http.get(f"http://127.0.0.1:{ports['ops']}/readyz") as r:
                 body = await r.json()
             assert r.status == 200 and body["ready"] is True
@@ -487,11 +521,7 @@ async def test_two_workers_share_ports_binds_receipts_and_restarts(
             assert total(m, "smsrouter_worker_restarts_total") == 1
             workers = children_of(proc.pid)
     finally:
-        for e in esmes:
-            e.close()
-        code = stop_router(proc, timeout=40)
-        await sim.stop()
-    assert code == 0, log.read_text()[-3000:]
+        await stop_all(esmes, proc, sim, log)
     for pid in workers:
         assert not alive(pid), f"worker {pid} outlived its supervisor's SIGTERM"
     # One signing key for all the workers, made by the supervisor.
@@ -515,12 +545,7 @@ async def test_rates_follow_the_traffic_to_the_worker_that_has_it(
     esmes: list[Esme] = []
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def both_ready() -> bool:
-                async with http.get(f"http://127.0.0.1:{ports['ops']}/readyz") as r:
-                    return r.status == 200 and (await r.json())["workers_ok"] == 2
-
-            await wait_for(both_ready, 30, "both workers ready")
+            await both_workers_ready(http, ports["ops"])
             # The account: 100 submit_sm/s offered over one bind for 7 s.
             esme, resp = await connect(ports["smpp"])
             assert resp.status == Status.ESME_ROK
@@ -573,11 +598,7 @@ async def test_rates_follow_the_traffic_to_the_worker_that_has_it(
             assert 48 <= rate <= 60 * 1.1, rate
             assert max(limits) >= 0.9 * 60 and sum(limits) <= 60.0 + 1e-3, limits
     finally:
-        for e in esmes:
-            e.close()
-        code = stop_router(proc, timeout=40)
-        await sim.stop()
-    assert code == 0, log.read_text()[-3000:]
+        await stop_all(esmes, proc, sim, log)
 
 
 async def _async_true(value: bool) -> bool:
@@ -595,41 +616,31 @@ async def test_a_carrier_with_one_bind_serves_every_worker(
     await create_account(db, "acme", system_id="acme", password="acme-pw1", max_binds=40)
     sim, ports, cfg, log = await two_workers_on_a_simulator(
         tmp_path,
-        SimConfig(port=0, name="sim", dlr_delay=0.05, max_binds=1),
+        # A slow carrier and a small window: both workers' traffic competes
+        # for the one bind's window (relayed submits go ahead of the binding
+        # worker's own queue, none waits until it is given up).
+        SimConfig(port=0, name="sim", dlr_delay=0.05, max_binds=1, latency=0.02),
         tps=2000.0,
-        window=16,
+        window=4,
         sessions=1,
     )
     proc = await start_router(cfg, database_url, ports["ops"], log, timeout=60)
     esmes: list[Esme] = []
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def both_ready() -> bool:
-                async with http.get(f"http://127.0.0.1:{ports['ops']}/readyz") as r:
-                    return r.status == 200 and (await r.json())["workers_ok"] == 2
-
-            await wait_for(both_ready, 30, "both workers ready")
-            # Binds until each worker has at least one (the kernel spreads them).
-            for _ in range(40):
-                esme, resp = await connect(ports["smpp"])
-                assert resp.status == Status.ESME_ROK
-                esmes.append(esme)
-                if len(esmes) >= 4:
-                    m = await metrics_of(http, ports["ops"])
-                    binds = [total(m, "smsrouter_smpp_binds", worker=str(i)) for i in (0, 1)]
-                    if min(binds) > 0:
-                        break
-            assert min(binds) > 0, binds
+            await both_workers_ready(http, ports["ops"])
+            esmes += await binds_on_both_workers(http, ports, at_least=4)
 
             async def send_all(tag: str) -> dict[str, Esme]:
-                ids: dict[str, Esme] = {}
-                for n, esme in enumerate(esmes):
-                    for i in range(10):
-                        r = await esme.submit("+4512345678", f"{tag}-{n}-{i}")
-                        assert r.status == Status.ESME_ROK, r.status
-                        ids[r.message_id] = esme  # type: ignore[attr-defined]
-                return ids
+                # Every bind at once, 10 messages each in flight together.
+                sent = [
+                    (esme, esme.submit("+4512345678", f"{tag}-{n}-{i}"))
+                    for n, esme in enumerate(esmes)
+                    for i in range(10)
+                ]
+                answers = await asyncio.gather(*(s for _, s in sent))
+                assert all(r.status == Status.ESME_ROK for r in answers)
+                return {r.message_id: e for (e, _), r in zip(sent, answers, strict=True)}  # type: ignore[attr-defined]
 
             async def receipts_for(ids: dict[str, Esme]) -> None:
                 async def arrived() -> bool:
@@ -675,12 +686,21 @@ async def test_a_carrier_with_one_bind_serves_every_worker(
             assert sim.bound_count() == 1
             texts = [r.payload.decode() for r in sim.received if r.payload.startswith(b"two-")]
             assert set(texts) == {f"two-{n}-{i}" for n in range(len(esmes)) for i in range(10)}
+
+            # A reload that raises the carrier's sessions: sessions change at
+            # the next restart, so the relay stays (the carrier must not go
+            # down on the relaying worker meanwhile).
+            cfg.write_text(cfg.read_text().replace("sessions = 1", "sessions = 2"))
+            proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(2.5)  # reloaded, and a bound report and rebalance later
+            assert log.read_text().count('"carriers_reloaded"') == 2  # both workers
+            ids = await send_all("three")
+            await receipts_for(ids)
+            m = await metrics_of(http, ports["ops"])
+            assert total(m, "smsrouter_carrier_binds", worker="1") == 1
+            assert sim.bound_count() == 1
     finally:
-        for e in esmes:
-            e.close()
-        code = stop_router(proc, timeout=40)
-        await sim.stop()
-    assert code == 0, log.read_text()[-3000:]
+        await stop_all(esmes, proc, sim, log)
     assert "ESME_RALYBND" not in log.read_text()  # nobody asked for a second bind
 
 
@@ -770,7 +790,7 @@ async def test_kill_9_of_a_worker_under_load_loses_no_acknowledged_message(
     backlog for a slow carrier; the supervisor starts it again with its node
     id, it resends its own spool, and every message that got a positive
     submit_sm_resp on either worker reaches the carrier."""
-    await create_account(db, "acme", system_id="acme", password="acme-pw1", max_binds=20)
+    await create_account(db, "acme", system_id="acme", password="acme-pw1", max_binds=40)
     sim, ports, cfg, log = await two_workers_on_a_simulator(
         tmp_path, SimConfig(port=0, name="sim", dlr_delay=0.2, latency=0.01), tps=300.0, window=32
     )
@@ -779,18 +799,8 @@ async def test_kill_9_of_a_worker_under_load_loses_no_acknowledged_message(
     esmes: list[Esme] = []
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def both_ready() -> bool:
-                async with http.get(f"http://127.0.0.1:{ports['ops']}/readyz") as r:
-                    return r.status == 200 and (await r.json())["workers_ok"] == 2
-
-            await wait_for(both_ready, 30, "both workers ready")
-            for _ in range(8):
-                esme, resp = await connect(ports["smpp"])
-                assert resp.status == Status.ESME_ROK
-                esmes.append(esme)
-            m = await metrics_of(http, ports["ops"])
-            assert min(total(m, "smsrouter_smpp_binds", worker=str(i)) for i in (0, 1)) > 0
+            await both_workers_ready(http, ports["ops"])
+            esmes += await binds_on_both_workers(http, ports, at_least=8)
 
             async def one(i: int) -> None:
                 text = f"wcrash-{i:05d}"

@@ -143,6 +143,12 @@ class Carrier:
         # closure per message: fewer objects for the garbage collector.
         self._sent: dict[int, Submission] = {}
         self._resp_cb: ResponseCallback = self._on_submit_resp
+        # Sibling workers' submit_sm for this carrier (router/carriers/relay.py):
+        # sent on our binds before our own queue as soon as a window has room
+        # (their rate is their own share), unanswered after their deadline.
+        self.relay_queue: deque[tuple[Pdu, ResponseCallback, float]] = deque()
+        self._relayed: dict[int, ResponseCallback] = {}
+        self._relay_resp_cb: ResponseCallback = self._on_relay_resp
         self._rr = 0
         self._pump_handle: asyncio.TimerHandle | None = None
         # Kept from start(): asyncio.get_running_loop() costs a getpid() system
@@ -205,6 +211,23 @@ class Carrier:
         self._schedule_pump()
         return True
 
+    def relay(self, pdu: Pdu, callback: ResponseCallback, wait: float) -> None:
+        """A sibling worker's submit_sm, to send on one of our binds;
+        ``callback(resp_or_None, pdu)`` once, None if not sent within ``wait``."""
+        self.relay_queue.append((pdu, callback, self.clock() + wait))
+        self._schedule_pump()
+
+    def _on_relay_resp(self, resp: Pdu | None, request: Pdu) -> None:
+        callback = self._relayed.pop(id(request), None)
+        if callback is not None:
+            callback(resp, request)
+        self._schedule_pump()  # a window slot is free again
+
+    def _fail_relays(self) -> None:
+        while self.relay_queue:
+            pdu, callback, _ = self.relay_queue.popleft()
+            callback(None, pdu)
+
     def drain(self) -> list[Submission]:
         """Take every queued submission (failover to another carrier)."""
         subs = list(self.queue) + [s for _, _, s in sorted(self._retry)]
@@ -236,6 +259,7 @@ class Carrier:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        self._fail_relays()
         if self._pump_handle is not None:
             self._pump_handle.cancel()
         self._loop = None
@@ -363,6 +387,8 @@ class Carrier:
     def _pump(self) -> None:
         self._pump_soon = False
         now = self.clock()
+        if self.relay_queue:
+            self._pump_relays(now)
         retry = self._retry
         while retry and retry[0][0] <= now:
             self.queue.appendleft(heapq.heappop(retry)[2])
@@ -392,6 +418,23 @@ class Carrier:
             self._schedule_pump(max(0.001, retry[0][0] - now))
         self._m_queue.set(self.backlog)
         self._m_inflight.set(self.in_flight)
+
+    def _pump_relays(self, now: float) -> None:
+        relayed = self.relay_queue
+        while relayed:
+            pdu, callback, deadline = relayed[0]
+            if deadline < now:
+                relayed.popleft()
+                callback(None, pdu)  # waited too long: the sibling resends it
+                continue
+            sess = self._pick_session()
+            if sess is None:
+                break
+            relayed.popleft()
+            self._relayed[id(pdu)] = callback
+            sess.send_request(pdu, self._relay_resp_cb)
+        if relayed:
+            self._schedule_pump(max(0.001, relayed[0][2] - now))
 
     def _on_submit_resp(self, resp: Pdu | None, request: Pdu) -> None:
         sub = self._sent.pop(id(request), None)
