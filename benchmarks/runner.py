@@ -144,7 +144,7 @@ SCENARIOS: dict[str, Scenario] = {
                  "as smpp-e2e with listen.workers = 2: one router, two worker processes "
                  "on the same SMPP port (the kernel spreads the 10 binds), one carrier "
                  "system_id, so half the carrier receipts cross between the workers "
-                 "through PostgreSQL", binds=10, window=64, workers=2),
+                 "(offered to the sibling in memory)", binds=10, window=64, workers=2),
         Scenario("smpp-e2e-workers-relay", "smpp",
                  "as smpp-e2e-workers with one session per carrier (a carrier that allows "
                  "one bind): worker 0 binds, worker 1 sends its half through that bind "
