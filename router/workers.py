@@ -591,6 +591,9 @@ class Supervisor:
         # Receipt offers in flight: (origin worker, rid) -> siblings yet to answer.
         self._offers: dict[tuple[int, int, int], set[int]] = {}
         self._relay_rr = 0
+        # Relayed submits in flight, by the worker sending them to the
+        # carrier: (origin, its generation, rid) -> carrier.
+        self._relaying: dict[int, dict[tuple[int, int, int], str]] = {}
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.registry = CollectorRegistry(auto_describe=True)
@@ -733,9 +736,7 @@ class Supervisor:
                 elif op == "relay":
                     self._route_relays(w, msg["items"])
                 elif op == "relay_result":
-                    origin = self.workers[int(msg["to"])]
-                    if origin.restarts == int(msg["gen"]):
-                        _write(origin.writer, {"op": "relay_result", "items": msg["items"]})
+                    self._relay_answered(w, int(msg["to"]), int(msg["gen"]), msg["items"])
                 elif op == "bound":
                     w.bound = {str(c) for c in msg["carriers"]}
                     self._relays_changed()
@@ -863,11 +864,34 @@ class Supervisor:
             self._relay_rr += 1
             target = targets[self._relay_rr % len(targets)]
             groups.setdefault(target.index, []).append(item)
+            self._relaying.setdefault(target.index, {})[w.index, w.restarts, int(item[0])] = carrier
         for index, group in groups.items():
             line = {"op": "relay", "from": w.index, "gen": w.restarts, "items": group}
             _write(self.workers[index].writer, line)
         if nobody:
             _write(w.writer, {"op": "relay_result", "items": nobody})
+
+    def _relay_answered(self, x: WorkerState, to: int, gen: int, items: list[list[Any]]) -> None:
+        """Worker x's answers to relayed submits, to the worker that sent
+        them (unless it has died since: its replacement resends them)."""
+        in_flight = self._relaying.get(x.index, {})
+        for item in items:
+            in_flight.pop((to, gen, int(item[0])), None)
+        origin = self.workers[to]
+        if origin.restarts == gen:
+            _write(origin.writer, {"op": "relay_result", "items": items})
+
+    def _forget_relays(self, gone: WorkerState) -> None:
+        """A worker exited with relayed submits in flight: each sender hears
+        'no answer' now (and resends), not after its timeout."""
+        answers: dict[tuple[int, int], list[list[Any]]] = {}
+        for (origin, gen, rid), carrier in self._relaying.pop(gone.index, {}).items():
+            answers.setdefault((origin, gen), []).append([rid, carrier, None])
+        for (origin, gen), items in answers.items():
+            w = self.workers[origin]
+            if w.restarts == gen:
+                for chunk in _chunks(items):
+                    _write(w.writer, {"op": "relay_result", "items": chunk})
 
     def _admit(self, w: WorkerState, account: int, max_binds: int, token: int) -> bool:
         held = sum(len(x.binds.get(account, ())) for x in self.workers)
@@ -885,6 +909,7 @@ class Supervisor:
         self.rebalance()  # its shares go to the others now
         self._relays_changed()
         self._forget_offers(w)
+        self._forget_relays(w)
         w.ops_port = None
         self._publish()
         if self._stopping:

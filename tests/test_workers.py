@@ -275,6 +275,47 @@ async def test_control_link_carries_big_batches() -> None:
     writer.close()
 
 
+async def test_relays_in_flight_to_a_worker_that_dies_are_answered_at_once() -> None:
+    """Relayed submits go round robin to the siblings bound to the carrier;
+    when one of them exits, its senders hear 'no answer' for what it had
+    in flight right away (and resend), not after their timeout."""
+    from router.workers import Supervisor
+
+    sup = Supervisor(Config(), 3, config_path=None, demo=False, env={})
+    readers, keep = [], []
+    for w in sup.workers:
+        ours, theirs = socket.socketpair()
+        reader, their_writer = await asyncio.open_unix_connection(sock=theirs)
+        our_reader, w.writer = await asyncio.open_unix_connection(sock=ours)
+        readers.append(reader)
+        keep += [their_writer, our_reader]  # a collected end would close the pair
+        w.ready.set()
+    sup.workers[1].bound = sup.workers[2].bound = {"sim"}
+    sup._route_relays(sup.workers[0], [[rid, "sim", "AAAA"] for rid in range(1, 7)])
+    sup._route_relays(sup.workers[0], [[7, "nobody-binds-this", "AAAA"]])
+
+    async def line(i: int) -> dict[str, object]:
+        return json.loads(await asyncio.wait_for(readers[i].readline(), 3))  # type: ignore[no-any-return]
+
+    to1, to2 = await line(1), await line(2)
+    got1 = [item[0] for item in to1["items"]]  # type: ignore[union-attr]
+    got2 = [item[0] for item in to2["items"]]  # type: ignore[union-attr]
+    assert sorted(got1 + got2) == [1, 2, 3, 4, 5, 6] and got1 and got2
+    assert await line(0) == {"op": "relay_result", "items": [[7, "nobody-binds-this", None]]}
+    # Worker 2 answers one of its own; then worker 1 dies.
+    sup._relay_answered(sup.workers[2], 0, 0, [[got2[0], "sim", "BBBB"]])
+    assert (await line(0))["items"] == [[got2[0], "sim", "BBBB"]]
+    sup._forget_relays(sup.workers[1])
+    answered = await line(0)
+    assert sorted(i[0] for i in answered["items"]) == sorted(got1)  # type: ignore[union-attr]
+    assert all(i[2] is None for i in answered["items"])  # type: ignore[union-attr]
+    assert set(sup._relaying.get(2, {})) == {(0, 0, rid) for rid in got2[1:]}
+    for w in sup.workers:
+        assert w.writer is not None
+        w.writer.close()
+    del keep
+
+
 def test_hold_port_refuses_a_port_another_router_listens_on() -> None:
     other = socket.socket()
     other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
