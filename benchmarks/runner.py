@@ -278,8 +278,7 @@ async def _answers(url: str) -> bool:
 async def _create(admin_url: str, name: str, url: str) -> None:
     import asyncpg
 
-    from router.accounts import ensure_demo_account
-    from router.store.db import migrate
+    from router.app import prepare_demo_database
 
     conn = await asyncpg.connect(admin_url, timeout=10)
     try:
@@ -289,13 +288,7 @@ async def _create(admin_url: str, name: str, url: str) -> None:
     # `sms-router run --demo` creates the demo account only when it also brings its own
     # simulators (cfg.demo is set by demo_config); with carriers from a config file it
     # does not, so the runner migrates and creates the account itself.
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
-    try:
-        async with pool.acquire() as c:
-            await migrate(c)
-        await ensure_demo_account(pool)
-    finally:
-        await pool.close()
+    await prepare_demo_database(url)
 
 
 SERVER_SETTINGS = ("server_version", "autovacuum", "synchronous_commit", "fsync",

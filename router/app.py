@@ -439,6 +439,18 @@ def tune_gc() -> None:
     metrics.watch_gc()
 
 
+async def prepare_demo_database(url: str) -> None:
+    """Schema migrated and the demo account made, on the database at ``url``
+    (demo mode before its workers start; the benchmarks' fresh databases)."""
+    pool = await create_pool(url)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        await ensure_demo_account(pool)
+    finally:
+        await pool.close()
+
+
 @dataclass
 class DemoBacking:
     """What ``run --demo`` starts beside the router: the embedded PostgreSQL
@@ -462,13 +474,7 @@ class DemoBacking:
             self.embedded = EmbeddedPostgres(data_dir / "demo")
             cfg.database_url = await asyncio.to_thread(self.embedded.start)
         if prepare_db and cfg.database_url is not None:
-            pool = await create_pool(cfg.database_url)
-            try:
-                async with pool.acquire() as conn:
-                    await migrate(conn)
-                await ensure_demo_account(pool)
-            finally:
-                await pool.close()
+            await prepare_demo_database(cfg.database_url)
         if not cfg.carriers:
             cfg = demo_config(cfg)  # fixed simulator ports: what every worker makes of it too
             for c in cfg.carriers:

@@ -119,7 +119,8 @@ class SupervisorLink:
         self.engine: Engine | None = None
         # Receipts offered to the siblings: rid -> (carrier, receipt, offered at).
         self._offered: dict[int, tuple[str, CarrierReceipt, float]] = {}
-        self._outbox: list[list[Any]] = []
+        # Items for the supervisor, one line per (op, fields) and loop turn.
+        self._batches: dict[tuple[str, tuple[tuple[str, int], ...]], list[list[Any]]] = {}
         self._rid = 0
         self._sweeper: asyncio.TimerHandle | None = None
         self._taking = True  # answers siblings' offers (False once draining)
@@ -131,8 +132,6 @@ class SupervisorLink:
         # Carriers bound by a sibling only (router/carriers/relay.py).
         self._relays: dict[str, RelaySession] = {}
         self._relay_avail: set[str] = set()
-        self._relay_out: list[list[Any]] = []
-        self._relay_answers: dict[tuple[int, int], list[list[Any]]] = {}
         self._bound_told: list[str] | None = None
 
     def attach(self, engine: Engine, router: Router | None = None) -> None:
@@ -220,14 +219,23 @@ class SupervisorLink:
         self._rid += 1
         rid = self._rid
         self._offered[rid] = (carrier, receipt, time.monotonic())
-        if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush_offers)
-        self._outbox.append([rid, carrier, receipt.carrier_id, int(receipt.state), receipt.error])
+        self._batch(
+            ("receipts", ()), [rid, carrier, receipt.carrier_id, int(receipt.state), receipt.error]
+        )
 
-    def _flush_offers(self) -> None:
-        items, self._outbox = self._outbox, []
-        for chunk in _chunks(items):
-            self._send({"op": "receipts", "items": chunk})
+    def _batch(self, key: tuple[str, tuple[tuple[str, int], ...]], item: list[Any]) -> None:
+        """Queue an item for the supervisor: one line per loop turn for each
+        op and fields (``key``), cut at BATCH items."""
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = []
+            asyncio.get_running_loop().call_soon(self._flush_batch, key)
+        batch.append(item)
+
+    def _flush_batch(self, key: tuple[str, tuple[tuple[str, int], ...]]) -> None:
+        op, fields = key
+        for chunk in _chunks(self._batches.pop(key, [])):
+            self._send({"op": op, **dict(fields), "items": chunk})
 
     def _results(self, items: list[list[Any]]) -> None:
         engine = self.engine
@@ -316,11 +324,7 @@ class SupervisorLink:
         """Tell the supervisor which carriers this worker holds a bind of."""
         if self.engine is None:
             return
-        own = sorted(
-            name
-            for name, c in self.engine.carriers.items()
-            if any(not getattr(s, "relayed", False) for s in c.sessions)
-        )
+        own = sorted(name for name, c in self.engine.carriers.items() if _bound_here(c))
         if own != self._bound_told:
             self._bound_told = own
             self._send({"op": "bound", "carriers": own})
@@ -360,14 +364,7 @@ class SupervisorLink:
         relay.close()  # in flight: resent once a sibling binds again, or failed over
 
     def _relay_send(self, rid: int, carrier: str, data: bytes) -> None:
-        if not self._relay_out:
-            asyncio.get_running_loop().call_soon(self._flush_relay)
-        self._relay_out.append([rid, carrier, base64.b64encode(data).decode()])
-
-    def _flush_relay(self) -> None:
-        items, self._relay_out = self._relay_out, []
-        for chunk in _chunks(items):
-            self._send({"op": "relay", "items": chunk})
+        self._batch(("relay", ()), [rid, carrier, base64.b64encode(data).decode()])
 
     def _relay_results(self, items: list[list[Any]]) -> None:
         for rid, carrier, data in items:
@@ -385,7 +382,7 @@ class SupervisorLink:
             try:
                 rid, carrier, data = item
                 c = engine.carriers.get(str(carrier)) if engine is not None else None
-                if c is None or not any(not getattr(s, "relayed", False) for s in c.sessions):
+                if c is None or not _bound_here(c):
                     raise ConnectionError("no bind here")
                 pdu = decode(base64.b64decode(data))
                 pdu.sequence = 0  # numbered by our session
@@ -402,19 +399,8 @@ class SupervisorLink:
     def _relay_answer(
         self, origin: int, gen: int, rid: int, carrier: str, resp: Pdu | None
     ) -> None:
-        key = (origin, gen)
-        batch = self._relay_answers.get(key)
-        if batch is None:
-            batch = self._relay_answers[key] = []
-            asyncio.get_running_loop().call_soon(self._flush_relay_answers, key)
-        batch.append(
-            [rid, carrier, None if resp is None else base64.b64encode(resp.encode()).decode()]
-        )
-
-    def _flush_relay_answers(self, key: tuple[int, int]) -> None:
-        items = self._relay_answers.pop(key, [])
-        for chunk in _chunks(items):
-            self._send({"op": "relay_result", "to": key[0], "gen": key[1], "items": chunk})
+        answer = None if resp is None else base64.b64encode(resp.encode()).decode()
+        self._batch(("relay_result", (("to", origin), ("gen", gen))), [rid, carrier, answer])
 
     def _apply_shares(self, msg: dict[str, Any]) -> None:
         self._shares = msg
@@ -1084,6 +1070,11 @@ def merge_expositions(texts: dict[str, str]) -> bytes:
         out.extend(samples[name])
     out.append("")
     return "\n".join(out).encode()
+
+
+def _bound_here(c: Any) -> bool:
+    """The carrier has a bind of this worker's own (not a relay)."""
+    return any(not getattr(s, "relayed", False) for s in c.sessions)
 
 
 def _chunks(items: list[list[Any]], size: int = BATCH) -> list[list[list[Any]]]:

@@ -41,16 +41,21 @@ def carrier_toml(name: str, port: int, **extra: object) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def start_router(
-    cfg: Path, db_url: str, ops_port: int, log: Path, timeout: float = 30
-) -> subprocess.Popen[bytes]:
+def spawn_router(cfg: Path, db_url: str, log: Path) -> subprocess.Popen[bytes]:
+    """``sms-router --config CFG run`` on the database, output to ``log``."""
     env = dict(os.environ, ROUTER_DATABASE_URL=db_url)
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "router.cli", "--config", str(cfg), "run"],
         env=env,
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )
+
+
+async def start_router(
+    cfg: Path, db_url: str, ops_port: int, log: Path, timeout: float = 30
+) -> subprocess.Popen[bytes]:
+    proc = spawn_router(cfg, db_url, log)
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:

@@ -34,6 +34,7 @@ from tests.routerproc import (
     free_ports,
     listen_toml,
     parse_metrics,
+    spawn_router,
     start_router,
     stop_router,
 )
@@ -752,13 +753,7 @@ async def test_sighup_while_workers_start_kills_none(
     workers start: SIGHUP's default action would end a worker that has not
     taken it over yet, so the supervisor passes it on to ready ones only."""
     sim, ports, cfg, log = await two_workers_on_a_simulator(tmp_path)
-    env = dict(os.environ, ROUTER_DATABASE_URL=database_url)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "router.cli", "--config", str(cfg), "run"],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
+    proc = spawn_router(cfg, database_url, log)
     try:
         deadline = time.monotonic() + 30
         while not children_of(proc.pid) and time.monotonic() < deadline:
