@@ -19,7 +19,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-import asyncpg
 import structlog
 
 from .carriers import Carrier, Submission
@@ -35,6 +34,7 @@ from .smpp.constants import Status as SmppStatus
 from .store.optout import OptOutList
 from .store.spool import MemorySpool, PgSpool
 from .store.trafficlog import TrafficLog
+from .tasks import DB_ERRORS
 
 log = structlog.get_logger("router.engine")
 
@@ -475,7 +475,7 @@ class Engine:
                 if now - counted >= 10.0:
                     counted = now
                     metrics.SCHEDULED_WAITING.set(await self.spool.scheduled_count())
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("scheduler_failed", error=type(exc).__name__)
                 continue
             for msg in due:

@@ -11,7 +11,16 @@ import structlog
 log = structlog.get_logger("router.tasks")
 
 # What a round of database upkeep may fail with and try again next round.
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+# InternalClientError: asyncpg on a connection the server ended while it
+# was idle (seen: "cannot switch to state 21; another operation (2) is in
+# progress" on the next COPY after pg_terminate_backend).
+DB_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    TimeoutError,
+)
 
 
 async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:

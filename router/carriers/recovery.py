@@ -39,7 +39,7 @@ import asyncpg
 import structlog
 
 from ..observe import metrics
-from ..tasks import cancel_and_wait
+from ..tasks import DB_ERRORS, cancel_and_wait
 from .receipt import CarrierReceipt, alternate_forms, normalise_carrier_id
 
 log = structlog.get_logger("router.receipts")
@@ -129,7 +129,7 @@ class RouteRecovery:
                 continue
             try:
                 await self.run_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DB_ERRORS as exc:
                 log.warning(
                     "receipt_recovery_failed", error=type(exc).__name__, waiting=len(self.waiting)
                 )

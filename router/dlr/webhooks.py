@@ -86,6 +86,7 @@ from yarl import URL
 
 from ..model import Delivery
 from ..observe import metrics
+from ..tasks import DB_ERRORS
 
 log = structlog.get_logger("router.dlr.webhooks")
 
@@ -196,8 +197,6 @@ def _iso(ts: float) -> str:
 def _ts(wall: float) -> datetime:
     return datetime.fromtimestamp(wall, UTC)
 
-
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 # A job's row, whether the job is still attempted from memory (next_at NULL:
 # leased to this node) or handed over (next_at: its retry time). A row for
@@ -378,7 +377,7 @@ class WebhookSender:
                 self._hand_over(job, now)
             try:
                 await asyncio.wait_for(self._flush(), grace)
-            except _DB_ERRORS as exc:  # TimeoutError included
+            except DB_ERRORS as exc:  # TimeoutError included
                 lost = sum(1 for j in self._unwritten if j.handed)
                 log.error("webhook_outbox_final_write_failed", error=type(exc).__name__, lost=lost)
                 if lost:

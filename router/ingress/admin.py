@@ -32,6 +32,7 @@ from ..routing import normalise_e164
 from ..store import dsr
 from ..store.audit import audit, msisdn_hash
 from ..store.optout import InvalidNumber, OptOutList
+from ..tasks import DB_ERRORS
 from . import openapi as api
 from .http import ACCOUNTS, _authenticate, problem
 from .http import BadRequest as Refused
@@ -41,7 +42,6 @@ DEFAULT_LIMIT = 100
 NO_STORE = {"Cache-Control": "no-store"}
 _TRAFFIC_PARAMS = {"from", "to", "status", "country", "destination", "cursor", "limit"}
 _STATUSES = {s.value for s in Status}
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PoolGetter = Callable[[], "asyncpg.Pool | None"]
@@ -91,7 +91,7 @@ def _guarded(handler: Handler) -> Handler:
         except Invalid as exc:
             status = api.PROBLEM_TYPES.get(exc.slug, (422, ""))[0]
             return problem(status, exc.slug, exc.detail, field=exc.field)
-        except (web.HTTPServiceUnavailable, *_DB_ERRORS):
+        except (web.HTTPServiceUnavailable, *DB_ERRORS):
             return problem(
                 503,
                 "database-unavailable",

@@ -49,6 +49,7 @@ from ..carriers.receipt import CarrierReceipt
 from ..observe import metrics
 from ..smpp.constants import MessageState
 from ..smpp.pdu import DeliverSm, decode
+from ..tasks import DB_ERRORS
 
 log = structlog.get_logger("router.ingress.handoff")
 
@@ -206,7 +207,7 @@ class ReceiptHandoff:
             parked = await self._flush()
             await self.pool.execute("DELETE FROM receipt_binds WHERE node = $1", self.node)
             await self.pool.execute(f"NOTIFY {BINDS_CHANNEL}")
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except DB_ERRORS as exc:
             if self._out:  # the final write did not happen: say what it loses
                 self._parking = 0
                 self._count_parked()
@@ -233,7 +234,7 @@ class ReceiptHandoff:
             try:
                 async with self._flushing:
                     await self._flush()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("receipt_handoff_write_failed", error=type(exc).__name__)
                 await asyncio.sleep(1.0)
                 self._wake.set()
@@ -332,7 +333,7 @@ class ReceiptHandoff:
                                 OSError, asyncpg.PostgresError, asyncpg.InterfaceError
                             ):
                                 await conn.remove_listener(ch, self._notified)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("receipt_handoff_listen_failed", error=type(exc).__name__)
                 await asyncio.sleep(1.0)
 

@@ -24,6 +24,7 @@ import asyncpg
 import structlog
 
 from ..routing import normalise_e164
+from ..tasks import DB_ERRORS
 from .audit import audit, msisdn_hash
 
 log = structlog.get_logger("router.optout")
@@ -177,7 +178,7 @@ class OptOutList:
                                 asyncpg.InterfaceError, OSError, asyncpg.PostgresError
                             ):
                                 await conn.remove_listener(ch, self._notified)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("opt_out_follow_failed", error=type(exc).__name__)
                 await asyncio.sleep(5.0)
 

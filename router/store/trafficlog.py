@@ -20,6 +20,7 @@ import structlog
 
 from ..model import Message, Status
 from ..observe import metrics
+from ..tasks import DB_ERRORS
 
 log = structlog.get_logger("router.trafficlog")
 
@@ -201,7 +202,7 @@ class TrafficLog:
                 await self.flush_once()
                 backoff = 0.1
                 self.healthy = True
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DB_ERRORS as exc:
                 self.healthy = False
                 metrics.TRAFFIC_LOG_ERRORS.inc()
                 log.warning(
