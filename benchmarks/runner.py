@@ -59,6 +59,13 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 LOCAL_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DLR_DELAY = 0.1  # simulator: seconds from submit to receipt (a constant, subtract it)
+# Simulator deliver_sm window per bind, as wide as its submit window (1000):
+# the benchmarks measure the router, and a carrier's receipts per bind are at
+# most its window / the router's deliver_sm_resp time (a loop turn, 10-25 ms
+# under load). With the simulator's default, 100, two carrier binds took
+# receipts at ~6-7.4k/s while the router accepted 8.4-9k msg/s (smpp-e2e,
+# 2026-12-07): the simulator's receipt backlog grew and it throttled submits.
+SIM_RECEIPT_WINDOW = 1000
 SAMPLE_EVERY = 0.25
 PACKAGES = ("sms-router", "uvloop", "aiohttp", "asyncpg", "aiosmpplib", "structlog",
             "prometheus-client", "matplotlib")
@@ -617,7 +624,7 @@ def start_simulators(st: Stack, logs: Path, sim_args: tuple[str, ...] = (),
     sim = Child("simulators", cli() + [
         "sim", "--host", "127.0.0.1", "--port", "0", "--count", str(count), "--name", "sim",
         *credentials, "--dlr-delay", str(DLR_DELAY),
-        "--window", "1000", *sim_args,
+        "--window", "1000", "--receipt-window", str(SIM_RECEIPT_WINDOW), *sim_args,
     ], log_path=logs / "simulators.log", env=child_env(), cwd=REPO)
     st.children.append(sim)
     found = sim.wait_for(r"simulator (\S+) listening on [\d.]+:(\d+)", 30, count=count)
@@ -1087,6 +1094,7 @@ def build_result(sc: Scenario, timing: Timing, rate: float | None, quick: bool,
             "config_toml": config_text,
         },
         "simulators": {"pid": pids.get("simulators"), "dlr_delay_s": DLR_DELAY,
+                       "receipt_window": SIM_RECEIPT_WINDOW,
                        "cpu_s": _r(cpu.get("simulators"))},
         "postgres": {"cpu_s": _r(cpu.get("postgres")),
                      "measured": "backends of this run's database (process title), "

@@ -417,6 +417,23 @@ async def test_unacked_receipt_is_requeued_on_connection_loss(
     assert sim.stats.receipts_sent == 2
 
 
+async def test_receipt_window_bounds_unanswered_receipts(make_sim: Any, connect: Connect) -> None:
+    """At most ``receipt_window`` deliver_sm wait for their resp on a bind;
+    the rest wait in the simulator and follow as answers come."""
+    sim = await make_sim(dlr_delay=0.0, receipt_window=3)
+    tx, _ = await connect(sim.port, bind=BindTransmitter)
+    silent, _ = await connect(sim.port, bind=BindReceiver, ack=False)
+    for _ in range(5):
+        assert (await tx.request(submit(b"x"))).status == Status.ESME_ROK
+    await eventually(lambda: sim.stats.receipts_sent == 3 and sim.pending_receipts() == 2)
+    await asyncio.sleep(0.1)
+    assert silent.delivered.qsize() == 3  # no more while those three are unanswered
+    got = [silent.delivered.get_nowait() for _ in range(3)]
+    silent.answer(got[0])
+    await eventually(lambda: sim.stats.receipts_sent == 4)
+    assert sim.pending_receipts() == 1
+
+
 async def test_receipt_answered_with_error_is_retried(make_sim: Any, connect: Connect) -> None:
     sim = await make_sim(dlr_delay=0.0)
     esme, _ = await connect(sim.port, ack_status=Status.ESME_RX_T_APPN)
@@ -580,6 +597,7 @@ def test_config_validation() -> None:
         {"drop_every": 0},
         {"max_tps": 0},
         {"window": 0},
+        {"receipt_window": 0},
         {"latency": -1},
     ):
         with pytest.raises(ValueError):

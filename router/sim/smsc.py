@@ -74,7 +74,6 @@ log = logging.getLogger("router.sim")
 
 ID_FORMATS = ("hex", "decimal", "uuid")
 MAX_PENDING_RECEIPTS = 100_000  # receipts held while no receiver can take them
-RECEIPT_WINDOW = 100  # our outstanding deliver_sm per connection
 RECEIPT_TIMEOUT = 10.0  # seconds to wait for a deliver_sm_resp before requeueing
 RECEIPT_RETRY = 1.0  # seconds before retrying receipts the ESME answered with an error
 _BIND_IDS = frozenset(int(b) for b in BindType)
@@ -101,6 +100,9 @@ class SimConfig:
     latency: float = 0.0  # delay before each submit_sm_resp
     id_format: str = "hex"  # "hex" | "decimal" | "uuid": the carrier message ids
     window: int = 1000  # peer window (ESME_RTHROTTLED beyond)
+    # Our outstanding deliver_sm per connection (a carrier's receipt window):
+    # receipts per bind are at most this / the ESME's deliver_sm_resp time.
+    receipt_window: int = 100
     max_tps: float | None = None  # answer ESME_RTHROTTLED above this rate (token bucket)
     # Binds allowed at once per system_id, like most carriers' accounts;
     # one more is answered ESME_RALYBND (None = any number).
@@ -133,8 +135,8 @@ class SimConfig:
             raise ValueError("drop_every must be > 0")
         if self.max_tps is not None and self.max_tps <= 0:
             raise ValueError("max_tps must be > 0")
-        if self.window < 1:
-            raise ValueError("window must be >= 1")
+        if self.window < 1 or self.receipt_window < 1:
+            raise ValueError("window and receipt_window must be >= 1")
         if self.max_binds is not None and self.max_binds < 1:
             raise ValueError("max_binds must be >= 1")
         if self.receipt_backlog_throttle < 0:
@@ -305,7 +307,7 @@ class _SimConnection(SmppProtocol):
         super().__init__(
             SmppSession(
                 Role.SMSC,
-                window=RECEIPT_WINDOW,
+                window=sim.config.receipt_window,
                 peer_window=sim.config.window,
                 response_timeout=RECEIPT_TIMEOUT,
             )
@@ -737,6 +739,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", type=float, default=d.latency)
     p.add_argument("--id-format", choices=ID_FORMATS, default=d.id_format)
     p.add_argument("--window", type=int, default=d.window)
+    p.add_argument(
+        "--receipt-window",
+        type=int,
+        default=d.receipt_window,
+        help="outstanding deliver_sm per connection",
+    )
     p.add_argument("--max-tps", type=float, default=None)
     p.add_argument("--max-binds", type=int, default=None, help="binds per system_id at once")
     p.add_argument("--seed", type=int, default=None)
@@ -770,6 +778,7 @@ def _configs(args: argparse.Namespace) -> list[SimConfig]:
             latency=args.latency,
             id_format=args.id_format,
             window=args.window,
+            receipt_window=args.receipt_window,
             max_tps=args.max_tps,
             max_binds=args.max_binds,
             seed=None if args.seed is None else args.seed + i,
