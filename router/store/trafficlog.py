@@ -49,6 +49,24 @@ def _ts(seconds: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(seconds, _UTC)
 
 
+def _text(value: str | None) -> str | None:
+    """PostgreSQL text holds no NUL; a customer's UCS2 or Latin-1 text, or
+    a carrier's receipt, may. Kept as U+FFFD (a row PostgreSQL refuses
+    fails its whole batch)."""
+    if value is None or "\x00" not in value:
+        return value
+    return value.replace("\x00", "\ufffd")
+
+
+def _data_error(exc: BaseException) -> bool:
+    """PostgreSQL refused a value (SQLSTATE class 22, data exception), or
+    asyncpg could not encode one: the rows are at fault, not the database."""
+    if isinstance(exc, asyncpg.DataError):
+        return True
+    code = getattr(exc, "sqlstate", None)
+    return isinstance(exc, asyncpg.PostgresError) and isinstance(code, str) and code[:2] == "22"
+
+
 async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, days: int = 3) -> None:
     """Daily partitions from ``today`` for ``days`` days (idempotent)."""
     for table in ("traffic_log", "delivery_events"):
@@ -116,8 +134,8 @@ class TrafficLog:
                 carrier,
                 msg.parts,
                 msg.data_coding,
-                None if secret else msg.text,
-                None if secret else msg.userref,
+                None if secret else _text(msg.text),
+                None if secret else _text(msg.userref),
                 _ts(msg.accepted_at),
                 _ts(msg.expires_at),
             )
@@ -133,7 +151,7 @@ class TrafficLog:
         if self.depth >= self.limit:
             self._drop()
             return
-        self.events.append((msg.id, msg.account_id, status, carrier, error, _ts(at)))
+        self.events.append((msg.id, msg.account_id, status, carrier, _text(error), _ts(at)))
         if len(self.events) >= self.flush_rows:
             self._wake.set()
 
@@ -214,7 +232,9 @@ class TrafficLog:
                 backoff = min(backoff * 2, 5.0)
 
     async def flush_once(self) -> None:
-        """Write up to ``flush_rows`` of each kind; rows go back on failure."""
+        """Write up to ``flush_rows`` of each kind; rows go back on failure,
+        except rows PostgreSQL refuses (``_data_error``): those are found
+        and dropped (counted), or one of them would fail every later flush."""
         assert self.pool is not None
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -230,6 +250,18 @@ class TrafficLog:
                     await conn.copy_records_to_table(
                         "delivery_events", records=evts, columns=EVENT_COLUMNS
                     )
+        except Exception as exc:
+            if not _data_error(exc):
+                self.messages.extendleft(reversed(msgs))
+                self.events.extendleft(reversed(evts))
+                raise
+            log.warning("traffic_log_rows_refused", error=type(exc).__name__)
+            try:
+                msgs = await self._write_apart("traffic_log", msgs, MESSAGE_COLUMNS)
+            except BaseException:
+                self.events.extendleft(reversed(evts))
+                raise
+            evts = await self._write_apart("delivery_events", evts, EVENT_COLUMNS)
         except BaseException:
             self.messages.extendleft(reversed(msgs))
             self.events.extendleft(reversed(evts))
@@ -237,3 +269,39 @@ class TrafficLog:
         metrics.TRAFFIC_LOG_WRITTEN.labels(table="traffic_log").inc(len(msgs))
         metrics.TRAFFIC_LOG_WRITTEN.labels(table="delivery_events").inc(len(evts))
         metrics.TRAFFIC_LOG_FLUSH.observe(loop.time() - started)
+
+    async def _write_apart(
+        self, table: str, rows: list[tuple[Any, ...]], columns: tuple[str, ...]
+    ) -> list[tuple[Any, ...]]:
+        """After PostgreSQL refused a batch: write ``rows`` in halves, each
+        its own COPY, down to the single rows it refuses, which are dropped
+        and counted. The rows written (a database error meanwhile raises,
+        and the rows not yet written go back in line)."""
+        assert self.pool is not None
+        written: list[tuple[Any, ...]] = []
+        todo = [rows] if rows else []  # a stack: the first rows on top
+        part: list[tuple[Any, ...]] = []
+        try:
+            while todo:
+                part = todo.pop()
+                try:
+                    async with self.pool.acquire() as conn:
+                        await conn.copy_records_to_table(table, records=part, columns=columns)
+                except Exception as exc:
+                    if not _data_error(exc):
+                        raise
+                    if len(part) == 1:
+                        self._drop()
+                    else:
+                        half = len(part) // 2
+                        todo += [part[half:], part[:half]]
+                    part = []
+                    continue
+                written += part
+                part = []
+        except BaseException:
+            back = self.messages if table == "traffic_log" else self.events
+            unwritten = part + [r for p in reversed(todo) for r in p]
+            back.extendleft(reversed(unwritten))
+            raise
+        return written
