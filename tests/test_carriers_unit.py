@@ -146,6 +146,17 @@ def test_carrier_id_forms() -> None:
     assert normalise_carrier_id("00AbC1") == "abc1"
     assert "255" in alternate_forms("ff")
     assert "ff" in alternate_forms("255")
+    # Digits int() refuses (a latin-1 id byte 0xB2 is '²'): no other form, no error.
+    assert alternate_forms("1\u00b2") == []
+
+
+def test_receipt_fields_carry_no_nul() -> None:
+    """Ids and error codes are looked up and logged in PostgreSQL text,
+    which refuses NUL (one such value used to fail every batch it was in)."""
+    r = parse_receipt(receipt_pdu(b"err:0\x0012", **{"001e": b"ab\x00cd", "0427": b"\x02"}))
+    assert r == CarrierReceipt("ab", MessageState.DELIVERED, "0")
+    r = parse_receipt(receipt_pdu(b"id:77\x0088 stat:UNDELIV err:\x00"))
+    assert r == CarrierReceipt("77", MessageState.UNDELIVERABLE, "000")
 
 
 def test_correlator_hex_decimal_case_and_early_receipts() -> None:

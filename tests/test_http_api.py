@@ -290,6 +290,8 @@ BAD_FIELDS: list[tuple[dict[str, Any], str, str | None]] = [
     ({"userref": 7}, "invalid-field", "userref"),
     ({"callback_url": "ftp://example.com/x"}, "invalid-field", "callback_url"),
     ({"callback_url": "https://"}, "invalid-field", "callback_url"),
+    ({"callback_url": "https://example.invalid/a\u0000b"}, "invalid-field", "callback_url"),
+    ({"callback_url": "https://example.invalid/a\ud800b"}, "invalid-field", "callback_url"),
     ({"callback_url": "https://example.invalid/" + "a" * 2048}, "invalid-field", "callback_url"),
     ({"max_parts": 0}, "invalid-field", "max_parts"),
     ({"max_parts": 256}, "invalid-field", "max_parts"),

@@ -82,22 +82,24 @@ def parse_receipt(pdu: DeliverSm) -> CarrierReceipt | None:
     if text is None:
         text = pdu.short_message
     raw = tlvs.get(_TAG_RECEIPTED_ID)
-    tlv_id = None if raw is None else raw.rstrip(b"\x00").decode("latin-1")
+    # A C-octet string: what follows a NUL is padding (and PostgreSQL text,
+    # where ids are looked up, refuses NUL).
+    tlv_id = None if raw is None else raw.split(b"\x00", 1)[0].decode("latin-1")
     raw = tlvs.get(_TAG_STATE)
     state = _STATE_OF.get(int.from_bytes(raw, "big")) if raw else None
     if tlv_id and state is not None and text:
         # The common case: the TLVs say it all; only err comes from the text.
         at = text.find(b"err:")
         if at >= 0:
-            err = text[at + 4 : at + 20].split(b" ", 1)[0].decode("latin-1")
-            return CarrierReceipt(tlv_id, state, err or "000")
+            code = text[at + 4 : at + 20].split(b" ", 1)[0].split(b"\x00", 1)[0]
+            return CarrierReceipt(tlv_id, state, code.decode("latin-1") or "000")
     fields = _text_fields(text) if text else {}
-    carrier_id = tlv_id or fields.get("id", "")
+    carrier_id = tlv_id or fields.get("id", "").split("\x00", 1)[0]
     if not carrier_id:
         return None
     if state is None:
         state = STAT_TO_STATE.get(fields.get("stat", "").upper()[:7], _UNKNOWN)
-    err = fields.get("err", "")
+    err = fields.get("err", "").split("\x00", 1)[0]
     if not err:
         nec = tlvs.get(_TAG_NETWORK_ERROR)
         err = nec.hex() if nec else "000"
@@ -114,7 +116,7 @@ def alternate_forms(carrier_id: str) -> list[str]:
     """The same id read the other way (hex <-> decimal), for carriers that mix them."""
     s = normalise_carrier_id(carrier_id)
     out: list[str] = []
-    if s.isdigit() and len(s) <= 20:
+    if s.isascii() and s.isdigit() and len(s) <= 20:  # not '²', which int() refuses
         out.append(normalise_carrier_id(format(int(s), "x")))
     try:
         if len(s) <= 16:

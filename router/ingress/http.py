@@ -34,6 +34,7 @@ from ..config import Config
 from ..engine import Engine, Rejected
 from ..model import Delivery, Message, MessageClass, Origin, Status, new_message_id
 from ..observe import metrics
+from ..tasks import DB_ERRORS
 from ..text.segment import Encoded, encode_text, part_count, split
 from . import openapi as api
 from .validate import InvalidField, check_sender
@@ -229,7 +230,7 @@ class IdempotencyStore:
                     if answer.status != 0:
                         self._remember(k, answer)
                     return answer
-        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+        except DB_ERRORS as exc:
             log.warning("idempotency_store_error", error=type(exc).__name__)
             raise IdempotencyUnavailable from None
         raise IdempotencyUnavailable
@@ -251,7 +252,7 @@ class IdempotencyStore:
                 json.dumps(body),
                 timeout=self.query_timeout,
             )
-        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+        except DB_ERRORS as exc:
             # The answer is sent anyway; the in-memory copy still protects
             # retries reaching this node.
             log.warning("idempotency_store_error", error=type(exc).__name__)
@@ -267,7 +268,7 @@ class IdempotencyStore:
                 key,
                 timeout=self.query_timeout,
             )
-        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+        except DB_ERRORS as exc:
             log.warning("idempotency_store_error", error=type(exc).__name__)
 
     async def purge(self) -> int:
@@ -559,6 +560,7 @@ def _check_item(engine: Engine, account: Account, index: int, item: Any) -> Draf
             not isinstance(callback, str)
             or len(callback) > api.CALLBACK_URL_MAX
             or not _CALLBACK.fullmatch(callback)
+            or not _clean_string(callback)  # stored (receipt route, outbox): no NUL
         ):
             raise BadItem("invalid-field", "callback_url", "an http(s) URL")
         try:
@@ -992,7 +994,7 @@ async def get_message(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     try:
         d = await engine.lookup_async(message_id) if _MESSAGE_ID.fullmatch(message_id) else None
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+    except DB_ERRORS:
         return problem(503, "database-unavailable", "retry later", headers={"Retry-After": "5"})
     if d is None or d.message.account_id != account.id:
         # The same answer whether the id exists for another account or not at all.
@@ -1021,7 +1023,7 @@ async def cancel_message(request: web.Request) -> web.Response:
                 "not-cancelable",
                 f"the message is {d.status.value}; only a scheduled message can be canceled",
             )
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+    except DB_ERRORS:
         return problem(503, "database-unavailable", "retry later", headers={"Retry-After": "5"})
     return web.json_response(_status_body(request, d))
 
@@ -1079,7 +1081,7 @@ def _idempotency_context(
                     gone = await store.purge()
                     if gone:
                         log.info("idempotency_keys_purged", rows=gone)
-                except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+                except DB_ERRORS as exc:
                     log.warning("idempotency_store_error", error=type(exc).__name__)
 
         task = asyncio.create_task(purge_loop())
