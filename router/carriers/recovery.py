@@ -35,7 +35,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import structlog
 
 from ..observe import metrics
@@ -169,7 +168,7 @@ class RouteRecovery:
                         continue
                     try:
                         await self.resolve(w, row)
-                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    except DB_ERRORS as exc:
                         log.warning("receipt_recovery_failed", error=type(exc).__name__)
                         w.due = later + 1.0
                         self.waiting.append(w)

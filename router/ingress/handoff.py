@@ -222,7 +222,7 @@ class ReceiptHandoff:
             log.info("receipts_parked", receipts=parked)
 
     async def _run_writer(self) -> None:
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        with contextlib.suppress(*DB_ERRORS):
             await self.pool.execute("DELETE FROM receipt_binds WHERE node = $1", self.node)
         while True:
             await self._wake.wait()
@@ -349,7 +349,7 @@ class ReceiptHandoff:
         task.add_done_callback(self._refreshers.discard)
 
     async def _refresh_quietly(self) -> None:
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        with contextlib.suppress(*DB_ERRORS):
             await self._refresh()
 
     async def _refresh(self) -> None:

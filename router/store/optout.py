@@ -202,11 +202,11 @@ class OptOutList:
         self._queued.discard(channel)
         try:
             await self._also[channel]()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             log.warning("reload_failed", channel=channel, error=type(exc).__name__)
 
     async def _reload(self, pool: asyncpg.Pool, account_id: int) -> None:
         try:
             await self.load_account(pool, account_id)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             log.warning("opt_out_reload_failed", error=type(exc).__name__)
