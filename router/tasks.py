@@ -23,6 +23,16 @@ DB_ERRORS = (
 )
 
 
+def is_data_error(exc: BaseException) -> bool:
+    """PostgreSQL refused a value (SQLSTATE class 22, data exception), or
+    asyncpg could not encode one: the rows are at fault, not the database.
+    Retrying the same rows can never succeed."""
+    if isinstance(exc, asyncpg.DataError):
+        return True
+    code = getattr(exc, "sqlstate", None)
+    return isinstance(exc, asyncpg.PostgresError) and isinstance(code, str) and code[:2] == "22"
+
+
 async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
     """Cancel a background task (if any) and wait until it has stopped."""
     if task is None:

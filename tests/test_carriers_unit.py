@@ -144,6 +144,7 @@ def test_receipt_we_build_round_trips_and_carries_no_text() -> None:
 
 def test_carrier_id_forms() -> None:
     assert normalise_carrier_id("00AbC1") == "abc1"
+    assert normalise_carrier_id("00Ab\x00C1") == "ab"  # a C-octet string ends at NUL
     assert "255" in alternate_forms("ff")
     assert "ff" in alternate_forms("255")
     # Digits int() refuses (a latin-1 id byte 0xB2 is '²'): no other form, no error.

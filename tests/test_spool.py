@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from router.model import Message
+from router.observe import metrics
 from router.store.spool import PgSpool
 from tests.esme import until
 from tests.factories import make_message
@@ -293,6 +294,32 @@ async def upkept(spool: PgSpool) -> None:
     """Wait until the upkeep has written everything it was given."""
     await until(lambda: not (spool._routes or spool._route_deletes or spool._deletes), 10, "upkeep")
     await asyncio.sleep(0.05)  # the statement of the last round commits
+
+
+async def test_a_route_postgresql_refuses_does_not_stop_the_upkeep(db: asyncpg.Pool) -> None:
+    """A route holding a value PostgreSQL cannot store (here a NUL in the
+    receipt info, which the HTTP API now refuses) failed the upkeep's COPY
+    at every round: no spool row was ever deleted again. It alone is
+    dropped (counted); the others are written, the spool rows deleted."""
+    spool = started(db)
+    refused = metrics.RECEIPT_ROUTES_REFUSED._value.get()
+    try:
+        answers = Answers()
+        msgs = [message(0), make_message("spooltest00000001", callback_url="https://h/\x00")]
+        msgs.append(message(2))
+        for m in msgs:
+            answers.add(spool, m)
+        await until(lambda: answers.count() == 3, 10, "durable")
+        for i, m in enumerate(msgs):
+            spool.taken(m.id)
+            spool.remember_route("sim-1", f"AB{i}", m, 0)
+        await upkept(spool)
+        await until(lambda: spool.rows == 0, 5, "spool rows deleted")
+        assert await spooled_ids(db) == set()
+        assert await route_ids(db) == {"ab0": msgs[0].id, "ab2": msgs[2].id}
+        assert metrics.RECEIPT_ROUTES_REFUSED._value.get() == refused + 1
+    finally:
+        await spool.close()
 
 
 async def test_upkeep_writes_routes_and_deletes_them_with_the_spool_rows(

@@ -107,8 +107,10 @@ def parse_receipt(pdu: DeliverSm) -> CarrierReceipt | None:
 
 
 def normalise_carrier_id(carrier_id: str) -> str:
-    """Case-folded, leading zeros stripped: '00AbC1' and 'abc1' are one id."""
-    s = carrier_id.strip().lower().lstrip("0")
+    """Case-folded, leading zeros stripped: '00AbC1' and 'abc1' are one id.
+    Read as a C-octet string: nothing from a NUL on (PostgreSQL text, where
+    ids are kept and looked up, refuses NUL)."""
+    s = carrier_id.split("\x00", 1)[0].strip().lower().lstrip("0")
     return s or "0"
 
 

@@ -307,6 +307,11 @@ BUILD_INFO = Gauge(
 SPOOL_ROWS = Gauge(
     "smsrouter_spool_rows", "Accepted messages not yet taken by a carrier (durable spool)."
 )
+RECEIPT_ROUTES_REFUSED = Counter(
+    "smsrouter_receipt_routes_refused_total",
+    "Receipt routes PostgreSQL refused to store (a value it cannot hold): dropped, so"
+    " their receipts match only while the message is in memory.",
+)
 RECEIPT_WAITS_RELEASED = Counter(
     "smsrouter_receipt_waits_released_total",
     "Messages at a carrier let go from memory after delivery.receipt_memory without a"

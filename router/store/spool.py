@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ..carriers.receipt import normalise_carrier_id
 from ..model import Message, MessageClass, Origin
 from ..observe import metrics
-from ..tasks import DB_ERRORS
+from ..tasks import DB_ERRORS, is_data_error
 
 log = structlog.get_logger("router.spool")
 
@@ -798,9 +798,18 @@ class PgSpool:
                         metrics.SPOOL_ROWS.set(self.rows)
                         ready = []
                     if fresh:
-                        await conn.copy_records_to_table(
-                            "receipt_routes", records=fresh, columns=ROUTE_COLUMNS
-                        )
+                        try:
+                            await conn.copy_records_to_table(
+                                "receipt_routes", records=fresh, columns=ROUTE_COLUMNS
+                            )
+                        except DB_ERRORS as exc:
+                            if not is_data_error(exc):
+                                raise
+                            # A value PostgreSQL refuses would fail this COPY
+                            # at every round: the spool rows would never be
+                            # deleted. Write the others; that route is lost
+                            # (its receipt still matches from memory).
+                            await self._copy_routes_apart(conn, fresh)
             except DB_ERRORS as exc:
                 log.warning("spool_upkeep_failed", error=type(exc).__name__)
                 if self._closing:
@@ -812,6 +821,28 @@ class PgSpool:
             del self._route_deletes[: len(route_deletes) + len(later)]
             self._route_deletes[:0] = later
             ready = deletes
+
+    async def _copy_routes_apart(
+        self, conn: asyncpg.pool.PoolConnectionProxy, rows: list[tuple[Any, ...]]
+    ) -> None:
+        """COPY ``rows`` in halves down to the single rows PostgreSQL
+        refuses, which are dropped and counted."""
+        todo = [rows]
+        while todo:
+            part = todo.pop()
+            try:
+                await conn.copy_records_to_table(
+                    "receipt_routes", records=part, columns=ROUTE_COLUMNS
+                )
+            except DB_ERRORS as exc:
+                if not is_data_error(exc):
+                    raise
+                if len(part) > 1:
+                    half = len(part) // 2
+                    todo += [part[half:], part[:half]]
+                else:
+                    metrics.RECEIPT_ROUTES_REFUSED.inc()
+                    log.error("receipt_route_refused", error=type(exc).__name__)
 
     async def _probe(self) -> None:
         """After failed writes, with nothing waiting to be written (else

@@ -20,7 +20,7 @@ import structlog
 
 from ..model import Message, Status
 from ..observe import metrics
-from ..tasks import DB_ERRORS
+from ..tasks import DB_ERRORS, is_data_error
 
 log = structlog.get_logger("router.trafficlog")
 
@@ -56,15 +56,6 @@ def _text(value: str | None) -> str | None:
     if value is None or "\x00" not in value:
         return value
     return value.replace("\x00", "\ufffd")
-
-
-def _data_error(exc: BaseException) -> bool:
-    """PostgreSQL refused a value (SQLSTATE class 22, data exception), or
-    asyncpg could not encode one: the rows are at fault, not the database."""
-    if isinstance(exc, asyncpg.DataError):
-        return True
-    code = getattr(exc, "sqlstate", None)
-    return isinstance(exc, asyncpg.PostgresError) and isinstance(code, str) and code[:2] == "22"
 
 
 async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, days: int = 3) -> None:
@@ -251,7 +242,7 @@ class TrafficLog:
                         "delivery_events", records=evts, columns=EVENT_COLUMNS
                     )
         except Exception as exc:
-            if not _data_error(exc):
+            if not is_data_error(exc):
                 self.messages.extendleft(reversed(msgs))
                 self.events.extendleft(reversed(evts))
                 raise
@@ -288,7 +279,7 @@ class TrafficLog:
                     async with self.pool.acquire() as conn:
                         await conn.copy_records_to_table(table, records=part, columns=columns)
                 except Exception as exc:
-                    if not _data_error(exc):
+                    if not is_data_error(exc):
                         raise
                     if len(part) == 1:
                         self._drop()
