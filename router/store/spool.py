@@ -798,18 +798,7 @@ class PgSpool:
                         metrics.SPOOL_ROWS.set(self.rows)
                         ready = []
                     if fresh:
-                        try:
-                            await conn.copy_records_to_table(
-                                "receipt_routes", records=fresh, columns=ROUTE_COLUMNS
-                            )
-                        except DB_ERRORS as exc:
-                            if not is_data_error(exc):
-                                raise
-                            # A value PostgreSQL refuses would fail this COPY
-                            # at every round: the spool rows would never be
-                            # deleted. Write the others; that route is lost
-                            # (its receipt still matches from memory).
-                            await self._copy_routes_apart(conn, fresh)
+                        await self._copy_routes(conn, fresh)
             except DB_ERRORS as exc:
                 log.warning("spool_upkeep_failed", error=type(exc).__name__)
                 if self._closing:
@@ -822,27 +811,40 @@ class PgSpool:
             self._route_deletes[:0] = later
             ready = deletes
 
-    async def _copy_routes_apart(
+    async def _copy_routes(
         self, conn: asyncpg.pool.PoolConnectionProxy, rows: list[tuple[Any, ...]]
     ) -> None:
-        """COPY ``rows`` in halves down to the single rows PostgreSQL
-        refuses, which are dropped and counted."""
-        todo = [rows]
-        while todo:
-            part = todo.pop()
-            try:
-                await conn.copy_records_to_table(
-                    "receipt_routes", records=part, columns=ROUTE_COLUMNS
-                )
-            except DB_ERRORS as exc:
-                if not is_data_error(exc):
-                    raise
-                if len(part) > 1:
-                    half = len(part) // 2
-                    todo += [part[half:], part[:half]]
-                else:
-                    metrics.RECEIPT_ROUTES_REFUSED.inc()
-                    log.error("receipt_route_refused", error=type(exc).__name__)
+        """COPY new receipt routes: one statement. If PostgreSQL refuses a
+        value in one (a data error, which would fail this COPY at every
+        round, so that no spool row would be deleted again), the rows are
+        written in halves, each under a savepoint, down to the single rows
+        refused, which are dropped (counted; their receipts still match
+        while the message is in memory). That pass is one transaction: a
+        round retried after a connection error never meets its own rows."""
+        try:
+            await conn.copy_records_to_table("receipt_routes", records=rows, columns=ROUTE_COLUMNS)
+            return
+        except DB_ERRORS as exc:
+            if not is_data_error(exc):
+                raise
+        async with conn.transaction():
+            todo = [rows]
+            while todo:
+                part = todo.pop()
+                try:
+                    async with conn.transaction():
+                        await conn.copy_records_to_table(
+                            "receipt_routes", records=part, columns=ROUTE_COLUMNS
+                        )
+                except DB_ERRORS as exc:
+                    if not is_data_error(exc):
+                        raise
+                    if len(part) > 1:
+                        half = len(part) // 2
+                        todo += [part[half:], part[:half]]
+                    else:
+                        metrics.RECEIPT_ROUTES_REFUSED.inc()
+                        log.error("receipt_route_refused", error=type(exc).__name__)
 
     async def _probe(self) -> None:
         """After failed writes, with nothing waiting to be written (else
