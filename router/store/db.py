@@ -4,13 +4,47 @@ from __future__ import annotations
 
 import importlib.resources
 import re
+from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import structlog
 
+from ..tasks import DB_ERRORS, is_data_error
+
 log = structlog.get_logger("router.store")
 
 _LOCK_KEY = 0x534D5352  # "SMSR": one migrator at a time across nodes
+
+
+async def copy_dropping_refused(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    table: str,
+    rows: list[tuple[Any, ...]],
+    columns: Sequence[str],
+) -> int:
+    """COPY ``rows`` after PostgreSQL refused a batch of them for a value it
+    cannot hold (``is_data_error``): in halves, each under a savepoint, down
+    to the single rows it refuses, which are left out. Run it inside the
+    caller's transaction, so that a connection error on the way writes
+    nothing and the caller can retry every row. How many were left out.
+    (Retrying the whole batch would fail the same way at every attempt.)"""
+    refused = 0
+    todo = [rows] if rows else []  # a stack: the first rows on top
+    while todo:
+        part = todo.pop()
+        try:
+            async with conn.transaction():
+                await conn.copy_records_to_table(table, records=part, columns=columns)
+        except DB_ERRORS as exc:
+            if not is_data_error(exc):
+                raise
+            if len(part) == 1:
+                refused += 1
+            else:
+                half = len(part) // 2
+                todo += [part[half:], part[:half]]
+    return refused
 
 
 def migrations() -> list[tuple[int, str, str]]:

@@ -40,6 +40,7 @@ from ..carriers.receipt import normalise_carrier_id
 from ..model import Message, MessageClass, Origin
 from ..observe import metrics
 from ..tasks import DB_ERRORS, is_data_error
+from .db import copy_dropping_refused
 
 log = structlog.get_logger("router.spool")
 
@@ -814,13 +815,10 @@ class PgSpool:
     async def _copy_routes(
         self, conn: asyncpg.pool.PoolConnectionProxy, rows: list[tuple[Any, ...]]
     ) -> None:
-        """COPY new receipt routes: one statement. If PostgreSQL refuses a
-        value in one (a data error, which would fail this COPY at every
-        round, so that no spool row would be deleted again), the rows are
-        written in halves, each under a savepoint, down to the single rows
-        refused, which are dropped (counted; their receipts still match
-        while the message is in memory). That pass is one transaction: a
-        round retried after a connection error never meets its own rows."""
+        """COPY new receipt routes: one statement. A route PostgreSQL
+        refuses would fail it at every round, so that no spool row would be
+        deleted again: the others are then written and it is dropped
+        (counted; its receipt still matches while the message is in memory)."""
         try:
             await conn.copy_records_to_table("receipt_routes", records=rows, columns=ROUTE_COLUMNS)
             return
@@ -828,23 +826,10 @@ class PgSpool:
             if not is_data_error(exc):
                 raise
         async with conn.transaction():
-            todo = [rows]
-            while todo:
-                part = todo.pop()
-                try:
-                    async with conn.transaction():
-                        await conn.copy_records_to_table(
-                            "receipt_routes", records=part, columns=ROUTE_COLUMNS
-                        )
-                except DB_ERRORS as exc:
-                    if not is_data_error(exc):
-                        raise
-                    if len(part) > 1:
-                        half = len(part) // 2
-                        todo += [part[half:], part[:half]]
-                    else:
-                        metrics.RECEIPT_ROUTES_REFUSED.inc()
-                        log.error("receipt_route_refused", error=type(exc).__name__)
+            refused = await copy_dropping_refused(conn, "receipt_routes", rows, ROUTE_COLUMNS)
+        if refused:
+            metrics.RECEIPT_ROUTES_REFUSED.inc(refused)
+            log.error("receipt_routes_refused", routes=refused)
 
     async def _probe(self) -> None:
         """After failed writes, with nothing waiting to be written (else

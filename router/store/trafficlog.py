@@ -21,6 +21,7 @@ import structlog
 from ..model import Message, Status
 from ..observe import metrics
 from ..tasks import DB_ERRORS, is_data_error
+from .db import copy_dropping_refused
 
 log = structlog.get_logger("router.trafficlog")
 
@@ -165,9 +166,9 @@ class TrafficLog:
             FINAL_STATUSES,
         )
 
-    def _drop(self) -> None:
-        self.dropped += 1
-        metrics.TRAFFIC_LOG_DROPPED.inc()
+    def _drop(self, n: int = 1) -> None:
+        self.dropped += n
+        metrics.TRAFFIC_LOG_DROPPED.inc(n)
 
     # ------------------------------------------------------------- writer
 
@@ -224,75 +225,41 @@ class TrafficLog:
 
     async def flush_once(self) -> None:
         """Write up to ``flush_rows`` of each kind; rows go back on failure,
-        except rows PostgreSQL refuses (``_data_error``): those are found
+        except rows PostgreSQL refuses (``is_data_error``): those are found
         and dropped (counted), or one of them would fail every later flush."""
         assert self.pool is not None
         loop = asyncio.get_running_loop()
         started = loop.time()
         msgs = [self.messages.popleft() for _ in range(min(len(self.messages), self.flush_rows))]
         evts = [self.events.popleft() for _ in range(min(len(self.events), self.flush_rows))]
+        bad_msgs = bad_evts = 0
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                if msgs:
-                    await conn.copy_records_to_table(
-                        "traffic_log", records=msgs, columns=MESSAGE_COLUMNS
-                    )
-                if evts:
-                    await conn.copy_records_to_table(
-                        "delivery_events", records=evts, columns=EVENT_COLUMNS
-                    )
-        except Exception as exc:
-            if not is_data_error(exc):
-                self.messages.extendleft(reversed(msgs))
-                self.events.extendleft(reversed(evts))
-                raise
-            log.warning("traffic_log_rows_refused", error=type(exc).__name__)
             try:
-                msgs = await self._write_apart("traffic_log", msgs, MESSAGE_COLUMNS)
-            except BaseException:
-                self.events.extendleft(reversed(evts))
-                raise
-            evts = await self._write_apart("delivery_events", evts, EVENT_COLUMNS)
+                async with self.pool.acquire() as conn, conn.transaction():
+                    if msgs:
+                        await conn.copy_records_to_table(
+                            "traffic_log", records=msgs, columns=MESSAGE_COLUMNS
+                        )
+                    if evts:
+                        await conn.copy_records_to_table(
+                            "delivery_events", records=evts, columns=EVENT_COLUMNS
+                        )
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise
+                async with self.pool.acquire() as conn, conn.transaction():
+                    bad_msgs = await copy_dropping_refused(
+                        conn, "traffic_log", msgs, MESSAGE_COLUMNS
+                    )
+                    bad_evts = await copy_dropping_refused(
+                        conn, "delivery_events", evts, EVENT_COLUMNS
+                    )
+                log.warning("traffic_log_rows_refused", rows=bad_msgs + bad_evts)
+                self._drop(bad_msgs + bad_evts)
         except BaseException:
             self.messages.extendleft(reversed(msgs))
             self.events.extendleft(reversed(evts))
             raise
-        metrics.TRAFFIC_LOG_WRITTEN.labels(table="traffic_log").inc(len(msgs))
-        metrics.TRAFFIC_LOG_WRITTEN.labels(table="delivery_events").inc(len(evts))
+        metrics.TRAFFIC_LOG_WRITTEN.labels(table="traffic_log").inc(len(msgs) - bad_msgs)
+        metrics.TRAFFIC_LOG_WRITTEN.labels(table="delivery_events").inc(len(evts) - bad_evts)
         metrics.TRAFFIC_LOG_FLUSH.observe(loop.time() - started)
-
-    async def _write_apart(
-        self, table: str, rows: list[tuple[Any, ...]], columns: tuple[str, ...]
-    ) -> list[tuple[Any, ...]]:
-        """After PostgreSQL refused a batch: write ``rows`` in halves, each
-        its own COPY, down to the single rows it refuses, which are dropped
-        and counted. The rows written (a database error meanwhile raises,
-        and the rows not yet written go back in line)."""
-        assert self.pool is not None
-        written: list[tuple[Any, ...]] = []
-        todo = [rows] if rows else []  # a stack: the first rows on top
-        part: list[tuple[Any, ...]] = []
-        try:
-            while todo:
-                part = todo.pop()
-                try:
-                    async with self.pool.acquire() as conn:
-                        await conn.copy_records_to_table(table, records=part, columns=columns)
-                except Exception as exc:
-                    if not is_data_error(exc):
-                        raise
-                    if len(part) == 1:
-                        self._drop()
-                    else:
-                        half = len(part) // 2
-                        todo += [part[half:], part[:half]]
-                    part = []
-                    continue
-                written += part
-                part = []
-        except BaseException:
-            back = self.messages if table == "traffic_log" else self.events
-            unwritten = part + [r for p in reversed(todo) for r in p]
-            back.extendleft(reversed(unwritten))
-            raise
-        return written
