@@ -432,10 +432,14 @@ def tune_gc() -> None:
     start-up objects (modules, config, accounts, route tables) live as long
     as the process, so move them out of the collector's way, and collect the
     young generation less often. On smpp-e2e, GC went from ~17% to under 8%
-    of router CPU (full passes 44 -> 4 ms)."""
+    of router CPU (full passes 44 -> 4 ms). A young collection walks only
+    what is alive at that moment (messages in flight), so collecting every
+    100,000 allocations instead of 10,000 walks it a tenth as often: +2.5 %
+    msg/s on smpp-e2e in interleaved runs (8.8k/8.8k -> 9.0k/9.0k), peak
+    RSS unchanged (161 MB) (2026-12-07)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(10_000, 20, 20)
+    gc.set_threshold(100_000, 20, 20)
     metrics.watch_gc()
 
 

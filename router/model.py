@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .value import value
+
 
 class MessageClass(str, Enum):
     STANDARD = "standard"
@@ -66,7 +68,7 @@ def new_message_id() -> str:
     return f"{time.time_ns() // 1_000_000:011x}{_ID_RNG.getrandbits(36):09x}"
 
 
-@dataclass(frozen=True, slots=True, repr=False)
+@value(repr=False)  # immutable; see router/value.py
 class Message:
     id: str
     account_id: int

@@ -365,3 +365,38 @@ async def test_a_receipt_delete_waits_for_a_route_beyond_the_round(db: asyncpg.P
         assert set(await route_ids(db)) == {f"c{i}" for i in range(9)}
     finally:
         await spool.close(timeout=2)
+
+
+def test_route_info_is_exactly_json_dumps_of_the_fields() -> None:
+    """receipt_routes.info is built by hand for speed; it must stay the
+    JSON that json.dumps writes (and json.loads reads back) for any text."""
+    import dataclasses
+    import json
+
+    from router.store.spool import route_info
+
+    odd = ["plain", 'quo"te', "back\\slash", "tab\tnew\nline", "\x01\x1f", "Ærø ✓ 😀", "\ud800", ""]
+    base = make_message("0190aa00000000000042")
+    for i, s in enumerate(odd):
+        msg = dataclasses.replace(
+            base,
+            source=s,
+            source_ton=i % 7,
+            source_npi=i % 3,
+            destination=s[::-1],
+            userref=None if i % 2 else s,
+            callback_url=None if i % 3 else f"https://example.com/{s}",
+        )
+        want = json.dumps(
+            {
+                "source": msg.source,
+                "source_ton": msg.source_ton,
+                "source_npi": msg.source_npi,
+                "destination": msg.destination,
+                "userref": msg.userref,
+                "callback_url": msg.callback_url,
+            }
+        )
+        got = route_info(msg)
+        assert got == want
+        assert json.loads(got)["source"] == s

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 
 from ..smpp.constants import (
     ESM_TYPE_RECEIPT,
@@ -19,6 +18,7 @@ from ..smpp.constants import (
     Tag,
 )
 from ..smpp.pdu import DeliverSm
+from ..value import value
 
 _FIELD = re.compile(
     rb"(id|sub|dlvrd|submit date|done date|stat|err|text):\s*"
@@ -36,7 +36,7 @@ _STANDARD = re.compile(
 )
 
 
-@dataclass(slots=True, frozen=True)
+@value()  # immutable; see router/value.py
 class CarrierReceipt:
     carrier_id: str
     state: MessageState

@@ -36,6 +36,7 @@ from ..model import Delivery, Message, MessageClass, Origin, Status, new_message
 from ..observe import metrics
 from ..tasks import DB_ERRORS
 from ..text.segment import Encoded, encode_text, part_count, split
+from ..value import value
 from . import openapi as api
 from .validate import InvalidField, check_sender
 
@@ -297,7 +298,7 @@ def request_hash(account_id: int, key: str, doc: Any) -> str:
 # ------------------------------------------------------------ labels memory
 
 
-@dataclass(frozen=True, slots=True)
+@value()  # immutable; see router/value.py
 class _Extra:
     parts: int
     labels: dict[str, str] | None

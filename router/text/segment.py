@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from router.text.gsm7 import ESC, GSM7_BASIC, decode_gsm7, encode_gsm7, is_gsm7
+from router.value import value
 
 __all__ = [
     "Concat",
@@ -59,7 +60,7 @@ _DATA_CODING: Final[dict[str, int]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@value()  # immutable; see router/value.py
 class Encoded:
     """An encoded message body, ready to be split into short_message values."""
 
