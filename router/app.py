@@ -297,8 +297,19 @@ class Router:
             self.engine.forward_receipt = self.handoff.forward_carrier_receipt
             self.handoff.start()
             handoff = self.handoff
+            spool = self.spool
+            # The database's clock: routes carry its created_at.
+            started = await spool.pool.fetchval("SELECT now()")
             self.deadlines = ReceiptDeadlines(
-                self.spool.claim_overdue_routes, self.engine.finish_overdue, lambda: handoff.live
+                spool.claim_overdue_routes,
+                self.engine.finish_overdue,
+                lambda: handoff.live,
+                # Only the traffic log knows a final status the routes outlived.
+                finished=(
+                    (lambda after, limit: spool.finished_routes(started, after, limit))
+                    if cfg.traffic_log
+                    else None
+                ),
             )
             self.deadlines.start()
         self.ports["smpp"] = await self.smpp.start()

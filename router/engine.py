@@ -752,7 +752,15 @@ class Engine:
         stat UNKNOWN / a webhook to its submitter) unless it already has a
         final status; then its routes are forgotten like those of a message
         whose receipt came (deleted in the spool's next upkeep round, after
-        the finish). The number finished."""
+        the finish). The number finished.
+
+        A route whose row carries the final status the traffic log holds
+        for its message (``final_status``, see PgSpool._with_final)
+        outlived its final receipt: the router went down after logging the
+        status and before deleting the route, perhaps before the submitter
+        had its receipt. That message is finished again with its logged
+        status (at least once: the submitter may now have it twice), not
+        as ``unknown``, and not logged a second time."""
         by_message: dict[str, list[Any]] = {}
         for row in rows:
             by_message.setdefault(row["message_id"], []).append(row)
@@ -763,13 +771,19 @@ class Engine:
                 if c is not None:
                     c.correlator.forget(row["carrier_id"])
                 self.spool.forget_route(row["carrier"], row["carrier_id"])
+            first = routes[0]
             d = self.active.get(message_id)
             if d is None:
                 if self._finished_here(message_id):
                     continue  # its last receipt came as the route was claimed
-                first = routes[0]
                 d = self._rebuild_delivery(first, first["carrier"], len(routes))
-            self._finish(d, Status.UNKNOWN, "no_receipt", d.carrier or routes[0]["carrier"])
+            logged = first.get("final_status")
+            if logged is None:
+                self._finish(d, Status.UNKNOWN, "no_receipt", d.carrier or first["carrier"])
+            else:
+                carrier = first.get("final_carrier") or d.carrier or first["carrier"]
+                at = first["final_at"].timestamp()
+                self._finish(d, Status(logged), first.get("final_error"), carrier, at)
             finished += 1
         return finished
 
@@ -813,10 +827,19 @@ class Engine:
         self.active[msg.id] = d
         return d
 
-    def _finish(self, d: Delivery, status: Status, error: str | None, carrier: str) -> None:
+    def _finish(
+        self,
+        d: Delivery,
+        status: Status,
+        error: str | None,
+        carrier: str,
+        logged_at: float | None = None,
+    ) -> None:
+        """``logged_at``: when the traffic log recorded this status, which it
+        holds already (finish_overdue)."""
         if d.status.final:
             return
-        now = self.wall()
+        now = self.wall() if logged_at is None else logged_at
         d.status = status
         d.error = error
         d.updated_at = now
@@ -826,8 +849,10 @@ class Engine:
             d.spooled = False
             self._taken(msg)
         metrics.child(metrics.FINAL, carrier, status.value).inc()
-        metrics.child(metrics.DELIVERY_LATENCY, carrier).observe(max(0.0, now - msg.accepted_at))
-        self.traffic_log.record_event(msg, status.value, carrier, error, now)
+        if logged_at is None:
+            latency = max(0.0, now - msg.accepted_at)
+            metrics.child(metrics.DELIVERY_LATENCY, carrier).observe(latency)
+            self.traffic_log.record_event(msg, status.value, carrier, error, now)
         sink = self.sinks.get(msg.origin)
         if sink is not None:
             sink.deliver(d)

@@ -5,6 +5,7 @@ loses every receipt, on a real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import time
 from typing import Any
@@ -13,6 +14,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from router.accounts import add_api_key, create_account
 from router.config import ConfigError, WebhookConfig, load_config
 from router.model import MessageClass
 from router.sim.smsc import SimConfig
@@ -170,6 +172,133 @@ async def test_http_message_without_receipt_gets_an_unknown_webhook(
     ):
         assert resp.status == 200
         assert (await resp.json())["status"] == "unknown"
+
+
+async def _acme(db: asyncpg.Pool) -> int:
+    """The account stack_factory would make, made first: its id is needed."""
+    acme = await create_account(db, "acme", system_id="acme", password="acme-pw1")
+    await add_api_key(db, acme, "acme-key-0001", ("send", "read"))
+    return int(acme)
+
+
+async def left_behind(
+    db: asyncpg.Pool,
+    account_id: int,
+    node: str,
+    message_id: str,
+    carrier_id: str,
+    *,
+    overdue: bool = False,
+    final: tuple[str, str | None, dt.datetime] | None = None,
+) -> None:
+    """A receipt route a router wrote before it went down (a minute ago),
+    and, with ``final``, the (status, error, time) the traffic log recorded
+    for its message before the route could be deleted."""
+    info = {"source": "Acme", "source_ton": 5, "source_npi": 0, "destination": "4512345678"}
+    await db.execute(
+        "INSERT INTO receipt_routes (carrier, carrier_id, message_id, part, parts, account_id,"
+        " account, origin, class, country, registered_delivery, accepted_at, info, node,"
+        " expect_by, created_at)"
+        " VALUES ('sim-eu', $1, $2, 0, 1, $3, 'acme', 'smpp', 'standard', 'DK', 1,"
+        " now() - interval '10 minutes', $4, $5, now() + make_interval(secs => $6),"
+        " now() - interval '1 minute')",
+        carrier_id,
+        message_id,
+        account_id,
+        json.dumps({**info, "userref": None, "callback_url": None}),
+        node,
+        -60.0 if overdue else 3600.0,
+    )
+    if final is not None:
+        status, error, at = final
+        await db.execute(
+            "INSERT INTO delivery_events (message_id, account_id, status, carrier, error, at)"
+            " VALUES ($1, $2, 'submitted', 'sim-eu', NULL, $4::timestamptz - interval '5 seconds'),"
+            " ($1, $2, $3, 'sim-eu', $5, $4)",
+            message_id,
+            account_id,
+            status,
+            at,
+            error,
+        )
+
+
+async def events_of(db: asyncpg.Pool, message_id: str) -> list[str]:
+    rows = await db.fetch(
+        "SELECT status FROM delivery_events WHERE message_id = $1 ORDER BY at", message_id
+    )
+    return [r["status"] for r in rows]
+
+
+async def test_a_restart_resends_a_final_receipt_the_crash_left_behind(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    """Node n1 went down after its traffic log recorded a message's final
+    status but before it deleted the message's receipt route (and perhaps
+    before its customer had the receipt). On restart the receipt is sent
+    again with the logged status and time, within seconds; routes still
+    waiting for a receipt, and other nodes' routes, are left alone."""
+    acme = await _acme(db)
+    at = dt.datetime(2026, 12, 7, 9, 41, 0, tzinfo=dt.UTC)
+    done, waiting, other = "0190aa00000000000d01", "0190aa00000000000d02", "0190aa00000000000d03"
+    await left_behind(db, acme, "n1", done, "c1", final=("delivered", None, at))
+    await left_behind(db, acme, "n1", waiting, "c2")
+    await left_behind(db, acme, "n2", other, "c3", final=("delivered", None, at))
+    stack = await stack_factory(node="n1")
+    esme, resp = await connect(stack.smpp_port)
+    assert resp.status == 0
+    try:
+        await until(lambda: done in esme.receipts, 15, "the receipt the crash left unsent")
+        pdu = esme.receipts[done]
+        assert pdu.tlvs[Tag.MESSAGE_STATE] == bytes((MessageState.DELIVERED,))
+        assert b"stat:DELIVRD" in pdu.short_message
+        assert b"done date:2612070941" in pdu.short_message
+        assert stack.router.engine.lookup(done).status.value == "delivered"
+
+        async def left() -> set[str]:
+            return {
+                r["message_id"] for r in await db.fetch("SELECT message_id FROM receipt_routes")
+            }
+
+        deadline = time.monotonic() + 10
+        while await left() != {waiting, other}:
+            assert time.monotonic() < deadline, "the finished message's route was not deleted"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # traffic log flushes every 0.05 s here
+        assert len(esme.delivers) == 1  # nothing for the waiting message, nor n2's
+        assert await events_of(db, done) == ["submitted", "delivered"]  # not logged twice
+        assert await stack.router.deadlines.resend_finished() == 0  # once
+    finally:
+        esme.close()
+
+
+async def test_an_overdue_route_with_a_logged_final_status_ends_with_it_not_unknown(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    """A dead node's route whose message the traffic log has as failed:
+    at the deadline its submitter gets that status again, not 'unknown'."""
+    acme = await _acme(db)
+    at = dt.datetime(2026, 12, 7, 9, 42, 0, tzinfo=dt.UTC)
+    failed, lost = "0190aa00000000000e01", "0190aa00000000000e02"
+    await left_behind(db, acme, "n-gone", failed, "c1", overdue=True, final=("failed", "005", at))
+    await left_behind(db, acme, "n-gone", lost, "c2", overdue=True)
+    stack, esme = await losing_stack(stack_factory)
+    try:
+        assert await stack.router.deadlines.run_once() == 2
+        await until(lambda: len(esme.receipts) == 2, 10, "two receipts")
+        pdu = esme.receipts[failed]
+        assert pdu.tlvs[Tag.MESSAGE_STATE] == bytes((MessageState.UNDELIVERABLE,))
+        assert b"stat:UNDELIV err:001" in pdu.short_message  # our err for any failure
+        assert b"done date:2612070942" in pdu.short_message
+        assert stack.router.engine.lookup(failed).status.value == "failed"
+        assert stack.router.engine.lookup(failed).error == "005"
+        assert b"stat:UNKNOWN" in esme.receipts[lost].short_message
+        await wait_routes_down_to(db, 0)
+        await asyncio.sleep(0.3)
+        assert await events_of(db, failed) == ["submitted", "failed"]
+        assert await events_of(db, lost) == ["unknown"]
+    finally:
+        esme.close()
 
 
 @pytest.fixture

@@ -29,6 +29,20 @@ SMPP receipt waiting for a bind lives in memory). Between the claim and the
 delete (a fraction of a second) a very late carrier receipt that reaches
 another node could still find the route and finish the message there too.
 
+A route can also outlive its message's final receipt: the traffic log
+records the final status and the route is deleted in the spool's next
+upkeep round, a fraction of a second apart; a router that goes down in
+between leaves the route, and may not have sent the submitter its receipt
+(an SMPP receipt waits for its bind in memory). Such a message is not
+finished as ``unknown``: the claim brings the newest final status the
+traffic log holds for it, and the message is finished again with that
+status, time and error (the submitter may get the receipt twice: at least
+once), without logging it again. And not only at the deadline: ``resend_finished``
+runs once, ``resend_delay`` after a start, over the routes the node wrote
+in its previous life, so that those receipts follow the restart within
+seconds. Both need the traffic log (``database.traffic_log``); without it a
+route left so ends as ``unknown`` at its deadline.
+
 ``unknown`` is final: a receipt arriving later finds no route and is counted
 in ``smsrouter_carrier_receipts_unmatched_total``. In ``in-memory`` mode
 there are no routes; a message is finished as ``unknown`` when it leaves
@@ -43,11 +57,14 @@ from typing import Any
 
 import structlog
 
-from ..tasks import Periodic
+from ..tasks import DB_ERRORS, Periodic, cancel_and_wait
 
 log = structlog.get_logger("router.carriers.deadline")
 
 Claim = Callable[[Sequence[str], int], Any]  # (live nodes, limit) -> awaitable rows
+# (after message id, limit) -> awaitable rows of this node's previous life
+# with their messages' logged final status (PgSpool.finished_routes)
+Finished = Callable[[str, int], Any]
 
 
 class ReceiptDeadlines(Periodic):
@@ -61,12 +78,67 @@ class ReceiptDeadlines(Periodic):
         *,
         interval: float = 30.0,
         batch: int = 1000,
+        finished: Finished | None = None,
+        resend_delay: float = 2.0,
     ) -> None:
         super().__init__(interval)
         self.claim = claim
         self.finish = finish
         self.live_nodes = live_nodes
         self.batch = batch
+        self.finished = finished
+        self.resend_delay = resend_delay
+        self._resend: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        super().start()
+        if self.finished is not None and self._resend is None:
+            self._resend = asyncio.get_running_loop().create_task(
+                self._resend_after_restart(), name="receipts-resend"
+            )
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._resend)
+        self._resend = None
+        await super().stop()
+
+    async def _resend_after_restart(self) -> None:
+        """Once, ``resend_delay`` after start (customers rebind meanwhile;
+        a receipt for one not bound is parked as always), until done."""
+        await asyncio.sleep(self.resend_delay)
+        while True:
+            try:
+                await self.resend_finished()
+                return
+            except DB_ERRORS as exc:
+                log.warning("receipts_resend_failed", error=type(exc).__name__)
+                await asyncio.sleep(self.interval)
+
+    async def resend_finished(self) -> int:
+        """The routes this node left behind when it went down whose message
+        has a final status in the traffic log: the router stopped between
+        logging that status and deleting the routes (within a fraction of a
+        second), perhaps before the submitter had its receipt. Each such
+        message is finished again with its logged status (a receipt or
+        webhook, at least once) and its routes deleted, now rather than as
+        ``unknown`` at its deadline. Pages of ``batch`` messages, in id
+        order; how many were finished."""
+        assert self.finished is not None
+        after, total = "", 0
+        while True:
+            rows = await self.finished(after, self.batch)
+            if not rows:
+                break
+            after = rows[-1]["message_id"]
+            done = [r for r in rows if r["final_status"] is not None]
+            if done:
+                total += self.finish(done)
+            if len({r["message_id"] for r in rows}) < self.batch:
+                break
+            await asyncio.sleep(0)  # a large backlog must not hold the loop
+        if total:
+            log.info("final_receipts_resent", messages=total)
+        return total
 
     async def run_once(self) -> int:
         """Finish every message now overdue; how many were finished. On a

@@ -42,6 +42,7 @@ from ..model import Message, MessageClass, Origin
 from ..observe import metrics
 from ..tasks import DB_ERRORS, is_data_error
 from .db import copy_dropping_refused
+from .trafficlog import FINAL_STATUSES
 
 log = structlog.get_logger("router.spool")
 
@@ -413,6 +414,19 @@ def route_info(msg: Message) -> str:
     )
 
 
+def _with_final(alias: str) -> str:
+    """The join that gives a receipt route row the newest final status the
+    traffic log holds for its message (delivery_events, indexed by
+    message_id; $5 = FINAL_STATUSES): where a route may have outlived its
+    message's final receipt (claim_overdue_routes, finished_routes)."""
+    return (
+        " LEFT JOIN LATERAL (SELECT e.status AS final_status, e.error AS final_error,"
+        " e.carrier AS final_carrier, e.at AS final_at FROM delivery_events e"
+        f" WHERE e.message_id = {alias}.message_id AND e.status = ANY($5::text[])"
+        " ORDER BY e.at DESC LIMIT 1) final ON true"
+    )
+
+
 class PgSpool:
     durable = True
 
@@ -584,16 +598,46 @@ class PgSpool:
         longer past."""
         return list(
             await self.pool.fetch(
-                "UPDATE receipt_routes SET expect_by = now() + make_interval(secs => $4)"
+                "WITH claimed AS ("
+                " UPDATE receipt_routes SET expect_by = now() + make_interval(secs => $4)"
                 " WHERE expect_by < now() AND message_id IN ("
                 " SELECT message_id FROM receipt_routes WHERE expect_by < now()"
                 "  AND (node IS NULL OR node = $1 OR NOT (node = ANY($2::text[])))"
                 "  ORDER BY expect_by LIMIT $3)"
-                " RETURNING *",
+                " RETURNING *)"
+                " SELECT claimed.*, final.* FROM claimed" + _with_final("claimed"),
                 self.node,
                 list(live_nodes),
                 limit,
                 lease,
+                FINAL_STATUSES,
+            )
+        )
+
+    async def finished_routes(
+        self, before: dt.datetime, after: str = "", limit: int = 1000
+    ) -> list[asyncpg.Record]:
+        """The receipt routes this node wrote before ``before`` (its previous
+        life), of up to ``limit`` messages with ids after ``after``, in id
+        order: each row with the final status the traffic log holds for its
+        message (``final_status`` etc.; NULL if none). A route whose message
+        has one outlived its final receipt: the router went down between
+        logging the status and deleting the route (router/carriers/deadline.py)."""
+        return list(
+            await self.pool.fetch(
+                "WITH page AS ("
+                " SELECT DISTINCT message_id FROM receipt_routes"
+                " WHERE node = $1 AND created_at < $2 AND message_id > $3"
+                " ORDER BY message_id LIMIT $4)"
+                " SELECT r.*, final.* FROM page JOIN receipt_routes r"
+                "  ON r.message_id = page.message_id AND r.node = $1 AND r.created_at < $2"
+                + _with_final("r")
+                + " ORDER BY r.message_id",
+                self.node,
+                before,
+                after,
+                limit,
+                FINAL_STATUSES,
             )
         )
 
