@@ -636,7 +636,9 @@ class Engine:
         if carrier_id:
             d.carrier_ids.append(carrier_id)
         metrics.child(metrics.SUBMITTED, carrier).inc()
-        if carrier_id:
+        if carrier_id and not d.status.final:
+            # (A part taken after its message ended needs no route: no
+            # receipt can change a final status.)
             self.spool.remember_route(carrier, carrier_id, d.message, sub.part)
         d.parts_taken += 1
         if d.parts_taken == d.message.parts and d.spooled:
@@ -659,12 +661,15 @@ class Engine:
     def on_receipt(self, sub: Submission, carrier: str, receipt: CarrierReceipt) -> None:
         metrics.child(metrics.RECEIPTS_IN, carrier, receipt.state.name.lower()).inc()
         d = sub.delivery
-        if d.status.final:
-            return  # late or duplicate receipt: a final state is never overwritten
         state = receipt.state
         if state in (MessageState.ENROUTE, MessageState.ACCEPTED):
             return
+        # Its part's route goes even when the message is final already (an
+        # other part failed first): left, it would outlive the message and
+        # be taken after a restart for one a crash left (finish_overdue).
         self.spool.forget_route(carrier, receipt.carrier_id)
+        if d.status.final:
+            return  # late or duplicate receipt: a final state is never overwritten
         if state is MessageState.DELIVERED:
             d.parts_done += 1
         else:
@@ -769,6 +774,11 @@ class Engine:
             for row in routes:
                 c = self.carriers.get(row["carrier"])
                 if c is not None:
+                    held = c.correlator.lookup(row["carrier_id"])
+                    if held is not None and held.delivery.message.id != message_id:
+                        # The carrier has used this id again, for a message
+                        # of ours now waiting: the route is that one's.
+                        continue
                     c.correlator.forget(row["carrier_id"])
                 self.spool.forget_route(row["carrier"], row["carrier_id"])
             first = routes[0]
@@ -848,8 +858,8 @@ class Engine:
         if d.spooled:
             d.spooled = False
             self._taken(msg)
-        metrics.child(metrics.FINAL, carrier, status.value).inc()
-        if logged_at is None:
+        if logged_at is None:  # else counted in the life that logged it
+            metrics.child(metrics.FINAL, carrier, status.value).inc()
             latency = max(0.0, now - msg.accepted_at)
             metrics.child(metrics.DELIVERY_LATENCY, carrier).observe(latency)
             self.traffic_log.record_event(msg, status.value, carrier, error, now)

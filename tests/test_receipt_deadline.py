@@ -16,7 +16,7 @@ import pytest
 
 from router.accounts import add_api_key, create_account
 from router.config import ConfigError, WebhookConfig, load_config
-from router.model import MessageClass
+from router.model import MessageClass, Status
 from router.sim.smsc import SimConfig
 from router.smpp.constants import MessageState, Tag
 from router.smpp.pdu import QuerySm, SubmitSm
@@ -297,6 +297,49 @@ async def test_an_overdue_route_with_a_logged_final_status_ends_with_it_not_unkn
         await asyncio.sleep(0.3)
         assert await events_of(db, failed) == ["submitted", "failed"]
         assert await events_of(db, lost) == ["unknown"]
+    finally:
+        esme.close()
+
+
+async def test_a_part_route_goes_with_its_receipt_after_its_message_ended(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    """A message that one part ended (as when a carrier refuses a part)
+    while its other parts wait for receipts: those receipts still delete
+    their routes. Left behind, they would outlive the message, and a restart
+    would take them for routes a crash left and send its status again."""
+    sims = {
+        "sim-eu": SimConfig(port=0, dlr_delay=1.0),
+        "sim-world": SimConfig(port=0, dlr_delay=0.05),
+    }
+    stack = await stack_factory(sims=sims)
+    esme, resp = await connect(stack.smpp_port)
+    assert resp.status == 0
+    try:
+        r = await esme.request(
+            SubmitSm(
+                source_addr_ton=5,
+                source_addr="Acme",
+                dest_addr_ton=1,
+                dest_addr_npi=1,
+                destination_addr="+4512345678",
+                registered_delivery=1,
+                tlvs={Tag.MESSAGE_PAYLOAD: ("y" * 400).encode()},  # 3 parts
+            )
+        )
+        assert r.status == 0
+        await wait_routes(db, 3)
+        engine = stack.router.engine
+        d = engine.lookup(r.message_id)
+        assert d is not None and d.status.value == "submitted"
+        engine._finish(d, Status.FAILED, "carrier:ESME_RSUBMITFAIL", "sim-eu")
+        await until(lambda: r.message_id in esme.receipts, 10, "the failed receipt")
+        # The three parts' receipts come a second after their submit.
+        await wait_routes_down_to(db, 0)
+        await asyncio.sleep(0.2)
+        assert len(esme.delivers) == 1
+        assert b"stat:UNDELIV" in esme.receipts[r.message_id].short_message
+        assert engine.lookup(r.message_id).status.value == "failed"
     finally:
         esme.close()
 
