@@ -125,7 +125,7 @@ class Config:
     delivery_guarantee: str = "at-least-once"  # or "in-memory"
     failover_after: float = 5.0  # seconds a carrier may be down before its queue moves
     spool_max_rows: int = 1_000_000
-    spool_flush_interval: float = 0.005
+    spool_flush_interval: float = 0.002
     node: str = ""  # this router's id among those sharing the database ("" = host:smpp port)
     receipt_memory: float = 3600.0  # a submitted message waits in memory this long for its receipt
     # A message whose carrier receipt has not come this long after its
