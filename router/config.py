@@ -296,6 +296,9 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
     cfg.spool_flush_interval = _take(
         delivery_t, "spool_flush_interval", "delivery.", float, cfg.spool_flush_interval
     )
+    if not 0.0 <= cfg.spool_flush_interval <= 1.0:
+        # Every submitter waits up to this for its answer.
+        raise ConfigError("delivery.spool_flush_interval: 0 .. 1 seconds")
     cfg.failover_after = _take(delivery_t, "failover_after", "delivery.", float, cfg.failover_after)
     cfg.receipt_memory = _take(delivery_t, "receipt_memory", "delivery.", float, cfg.receipt_memory)
     if not 60.0 <= cfg.receipt_memory <= 7 * 86400.0:

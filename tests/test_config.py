@@ -47,6 +47,8 @@ def test_env_overrides_and_secret_not_in_repr() -> None:
         ({"carriers": [{"name": "a", "bind": "sideways"}]}, r"carriers\[0\].bind"),
         ({"carriers": [{"name": "a"}, {"name": "a"}]}, r"carriers\[1\].name"),
         ({"delivery": {"guarantee": "maybe"}}, "delivery.guarantee"),
+        ({"delivery": {"spool_flush_interval": -0.001}}, "delivery.spool_flush_interval"),
+        ({"delivery": {"spool_flush_interval": 1.5}}, "delivery.spool_flush_interval"),
         ({"colour": "blue"}, "colour"),
     ],
 )

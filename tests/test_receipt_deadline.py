@@ -52,6 +52,25 @@ async def wait_routes_down_to(db: asyncpg.Pool, n: int) -> None:
         await asyncio.sleep(0.05)
 
 
+async def three_parts(esme: Esme, **fields: Any) -> Any:
+    """A 400-character GSM text to +45 in message_payload (3 parts, one
+    route each), receipt requested; its accepted submit_sm_resp."""
+    r = await esme.request(
+        SubmitSm(
+            source_addr_ton=5,
+            source_addr="Acme",
+            dest_addr_ton=1,
+            dest_addr_npi=1,
+            destination_addr="+4512345678",
+            registered_delivery=1,
+            tlvs={Tag.MESSAGE_PAYLOAD: ("x" * 400).encode()},
+            **fields,
+        )
+    )
+    assert r.status == 0
+    return r
+
+
 async def losing_stack(stack_factory: Any, **cfg_kw: Any) -> tuple[Any, Esme]:
     """A router whose sim-eu (+45) loses every receipt, receipt_timeout 0,
     and a transceiver of the customer."""
@@ -121,20 +140,7 @@ async def test_a_multipart_message_is_finished_once_for_all_its_parts(
 ) -> None:
     stack, esme = await losing_stack(stack_factory)
     try:
-        text = "x" * 400  # 3 GSM parts, one route each
-        r = await esme.request(
-            SubmitSm(
-                source_addr_ton=5,
-                source_addr="Acme",
-                dest_addr_ton=1,
-                dest_addr_npi=1,
-                destination_addr="+4512345678",
-                registered_delivery=1,
-                validity_period=ONE_SECOND,
-                tlvs={Tag.MESSAGE_PAYLOAD: text.encode()},
-            )
-        )
-        assert r.status == 0
+        r = await three_parts(esme, validity_period=ONE_SECOND)
         await wait_routes(db, 3)
         await asyncio.sleep(1.2)
         # A small batch: the message's other parts come with its first one.
@@ -316,18 +322,7 @@ async def test_a_part_route_goes_with_its_receipt_after_its_message_ended(
     esme, resp = await connect(stack.smpp_port)
     assert resp.status == 0
     try:
-        r = await esme.request(
-            SubmitSm(
-                source_addr_ton=5,
-                source_addr="Acme",
-                dest_addr_ton=1,
-                dest_addr_npi=1,
-                destination_addr="+4512345678",
-                registered_delivery=1,
-                tlvs={Tag.MESSAGE_PAYLOAD: ("y" * 400).encode()},  # 3 parts
-            )
-        )
-        assert r.status == 0
+        r = await three_parts(esme)
         await wait_routes(db, 3)
         engine = stack.router.engine
         d = engine.lookup(r.message_id)
