@@ -794,6 +794,7 @@ class Engine:
                 carrier = first.get("final_carrier") or d.carrier or first["carrier"]
                 at = first["final_at"].timestamp()
                 self._finish(d, Status(logged), first.get("final_error"), carrier, at)
+                metrics.RECEIPTS_RESENT.inc()
             finished += 1
         return finished
 

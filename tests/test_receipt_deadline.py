@@ -17,6 +17,7 @@ import pytest
 from router.accounts import add_api_key, create_account
 from router.config import ConfigError, WebhookConfig, load_config
 from router.model import MessageClass, Status
+from router.observe import metrics
 from router.sim.smsc import SimConfig
 from router.smpp.constants import MessageState, Tag
 from router.smpp.pdu import QuerySm, SubmitSm
@@ -250,6 +251,7 @@ async def test_a_restart_resends_a_final_receipt_the_crash_left_behind(
     await left_behind(db, acme, "n1", done, "c1", final=("delivered", None, at))
     await left_behind(db, acme, "n1", waiting, "c2")
     await left_behind(db, acme, "n2", other, "c3", final=("delivered", None, at))
+    resent = metrics.RECEIPTS_RESENT._value.get()
     stack = await stack_factory(node="n1")
     esme, resp = await connect(stack.smpp_port)
     assert resp.status == 0
@@ -274,6 +276,7 @@ async def test_a_restart_resends_a_final_receipt_the_crash_left_behind(
         assert len(esme.delivers) == 1  # nothing for the waiting message, nor n2's
         assert await events_of(db, done) == ["submitted", "delivered"]  # not logged twice
         assert await stack.router.deadlines.resend_finished() == 0  # once
+        assert metrics.RECEIPTS_RESENT._value.get() == resent + 1
     finally:
         esme.close()
 

@@ -312,6 +312,11 @@ RECEIPT_ROUTES_REFUSED = Counter(
     "Receipt routes PostgreSQL refused to store (a value it cannot hold): dropped, so"
     " their receipts match only while the message is in memory.",
 )
+RECEIPTS_RESENT = Counter(
+    "smsrouter_receipts_resent_total",
+    "Messages finished again with the final status the traffic log holds, for receipt"
+    " routes a router left when it went down (router/carriers/deadline.py).",
+)
 RECEIPT_WAITS_RELEASED = Counter(
     "smsrouter_receipt_waits_released_total",
     "Messages at a carrier let go from memory after delivery.receipt_memory without a"
