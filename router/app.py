@@ -298,18 +298,19 @@ class Router:
             self.handoff.start()
             handoff = self.handoff
             spool = self.spool
-            # The database's clock: routes carry its created_at.
-            started = await spool.pool.fetchval("SELECT now()")
+            finished = None
+            if cfg.traffic_log:  # only it knows a final status the routes outlived
+                # The database's clock: routes carry its created_at.
+                started = await spool.pool.fetchval("SELECT now()")
+
+                def finished(after: str, limit: int) -> Any:
+                    return spool.finished_routes(started, after, limit)
+
             self.deadlines = ReceiptDeadlines(
                 spool.claim_overdue_routes,
                 self.engine.finish_overdue,
                 lambda: handoff.live,
-                # Only the traffic log knows a final status the routes outlived.
-                finished=(
-                    (lambda after, limit: spool.finished_routes(started, after, limit))
-                    if cfg.traffic_log
-                    else None
-                ),
+                finished=finished,
             )
             self.deadlines.start()
         self.ports["smpp"] = await self.smpp.start()

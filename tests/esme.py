@@ -34,14 +34,21 @@ class TestEsme(SmppProtocol):
             return
         super().on_request(pdu)
 
-    async def submit(self, dest: str, text: str, **fields: Any) -> Pdu:
+    async def submit(self, dest: str, text: str | bytes, **fields: Any) -> Pdu:
+        """submit_sm from Acme (alphanumeric), receipt requested unless
+        ``fields`` say otherwise; ``text`` as str (GSM-safe ASCII) or the
+        short_message octets themselves."""
         fields.setdefault("source_addr_ton", 5)
         fields.setdefault("source_addr", "Acme")
         fields.setdefault("dest_addr_ton", 1)
         fields.setdefault("dest_addr_npi", 1)
         fields.setdefault("registered_delivery", 1)
         return await self.request(
-            SubmitSm(destination_addr=dest, short_message=text.encode(), **fields)
+            SubmitSm(
+                destination_addr=dest,
+                short_message=text if isinstance(text, bytes) else text.encode(),
+                **fields,
+            )
         )
 
 

@@ -20,7 +20,7 @@ from router.model import MessageClass, Status
 from router.observe import metrics
 from router.sim.smsc import SimConfig
 from router.smpp.constants import MessageState, Tag
-from router.smpp.pdu import QuerySm, SubmitSm
+from router.smpp.pdu import QuerySm
 from router.store.spool import PgSpool
 from tests.esme import TestEsme as Esme
 from tests.esme import connect, until
@@ -56,18 +56,7 @@ async def wait_routes_down_to(db: asyncpg.Pool, n: int) -> None:
 async def three_parts(esme: Esme, **fields: Any) -> Any:
     """A 400-character GSM text to +45 in message_payload (3 parts, one
     route each), receipt requested; its accepted submit_sm_resp."""
-    r = await esme.request(
-        SubmitSm(
-            source_addr_ton=5,
-            source_addr="Acme",
-            dest_addr_ton=1,
-            dest_addr_npi=1,
-            destination_addr="+4512345678",
-            registered_delivery=1,
-            tlvs={Tag.MESSAGE_PAYLOAD: ("x" * 400).encode()},
-            **fields,
-        )
-    )
+    r = await esme.submit("+4512345678", b"", tlvs={Tag.MESSAGE_PAYLOAD: b"x" * 400}, **fields)
     assert r.status == 0
     return r
 

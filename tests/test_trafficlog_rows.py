@@ -10,7 +10,6 @@ from typing import Any
 
 import asyncpg
 
-from router.smpp.pdu import SubmitSm
 from router.store.trafficlog import MESSAGE_COLUMNS, TrafficLog
 from tests.esme import connect
 from tests.factories import make_message
@@ -22,16 +21,11 @@ async def test_a_nul_in_a_customers_text_does_not_stop_the_traffic_log(
     stack = await stack_factory()
     esme, _ = await connect(stack.smpp_port)
     try:
-        odd = await esme.request(
-            SubmitSm(
-                source_addr_ton=5,
-                source_addr="Acme",
-                dest_addr_ton=1,
-                dest_addr_npi=1,
-                destination_addr="4512345678",
-                data_coding=8,  # UCS2: "A", U+0000, "B"
-                short_message="A\x00B".encode("utf-16-be"),
-            )
+        odd = await esme.submit(
+            "4512345678",
+            "A\x00B".encode("utf-16-be"),
+            data_coding=8,  # UCS2: "A", U+0000, "B"
+            registered_delivery=0,
         )
         assert odd.status == 0
         plain = await esme.submit("4512345678", "after it")
