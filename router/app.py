@@ -221,6 +221,7 @@ class Router:
             limit=cfg.log_buffer,
             flush_rows=cfg.log_flush_rows,
             flush_interval=cfg.log_flush_interval,
+            barrier_delay=cfg.spool_flush_interval,
         )
         self.traffic_log.start()
         if cfg.delivery_guarantee == "at-least-once":

@@ -126,6 +126,9 @@ class Config:
     failover_after: float = 5.0  # seconds a carrier may be down before its queue moves
     spool_max_rows: int = 1_000_000
     spool_flush_interval: float = 0.002
+    # "durable": a carrier's receipt is answered once the traffic log holds
+    # its status (the carrier sends it again after a crash); "immediate".
+    receipt_ack: str = "durable"
     node: str = ""  # this router's id among those sharing the database ("" = host:smpp port)
     receipt_memory: float = 3600.0  # a submitted message waits in memory this long for its receipt
     # A message whose carrier receipt has not come this long after its
@@ -299,6 +302,9 @@ def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Con
     if not 0.0 <= cfg.spool_flush_interval <= 1.0:
         # Every submitter waits up to this for its answer.
         raise ConfigError("delivery.spool_flush_interval: 0 .. 1 seconds")
+    cfg.receipt_ack = _take(delivery_t, "receipt_ack", "delivery.", str, cfg.receipt_ack)
+    if cfg.receipt_ack not in ("durable", "immediate"):
+        raise ConfigError("delivery.receipt_ack: expected 'durable' or 'immediate'")
     cfg.failover_after = _take(delivery_t, "failover_after", "delivery.", float, cfg.failover_after)
     cfg.receipt_memory = _take(delivery_t, "receipt_memory", "delivery.", float, cfg.receipt_memory)
     if not 60.0 <= cfg.receipt_memory <= 7 * 86400.0:

@@ -17,6 +17,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import structlog
@@ -211,6 +212,13 @@ class Engine:
             self.recovery = RouteRecovery(
                 self.spool.find_routes, self._recovered, self._still_parked
             )
+        # Receipt routes are deleted, and carriers' receipts answered (if
+        # delivery.receipt_ack = "durable"), once the traffic log holds what
+        # the receipt changed (when_logged, _forget_route).
+        self._routes_durable = isinstance(self.spool, PgSpool)
+        # (Only with the durable spool: a receipt sent again after a crash
+        # is matched through its receipt route.)
+        self._ack_logged = self._routes_durable and cfg.receipt_ack == "durable"
         self.accepting = True
         self._tick: asyncio.TimerHandle | None = None
         self.account_limits: dict[int, TokenBucket] = {}
@@ -664,25 +672,45 @@ class Engine:
         state = receipt.state
         if state in (MessageState.ENROUTE, MessageState.ACCEPTED):
             return
+        # A final state is never overwritten by a late or duplicate receipt.
+        if not d.status.final:
+            if state is MessageState.DELIVERED:
+                d.parts_done += 1
+            else:
+                d.parts_failed += 1
+                d.error = f"{state.name.lower()}:{receipt.error}"
+            if d.parts_done + d.parts_failed >= d.message.parts:
+                if d.parts_failed == 0:
+                    self._finish(d, Status.DELIVERED, None, carrier)
+                elif state is MessageState.EXPIRED:
+                    self._finish(d, Status.EXPIRED, d.error, carrier)
+                else:
+                    self._finish(d, Status.FAILED, d.error, carrier)
         # Its part's route goes even when the message is final already (an
         # other part failed first): left, it would outlive the message and
         # be taken after a restart for one a crash left (finish_overdue).
-        self.spool.forget_route(carrier, receipt.carrier_id)
-        if d.status.final:
-            return  # late or duplicate receipt: a final state is never overwritten
-        if state is MessageState.DELIVERED:
-            d.parts_done += 1
+        self._forget_route(carrier, receipt.carrier_id)
+
+    def _forget_route(self, carrier: str, carrier_id: str) -> None:
+        """Delete a receipt route once the traffic log holds what its
+        receipt changed. Before, a crash could leave the message with
+        neither its final status nor a route to finish it by (it stayed
+        ``submitted``); the route now outlives any status not yet logged,
+        so a restart takes the carrier's receipt again (delivery.receipt_ack)
+        or the deadline finishes it."""
+        if self._routes_durable:
+            self.traffic_log.after_write(partial(self.spool.forget_route, carrier, carrier_id))
+
+    def when_logged(self, callback: Callable[[], None]) -> None:
+        """Answer a carrier's receipt (``callback``) once the traffic log
+        holds what it changed (``delivery.receipt_ack = "durable"``): if the
+        router dies first, the carrier sends the receipt again after the
+        restart; answered at once, its status would be lost."""
+        if self._ack_logged:
+            # Not held while the log is down: receipts keep flowing then.
+            self.traffic_log.after_write(callback, outlast_outage=False)
         else:
-            d.parts_failed += 1
-            d.error = f"{state.name.lower()}:{receipt.error}"
-        if d.parts_done + d.parts_failed < d.message.parts:
-            return
-        if d.parts_failed == 0:
-            self._finish(d, Status.DELIVERED, None, carrier)
-        elif state is MessageState.EXPIRED:
-            self._finish(d, Status.EXPIRED, d.error, carrier)
-        else:
-            self._finish(d, Status.FAILED, d.error, carrier)
+            callback()
 
     def take_forwarded_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
         """A carrier receipt another node got for a message this node sent."""
@@ -756,8 +784,8 @@ class Engine:
         message's. Each message is finished as ``unknown`` (a receipt with
         stat UNKNOWN / a webhook to its submitter) unless it already has a
         final status; then its routes are forgotten like those of a message
-        whose receipt came (deleted in the spool's next upkeep round, after
-        the finish). The number finished.
+        whose receipt came (deleted once the traffic log holds the finish,
+        see _forget_route). The number finished.
 
         A route whose row carries the final status the traffic log holds
         for its message (``final_status``, see PgSpool._with_final)
@@ -771,6 +799,7 @@ class Engine:
             by_message.setdefault(row["message_id"], []).append(row)
         finished = 0
         for message_id, routes in by_message.items():
+            gone: list[tuple[str, str]] = []
             for row in routes:
                 c = self.carriers.get(row["carrier"])
                 if c is not None:
@@ -780,22 +809,24 @@ class Engine:
                         # of ours now waiting: the route is that one's.
                         continue
                     c.correlator.forget(row["carrier_id"])
-                self.spool.forget_route(row["carrier"], row["carrier_id"])
+                gone.append((row["carrier"], row["carrier_id"]))
             first = routes[0]
             d = self.active.get(message_id)
-            if d is None:
-                if self._finished_here(message_id):
-                    continue  # its last receipt came as the route was claimed
+            if d is None and not self._finished_here(message_id):
                 d = self._rebuild_delivery(first, first["carrier"], len(routes))
-            logged = first.get("final_status")
-            if logged is None:
-                self._finish(d, Status.UNKNOWN, "no_receipt", d.carrier or first["carrier"])
-            else:
-                carrier = first.get("final_carrier") or d.carrier or first["carrier"]
-                at = first["final_at"].timestamp()
-                self._finish(d, Status(logged), first.get("final_error"), carrier, at)
-                metrics.RECEIPTS_RESENT.inc()
-            finished += 1
+            # (None: its last receipt came as the route was claimed.)
+            if d is not None:
+                logged = first.get("final_status")
+                if logged is None:
+                    self._finish(d, Status.UNKNOWN, "no_receipt", d.carrier or first["carrier"])
+                else:
+                    carrier = first.get("final_carrier") or d.carrier or first["carrier"]
+                    at = first["final_at"].timestamp()
+                    self._finish(d, Status(logged), first.get("final_error"), carrier, at)
+                    metrics.RECEIPTS_RESENT.inc()
+                finished += 1
+            for carrier_name, carrier_id in gone:  # after the finish: see _forget_route
+                self._forget_route(carrier_name, carrier_id)
         return finished
 
     def _finished_here(self, message_id: str) -> bool:

@@ -49,6 +49,7 @@ def test_env_overrides_and_secret_not_in_repr() -> None:
         ({"delivery": {"guarantee": "maybe"}}, "delivery.guarantee"),
         ({"delivery": {"spool_flush_interval": -0.001}}, "delivery.spool_flush_interval"),
         ({"delivery": {"spool_flush_interval": 1.5}}, "delivery.spool_flush_interval"),
+        ({"delivery": {"receipt_ack": "later"}}, "delivery.receipt_ack"),
         ({"colour": "blue"}, "colour"),
     ],
 )

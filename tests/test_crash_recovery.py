@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from router.accounts import create_account
 from router.sim import CarrierSimulator, SimConfig
@@ -43,10 +44,12 @@ def texts(sim: CarrierSimulator) -> set[str]:
     return out
 
 
-def write_config(path: Path, ports: dict[str, int], sim_port: int, tps: float) -> None:
+def write_config(
+    path: Path, ports: dict[str, int], sim_port: int, tps: float, receipt_ack: str = "durable"
+) -> None:
     path.write_text(
         listen_toml(ports)
-        + '[delivery]\nguarantee = "at-least-once"\n'
+        + f'[delivery]\nguarantee = "at-least-once"\nreceipt_ack = "{receipt_ack}"\n'
         + carrier_toml("sim", sim_port, tps=float(tps), window=32)
         + '[routes]\ndefault = ["sim"]\n'
     )
@@ -134,6 +137,11 @@ async def test_receipt_after_restart_still_reaches_the_submitter(
             and time.monotonic() < deadline
         ):
             await asyncio.sleep(0.05)
+        # Else the restart would resend from the spool and get new receipts:
+        # the path under test (matched through receipt_routes) would not run.
+        assert sim.received_count() == 5
+        assert await db.fetchval("SELECT count(*) FROM receipt_routes") == 5
+        assert not esme.receipts, "the receipts came before the kill"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         esme.close()
@@ -146,6 +154,7 @@ async def test_receipt_after_restart_still_reaches_the_submitter(
         assert set(esme.receipts) == set(ids)
         for pdu in esme.receipts.values():
             assert b"stat:DELIVRD" in pdu.short_message
+        assert sim.received_count() == 5, "resent to the carrier instead of matched"
         esme.close()
         deadline = time.monotonic() + 5
         while (
@@ -154,6 +163,99 @@ async def test_receipt_after_restart_still_reaches_the_submitter(
             await asyncio.sleep(0.05)
         assert await db.fetchval("SELECT count(*) FROM receipt_routes") == 0
     finally:
+        stop_router(proc)
+        await sim.stop()
+
+
+@pytest.mark.parametrize("ack", ["durable", "immediate"])
+async def test_a_receipt_the_router_died_with_before_logging_it_is_not_lost(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, ack: str
+) -> None:
+    """A carrier's receipt route is deleted, and with delivery.receipt_ack
+    = "durable" (the default) the receipt answered, only once the traffic
+    log holds the status. The router is killed while that write is held (a
+    lock on delivery_events).
+
+    durable: the carrier never had its answer and sends the receipt again
+    to the restarted router, which matches it through the route still
+    there: the message ends delivered and the submitter has its receipt
+    (again). immediate: the receipt is answered and gone, but the route
+    stays for the deadline to finish the message ('unknown',
+    tests/test_receipt_deadline.py). Before, the route went first and the
+    message stayed 'submitted' for good."""
+    await create_account(db, "acme", system_id="acme", password="acme-pw1")
+    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=1.0))
+    sim_port = await sim.start()
+    ports = free_ports()
+    cfg = tmp_path / "router.toml"
+    write_config(cfg, ports, sim_port, tps=100, receipt_ack=ack)
+    log = tmp_path / "router.log"
+    proc = await start_router(cfg, database_url, ports["ops"], log)
+    lock: asyncpg.pool.PoolConnectionProxy | None = None
+
+    async def count(sql: str, *args: object) -> int:
+        return int(await db.fetchval(sql, *args))
+
+    async def until_count(n: int, sql: str, *args: object, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (got := await count(sql, *args)) != n:
+            assert time.monotonic() < deadline, f"{got} != {n}: {sql}"
+            await asyncio.sleep(0.05)
+
+    events = "SELECT count(*) FROM delivery_events WHERE status = $1 AND message_id = ANY($2)"
+    routes = "SELECT count(*) FROM receipt_routes"
+    esme, _ = await connect(ports["smpp"])
+    try:
+        ids = []
+        for i in range(5):
+            r = await esme.submit("+4512345678", f"held-receipt-{i}")
+            assert r.status == 0
+            ids.append(r.message_id)  # type: ignore[attr-defined]
+        # Logged as submitted, routes written, before the receipts come (1 s).
+        await until_count(5, events, "submitted", ids, timeout=0.9)
+        await until_count(5, routes, timeout=0.9)
+        lock = await db.acquire()
+        await lock.execute("BEGIN; LOCK TABLE delivery_events IN ACCESS EXCLUSIVE MODE")
+        deadline = time.monotonic() + 10
+        while len(esme.receipts) < 5:  # the submitter has them before the log
+            assert time.monotonic() < deadline, "receipts never came"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert sim.stats.receipts_sent == 5
+        if ack == "durable":
+            assert sim.stats.receipts_acked == 0, "answered before the status was logged"
+        else:
+            assert sim.stats.receipts_acked == 5
+        assert await count(routes) == 5, "routes deleted before the status was logged"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        await lock.execute("ROLLBACK")
+        await db.release(lock)
+        lock = None
+        esme.close()
+        assert await count(events, "delivered", ids) == 0
+
+        proc = await start_router(cfg, database_url, ports["ops"], log)
+        esme, _ = await connect(ports["smpp"])
+        if ack == "immediate":
+            await asyncio.sleep(3.0)  # past the restart's re-send of logged finals (2 s)
+            assert await count(routes) == 5, "the deadline has nothing left to finish by"
+            assert sim.stats.receipts_sent == 5
+            return
+        await until_count(5, events, "delivered", ids)
+        deadline = time.monotonic() + 10
+        while set(esme.receipts) != set(ids):
+            assert time.monotonic() < deadline, "the restarted router sent no receipt"
+            await asyncio.sleep(0.05)
+        assert all(b"stat:DELIVRD" in p.short_message for p in esme.receipts.values())
+        await until_count(0, routes)
+        assert sim.stats.receipts_acked == 5
+        assert await count(events, "unknown", ids) == 0
+    finally:
+        esme.close()
+        if lock is not None:
+            await lock.execute("ROLLBACK")
+            await db.release(lock)
         stop_router(proc)
         await sim.stop()
 
@@ -240,11 +342,11 @@ async def test_kill_9_with_held_parts_and_a_scheduled_message(
             )
             assert r.status == Status.ESME_ROK
             part_ids.append(r.message_id)  # type: ignore[attr-defined]
+        submitted_at = time.monotonic()
         r = await esme.submit(
             "+4512345678", "scheduled-crash", schedule_delivery_time="000000000004000R"
         )
         assert r.status == Status.ESME_ROK
-        due = time.time() + 4
         await asyncio.sleep(0.3)
         assert sim.received_count() == 0  # held and waiting, nothing sent yet
         os.kill(proc.pid, signal.SIGKILL)
@@ -262,7 +364,9 @@ async def test_kill_9_with_held_parts_and_a_scheduled_message(
             await asyncio.sleep(0.1)
         got = texts(sim)
         assert want <= got, f"missing after restart: {want - got}"
-        assert time.time() >= due
+        sent_at = next(m.at for m in sim.received if m.payload == b"scheduled-crash")
+        # Not before its time (the router's clock has whole-second SMPP times).
+        assert sent_at >= submitted_at + 3.0, f"sent {sent_at - submitted_at:.1f} s after submit"
         # The replayed parts were logged (each on its own) and get receipts.
         deadline = time.monotonic() + 10
         while len(set(part_ids) & set(esme.receipts)) < 2 and time.monotonic() < deadline:

@@ -13,6 +13,7 @@ import asyncpg
 from router.store.trafficlog import MESSAGE_COLUMNS, TrafficLog
 from tests.esme import connect
 from tests.factories import make_message
+from tests.pgproxy import start_proxy
 
 
 async def test_a_nul_in_a_customers_text_does_not_stop_the_traffic_log(
@@ -70,3 +71,84 @@ async def test_rows_postgresql_refuses_are_dropped_and_the_rest_written(
     )
     assert events == 1
     assert tlog.dropped == 2 and tlog.depth == 0
+
+
+async def _events_of(db: asyncpg.Pool, message_id: str) -> int:
+    return int(
+        await db.fetchval("SELECT count(*) FROM delivery_events WHERE message_id = $1", message_id)
+    )
+
+
+async def _wait_for(flag: list[str], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while what not in flag:
+        assert time.monotonic() < deadline, f"{what} never ran"
+        await asyncio.sleep(0.01)
+
+
+async def test_after_write_waits_for_the_commit_of_every_row_recorded_before_it(
+    db: asyncpg.Pool,
+) -> None:
+    """A carrier's receipt is answered and its route deleted through
+    after_write: the callback must not run while the row is unwritten
+    (here held by a lock on the table), and runs soon after it is, well
+    before the 0.2 s flush interval would come round again."""
+    tlog = TrafficLog(db, flush_interval=30.0, barrier_delay=0.002)
+    tlog.start()
+    ran: list[str] = []
+    try:
+        tlog.after_write(lambda: ran.append("empty"))
+        assert ran == ["empty"], "nothing recorded: at once"
+        lock = await db.acquire()
+        tr = lock.transaction()
+        await tr.start()
+        await lock.execute("LOCK TABLE delivery_events IN ACCESS EXCLUSIVE MODE")
+        msg = make_message("barrier-1")
+        tlog.record_event(msg, "delivered", "sim-1", None, time.time())
+        tlog.after_write(lambda: ran.append("first"))
+        tlog.record_event(make_message("barrier-2"), "delivered", "sim-1", None, time.time())
+        tlog.after_write(lambda: ran.append("second"))
+        await asyncio.sleep(0.5)
+        assert ran == ["empty"], "ran before its row was written"
+        assert tlog.waiting == 2
+        await tr.rollback()
+        await db.release(lock)
+        await _wait_for(ran, "second", timeout=5.0)  # not the 30 s flush interval
+        assert ran == ["empty", "first", "second"]
+        assert await _events_of(db, "barrier-1") == 1
+        assert await _events_of(db, "barrier-2") == 1
+        assert tlog.waiting == 0
+    finally:
+        await tlog.close()
+
+
+async def test_after_write_through_an_outage_waits_or_gives_up_as_asked(
+    db: asyncpg.Pool, database_url: str
+) -> None:
+    """Route deletes wait out a database outage with their rows; receipt
+    answers (outlast_outage=False) do not hold a carrier for it: they run
+    when the write fails, and at once while the log is down."""
+    proxy, proxied_url = await start_proxy(database_url)
+    pool = await asyncpg.create_pool(proxied_url, min_size=1, max_size=2)
+    tlog = TrafficLog(pool, flush_interval=30.0, barrier_delay=0.002)
+    tlog.start()
+    ran: list[str] = []
+    try:
+        proxy.cut()
+        tlog.record_event(make_message("outage-1"), "delivered", "sim-1", None, time.time())
+        tlog.after_write(lambda: ran.append("route"))
+        tlog.after_write(lambda: ran.append("answer"), outlast_outage=False)
+        await _wait_for(ran, "answer")
+        assert not tlog.healthy
+        tlog.after_write(lambda: ran.append("answer-while-down"), outlast_outage=False)
+        assert ran == ["answer", "answer-while-down"]
+        await asyncio.sleep(0.3)
+        assert "route" not in ran
+        proxy.restore()
+        await _wait_for(ran, "route", timeout=15.0)  # the writer's backoff is at most 5 s
+        assert await _events_of(db, "outage-1") == 1
+    finally:
+        proxy.restore()
+        await tlog.close()
+        await pool.close()
+        await proxy.stop()

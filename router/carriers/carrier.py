@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import structlog
@@ -77,6 +78,8 @@ class CarrierEvents(Protocol):
 
     def on_unknown_receipt(self, carrier: str, receipt: CarrierReceipt) -> None: ...
 
+    def when_logged(self, callback: Callable[[], None]) -> None: ...
+
 
 class CarrierSession(SmppProtocol):
     """An ESME session to the carrier; receipts arrive here as deliver_sm."""
@@ -100,9 +103,16 @@ class CarrierSession(SmppProtocol):
         cid = pdu.command_id
         if cid == _DELIVER_SM:
             assert isinstance(pdu, DeliverSm)
-            # Always acknowledge: a refused receipt is redelivered forever.
-            self.answer(pdu)
-            self.carrier._on_deliver(pdu)
+            # Always acknowledge (a refused receipt is redelivered forever);
+            # a matched one once its status is logged (delivery.receipt_ack).
+            matched = False
+            try:
+                matched = self.carrier._on_deliver(pdu)
+            finally:
+                if matched:
+                    self.carrier.events.when_logged(partial(self.answer, pdu))
+                else:
+                    self.answer(pdu)
             return
         if cid == _DATA_SM:
             self.answer(pdu)
@@ -252,6 +262,12 @@ class Carrier:
         deadline = self.clock() + timeout
         while self.in_flight and self.clock() < deadline:  # noqa: ASYNC110 (bounded drain)
             await asyncio.sleep(0.05)
+        # Receipts waiting for their traffic-log write are answered before
+        # the unbind (the writer is still running), or sent again later.
+        while (  # noqa: ASYNC110 (bounded drain)
+            any(s.session.peer_pending for s in self.sessions) and self.clock() < deadline
+        ):
+            await asyncio.sleep(0.01)
         await asyncio.gather(
             *(s.unbind(timeout=1.0) for s in list(self.sessions)), return_exceptions=True
         )
@@ -539,21 +555,23 @@ class Carrier:
 
     # ------------------------------------------------------------ receipts
 
-    def _on_deliver(self, pdu: DeliverSm) -> None:
+    def _on_deliver(self, pdu: DeliverSm) -> bool:
+        """True if the receipt was matched to a submission here and handled."""
         if not is_receipt(pdu) and _TAG_RECEIPTED_ID not in pdu.tlvs:
-            return  # mobile-originated traffic is out of scope; acknowledged
+            return False  # mobile-originated traffic is out of scope; acknowledged
         receipt = parse_receipt(pdu)
         if receipt is None:
             metrics.RECEIPTS_UNMATCHED.labels(carrier=self.name).inc()
-            return
+            return False
         sub = self.correlator.lookup(receipt.carrier_id)
         if sub is None:
             # Either its submit_sm_resp is still on the way (parked, matched
             # when it comes) or it belongs to a message from before a restart.
             self.correlator.park(receipt, self.clock())
             self.events.on_unknown_receipt(self.name, receipt)
-            return
+            return False
         self._receipt(sub, receipt)
+        return True
 
     def take_receipt(self, receipt: CarrierReceipt) -> bool:
         """A receipt of this carrier that reached another node (carriers

@@ -6,6 +6,13 @@ down, rows wait (up to ``limit``; beyond it new rows are dropped and
 counted in ``smsrouter_traffic_log_dropped_rows_total``) and are written
 when it returns. Secret-class messages never put source, destination or
 text into a row (privacy.md 2).
+
+``after_write(callback)`` is the one way to wait for the log: the callback
+runs once every row recorded before it is committed. A carrier's receipt
+is answered, and its receipt route deleted, only then (router.engine), so
+that a crash never loses a final status the carrier will not send again.
+While such a callback waits, the writer flushes within ``barrier_delay``
+instead of ``flush_interval``.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -88,13 +96,20 @@ class TrafficLog:
         limit: int = 200_000,
         flush_rows: int = 5_000,
         flush_interval: float = 0.2,
+        barrier_delay: float = 0.002,
     ) -> None:
         self.pool = pool
         self.limit = limit
         self.flush_rows = flush_rows
         self.flush_interval = flush_interval
+        self.barrier_delay = barrier_delay
         self.messages: deque[tuple[Any, ...]] = deque()
         self.events: deque[tuple[Any, ...]] = deque()
+        # Rows of each kind ever recorded and ever written (or refused):
+        # rows leave in the order they came, so a callback waits for counts.
+        self._added_msgs = self._added_evts = 0
+        self._written_msgs = self._written_evts = 0
+        self._barriers: deque[tuple[int, int, Callable[[], None], bool]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -132,6 +147,7 @@ class TrafficLog:
                 _ts(msg.expires_at),
             )
         )
+        self._added_msgs += 1
         if len(self.messages) >= self.flush_rows:
             self._wake.set()
 
@@ -144,8 +160,58 @@ class TrafficLog:
             self._drop()
             return
         self.events.append((msg.id, msg.account_id, status, carrier, _text(error), _ts(at)))
+        self._added_evts += 1
         if len(self.events) >= self.flush_rows:
             self._wake.set()
+
+    def after_write(self, callback: Callable[[], None], *, outlast_outage: bool = True) -> None:
+        """Call ``callback`` once every row recorded so far is committed:
+        at once when none waits or there is no database. Rows dropped at the
+        buffer's limit were never recorded and are not waited for. While
+        PostgreSQL is down the callback waits with the rows, unless
+        ``outlast_outage`` is False: then it runs as the write fails (and at
+        once while the log is down), for callers that must not stall on the
+        log (privacy.md 1: messaging goes on without it)."""
+        if (
+            self.pool is None
+            or (self._written_msgs >= self._added_msgs and self._written_evts >= self._added_evts)
+            or (not outlast_outage and not self.healthy)
+        ):
+            callback()
+            return
+        if not self._barriers:
+            asyncio.get_running_loop().call_later(self.barrier_delay, self._wake.set)
+        self._barriers.append((self._added_msgs, self._added_evts, callback, outlast_outage))
+
+    @property
+    def waiting(self) -> int:
+        """Callbacks waiting for a write (``after_write``)."""
+        return len(self._barriers)
+
+    def _release(self) -> None:
+        barriers = self._barriers
+        while barriers:
+            msgs, evts, callback, _ = barriers[0]
+            if msgs > self._written_msgs or evts > self._written_evts:
+                break
+            barriers.popleft()
+            self._call(callback)
+
+    def _give_up_waits(self) -> None:
+        """A write failed: run the callbacks that must not wait out an outage."""
+        if any(not b[3] for b in self._barriers):
+            kept = deque(b for b in self._barriers if b[3])
+            for b in self._barriers:
+                if not b[3]:
+                    self._call(b[2])
+            self._barriers = kept
+
+    @staticmethod
+    def _call(callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:  # noqa: BLE001  (one caller's bug must not stop the writer)
+            log.exception("traffic_log_callback_failed")
 
     async def find(self, message_id: str) -> asyncpg.Record | None:
         """A message's row and its latest status (a final one wins over any
@@ -192,8 +258,9 @@ class TrafficLog:
         last_partition_day: dt.date | None = None
         while True:
             if not self._closing and self.depth < self.flush_rows:
+                wait = self.barrier_delay if self._barriers else self.flush_interval
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+                    await asyncio.wait_for(self._wake.wait(), wait)
                 except TimeoutError:
                     pass
             self._wake.clear()
@@ -214,6 +281,7 @@ class TrafficLog:
                 self.healthy = True
             except DB_ERRORS as exc:
                 self.healthy = False
+                self._give_up_waits()
                 metrics.TRAFFIC_LOG_ERRORS.inc()
                 log.warning(
                     "traffic_log_flush_failed", error=type(exc).__name__, rows_waiting=self.depth
@@ -260,6 +328,10 @@ class TrafficLog:
             self.messages.extendleft(reversed(msgs))
             self.events.extendleft(reversed(evts))
             raise
+        self._written_msgs += len(msgs)
+        self._written_evts += len(evts)
+        if self._barriers:
+            self._release()
         metrics.TRAFFIC_LOG_WRITTEN.labels(table="traffic_log").inc(len(msgs) - bad_msgs)
         metrics.TRAFFIC_LOG_WRITTEN.labels(table="delivery_events").inc(len(evts) - bad_evts)
         metrics.TRAFFIC_LOG_FLUSH.observe(loop.time() - started)
