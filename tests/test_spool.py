@@ -400,3 +400,30 @@ def test_route_info_is_exactly_json_dumps_of_the_fields() -> None:
         got = route_info(msg)
         assert got == want
         assert json.loads(got)["source"] == s
+
+
+async def test_pool_resets_only_connections_that_hold_session_state(database_url: str) -> None:
+    """router.store.db.create_pool skips asyncpg's reset query (a round
+    trip per release) except on connections marked holds_session_state: a
+    session advisory lock taken on one is gone once it is released."""
+    from router.store.db import create_pool, holds_session_state
+
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            pid = conn.get_server_pid()
+            await conn.execute("SELECT set_config('application_name', 'left-over', false)")
+        async with pool.acquire() as conn:
+            assert conn.get_server_pid() == pid  # the same connection, not reset
+            assert await conn.fetchval("SHOW application_name") == "left-over"
+            holds_session_state(conn)
+            assert await conn.fetchval("SELECT pg_try_advisory_lock(7157)")
+        async with pool.acquire() as conn:
+            assert conn.get_server_pid() == pid
+            assert await conn.fetchval("SHOW application_name") != "left-over"
+            held = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1", pid
+            )
+            assert held == 0
+    finally:
+        await pool.close()

@@ -49,6 +49,7 @@ from ..carriers.receipt import CarrierReceipt
 from ..observe import metrics
 from ..smpp.constants import MessageState
 from ..smpp.pdu import DeliverSm, decode
+from ..store.db import holds_session_state
 from ..tasks import DB_ERRORS
 
 log = structlog.get_logger("router.ingress.handoff")
@@ -315,6 +316,7 @@ class ReceiptHandoff:
         while True:
             try:
                 async with self.pool.acquire() as conn:
+                    holds_session_state(conn)
                     await conn.add_listener(BINDS_CHANNEL, self._notified)
                     await conn.add_listener(RECEIPTS_CHANNEL, self._notified)
                     try:

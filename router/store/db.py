@@ -61,6 +61,7 @@ def migrations() -> list[tuple[int, str, str]]:
 async def migrate(conn: asyncpg.Connection) -> list[int]:
     """Apply missing migrations, each in its own transaction. Idempotent."""
     applied: list[int] = []
+    holds_session_state(conn)
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
         await conn.execute(
@@ -84,10 +85,38 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
     return applied
 
 
+# Backend pids of pooled connections that hold session state: a session
+# advisory lock or a LISTEN. Only these get the full reset when released.
+_SESSION_STATE: set[int] = set()
+
+
+def holds_session_state(conn: Any) -> None:
+    """Mark a pooled connection (or its proxy) that takes a session advisory
+    lock or LISTENs: released, it gets asyncpg's full reset query."""
+    _SESSION_STATE.add(conn.get_server_pid())
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    """asyncpg resets every connection released to its pool with a query
+    (UNLISTEN *, advisory unlock, RESET ALL, CLOSE ALL): one more round trip
+    per acquire, several hundred a second under load from the spool writers,
+    its upkeep and the traffic log. Those leave no session state (an open
+    transaction is rolled back by the pool before this), so only the
+    connections marked by ``holds_session_state`` pay for it."""
+    pid = conn.get_server_pid()
+    if pid in _SESSION_STATE:
+        _SESSION_STATE.discard(pid)
+        query = conn.get_reset_query()
+        if query:
+            await conn.execute(query)
+
+
 async def create_pool(url: str, min_size: int = 1, max_size: int = 12) -> asyncpg.Pool:
     """Three connections are held for the router's life (the opt-out/accounts
     listener, the node lock, the receipt hand-off listener); the rest serve
     the spool writers and upkeep, the traffic log, webhooks and lookups."""
-    pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=60)
+    pool = await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, command_timeout=60, reset=_reset
+    )
     assert pool is not None
     return pool

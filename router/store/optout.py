@@ -26,6 +26,7 @@ import structlog
 from ..routing import normalise_e164
 from ..tasks import DB_ERRORS
 from .audit import audit, msisdn_hash
+from .db import holds_session_state
 
 log = structlog.get_logger("router.optout")
 
@@ -162,6 +163,7 @@ class OptOutList:
         while True:
             try:
                 async with pool.acquire() as conn:
+                    holds_session_state(conn)
                     for ch in channels:
                         await conn.add_listener(ch, self._notified)
                     try:

@@ -48,6 +48,7 @@ import asyncpg
 import structlog
 
 from ..tasks import Periodic
+from .db import holds_session_state
 
 log = structlog.get_logger("router.retention")
 
@@ -140,6 +141,7 @@ async def run_retention(
         raise ValueError("now must be timezone-aware")
     report = RetentionReport()
     async with pool.acquire() as lock_conn:
+        holds_session_state(lock_conn)
         if not await lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
             report.skipped = True
             return report

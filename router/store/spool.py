@@ -41,7 +41,7 @@ from ..carriers.receipt import normalise_carrier_id
 from ..model import Message, MessageClass, Origin
 from ..observe import metrics
 from ..tasks import DB_ERRORS, is_data_error
-from .db import copy_dropping_refused
+from .db import copy_dropping_refused, holds_session_state
 from .trafficlog import FINAL_STATUSES
 
 log = structlog.get_logger("router.spool")
@@ -981,6 +981,7 @@ class PgSpool:
         life of this spool. A router killed a moment ago may still hold it
         until PostgreSQL sees its connection close: wait up to node_wait."""
         conn = await self.pool.acquire()
+        holds_session_state(conn)
         try:
             deadline = time.monotonic() + self.node_wait
             while not await conn.fetchval(_NODE_LOCK, self.node):
@@ -1027,6 +1028,7 @@ class PgSpool:
                 with contextlib.suppress(Exception):
                     await self.pool.release(conn)
             conn = await self.pool.acquire()
+            holds_session_state(conn)
             try:
                 locked = await conn.fetchval(_NODE_LOCK, self.node)
             except BaseException:
