@@ -31,6 +31,7 @@ from router.accounts import create_account
 from router.config import SmppIngressConfig
 from router.ingress.smpp import throttle_hold
 from router.model import Status as MsgStatus
+from router.observe import metrics
 from router.sim import SimConfig
 from router.smpp.constants import CommandId, MessageState, Status, Tag
 from router.smpp.pdu import (
@@ -840,9 +841,7 @@ async def test_oversized_short_message_is_split_or_refused(stack_factory: Any) -
         for dc, payload, limit in cases:
             before = eu.received_count()
             resp = await raw.call(sm(short_message=payload, data_coding=dc))
-            if status_of(resp) == "ESME_RINVMSGLEN":
-                continue
-            assert status_of(resp) == "ESME_ROK"
+            assert status_of(resp) == "ESME_ROK", "split into UDH segments (README), not refused"
             await until(lambda b=before: eu.received_count() > b, what="carrier submit")
             await asyncio.sleep(0.1)
             for m in eu.received[before:]:
@@ -906,6 +905,8 @@ async def test_kept_receipts_are_bounded_and_expire(stack_factory: Any, db: asyn
     door = stack.router.smpp
     acme = stack.router.accounts.by_system_id["acme"].id
     tx, _ = await connect(stack.smpp_port, bind_cls=BindTransmitter)
+    dropped = metrics.RECEIPTS_OUT.labels("smpp", "dropped")
+    dropped_before = dropped.value
     try:
         ids = [(await tx.submit(DK, f"kept {i}")).message_id for i in range(5)]  # type: ignore[attr-defined]
         await until(
@@ -914,7 +915,8 @@ async def test_kept_receipts_are_bounded_and_expire(stack_factory: Any, db: asyn
         await until(lambda: not stack.router.handoff._out, what="parked rows written")
         assert await db.fetchval("SELECT count(*) FROM receipt_handoff WHERE parked") == 2
         kept = [p.pdu.tlv_str(Tag.RECEIPTED_MESSAGE_ID) for p in door.pending[acme]]
-        assert len(kept) == 2 and set(kept) <= set(ids)  # the memory buffer drops the oldest
+        assert len(kept) == 2 and set(kept) <= set(ids)
+        assert dropped.value == dropped_before + 1  # 5 = 2 parked + 2 kept + 1 dropped
         await asyncio.sleep(0.7)  # older than receipt_retention
         rx, _ = await connect(stack.smpp_port, bind_cls=BindReceiver)
         await asyncio.sleep(0.5)
