@@ -675,6 +675,8 @@ END_METRICS = (
     "smsrouter_carrier_in_flight",
     "smsrouter_throttle_responses_sent_total",
     "smsrouter_traffic_log_dropped_rows_total",
+    "smsrouter_traffic_log_flush_seconds_count",  # flushes (more while receipt answers wait)
+    "smsrouter_traffic_log_flush_seconds_sum",
 )
 
 

@@ -421,6 +421,9 @@ class Router:
                 self.smpp.park_pending()  # written (and counted) by handoff.stop()
             await self.handoff.stop()
         if self.spool is not None:
+            if self.traffic_log is not None:
+                # Route deletes wait for the log's write (Engine._forget_route).
+                await self.traffic_log.settle(timeout=min(3.0, timeout))
             await self.spool.close(timeout=min(5.0, timeout))
         if self.traffic_log is not None:
             await self.traffic_log.close(timeout=min(5.0, timeout))

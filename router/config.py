@@ -126,9 +126,10 @@ class Config:
     failover_after: float = 5.0  # seconds a carrier may be down before its queue moves
     spool_max_rows: int = 1_000_000
     spool_flush_interval: float = 0.002
-    # "durable": a carrier's receipt is answered once the traffic log holds
-    # its status (the carrier sends it again after a crash); "immediate".
-    receipt_ack: str = "durable"
+    # "immediate": a carrier's receipt is answered at once; "durable": once
+    # the traffic log holds its status (the carrier sends it again after a
+    # crash), which holds the carrier's receipt window (README).
+    receipt_ack: str = "immediate"
     node: str = ""  # this router's id among those sharing the database ("" = host:smpp port)
     receipt_memory: float = 3600.0  # a submitted message waits in memory this long for its receipt
     # A message whose carrier receipt has not come this long after its

@@ -39,6 +39,11 @@ from .tasks import DB_ERRORS
 
 log = structlog.get_logger("router.engine")
 
+# A carrier's receipt held for its traffic-log write (delivery.receipt_ack =
+# "durable") is answered after this many seconds whatever the write does:
+# below the 10-60 s carriers wait for a deliver_sm_resp before resending.
+RECEIPT_HOLD_MAX = 5.0
+
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -257,8 +262,9 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scheduler
             self._scheduler = None
-        for c in self.carriers.values():
-            await c.stop(timeout)
+        # At once, under one deadline (each waits for its window and its
+        # held receipt answers).
+        await asyncio.gather(*(c.stop(timeout) for c in self.carriers.values()))
         if self.recovery is not None:
             await self.recovery.stop()
 
@@ -689,28 +695,51 @@ class Engine:
         # Its part's route goes even when the message is final already (an
         # other part failed first): left, it would outlive the message and
         # be taken after a restart for one a crash left (finish_overdue).
-        self._forget_route(carrier, receipt.carrier_id)
+        self._forget_route(carrier, receipt.carrier_id, d.message.id)
 
-    def _forget_route(self, carrier: str, carrier_id: str) -> None:
+    def _forget_route(self, carrier: str, carrier_id: str, message_id: str) -> None:
         """Delete a receipt route once the traffic log holds what its
         receipt changed. Before, a crash could leave the message with
         neither its final status nor a route to finish it by (it stayed
         ``submitted``); the route now outlives any status not yet logged,
-        so a restart takes the carrier's receipt again (delivery.receipt_ack)
-        or the deadline finishes it."""
-        if self._routes_durable:
-            self.traffic_log.after_write(partial(self.spool.forget_route, carrier, carrier_id))
+        so the deadline finishes it, or (delivery.receipt_ack = "durable")
+        a restart takes the carrier's receipt again. While the log is full
+        (its rows dropped) the route stays for the deadline."""
+        if not self._routes_durable:
+            return
+        tlog = self.traffic_log
+        if tlog.pool is not None and tlog.depth >= tlog.limit:
+            return
+        tlog.after_write(partial(self._forget_route_now, carrier, carrier_id, message_id))
+
+    def _forget_route_now(self, carrier: str, carrier_id: str, message_id: str) -> None:
+        c = self.carriers.get(carrier)
+        held = c.correlator.lookup(carrier_id) if c is not None else None
+        if held is not None and held.delivery.message.id != message_id:
+            return  # the carrier used the id again meanwhile: the route is that message's
+        self.spool.forget_route(carrier, carrier_id)
 
     def when_logged(self, callback: Callable[[], None]) -> None:
         """Answer a carrier's receipt (``callback``) once the traffic log
         holds what it changed (``delivery.receipt_ack = "durable"``): if the
         router dies first, the carrier sends the receipt again after the
-        restart; answered at once, its status would be lost."""
-        if self._ack_logged:
-            # Not held while the log is down: receipts keep flowing then.
-            self.traffic_log.after_write(callback, outlast_outage=False)
-        else:
+        restart; answered at once, its status would be lost. Not held
+        while the log is down (receipts keep flowing then), nor longer
+        than RECEIPT_HOLD_MAX (a write that hangs without failing)."""
+        if not self._ack_logged:
             callback()
+            return
+        done = False
+
+        def once() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                callback()
+
+        self.traffic_log.after_write(once, outlast_outage=False)
+        if not done:
+            asyncio.get_running_loop().call_later(RECEIPT_HOLD_MAX, once)
 
     def take_forwarded_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
         """A carrier receipt another node got for a message this node sent."""
@@ -826,7 +855,7 @@ class Engine:
                     metrics.RECEIPTS_RESENT.inc()
                 finished += 1
             for carrier_name, carrier_id in gone:  # after the finish: see _forget_route
-                self._forget_route(carrier_name, carrier_id)
+                self._forget_route(carrier_name, carrier_id, message_id)
         return finished
 
     def _finished_here(self, message_id: str) -> bool:
@@ -1024,6 +1053,7 @@ class Engine:
                 metrics.CARRIER_QUEUE_CAPACITY.labels(carrier=name).set(ccfg.queue_size)
                 changes["updated"].append(name)
         self.cfg = cfg
+        self._ack_logged = self._routes_durable and cfg.receipt_ack == "durable"
         self.table = RouteTable.from_config(cfg.routes)
         for name in [n for n in self.carriers if n not in new]:
             gone = self.carriers.pop(name)

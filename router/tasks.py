@@ -76,3 +76,9 @@ class Periodic:
 
     async def run_once(self) -> object:
         raise NotImplementedError
+
+
+def resolve(fut: asyncio.Future[None]) -> None:
+    """Set ``fut`` done unless it is (a callback that may run twice, or late)."""
+    if not fut.done():
+        fut.set_result(None)

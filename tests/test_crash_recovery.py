@@ -45,7 +45,7 @@ def texts(sim: CarrierSimulator) -> set[str]:
 
 
 def write_config(
-    path: Path, ports: dict[str, int], sim_port: int, tps: float, receipt_ack: str = "durable"
+    path: Path, ports: dict[str, int], sim_port: int, tps: float, receipt_ack: str = "immediate"
 ) -> None:
     path.write_text(
         listen_toml(ports)
@@ -172,8 +172,8 @@ async def test_a_receipt_the_router_died_with_before_logging_it_is_not_lost(
     db: asyncpg.Pool, database_url: str, tmp_path: Path, ack: str
 ) -> None:
     """A carrier's receipt route is deleted, and with delivery.receipt_ack
-    = "durable" (the default) the receipt answered, only once the traffic
-    log holds the status. The router is killed while that write is held (a
+    = "durable" the receipt answered, only once the traffic log holds the
+    status. The router is killed while that write is held (a
     lock on delivery_events).
 
     durable: the carrier never had its answer and sends the receipt again

@@ -152,3 +152,41 @@ async def test_after_write_through_an_outage_waits_or_gives_up_as_asked(
         await tlog.close()
         await pool.close()
         await proxy.stop()
+
+
+async def test_a_receipt_held_for_a_write_that_hangs_is_answered_after_5_s(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    """delivery.receipt_ack = "durable": a carrier's receipt waits for its
+    traffic-log write, but a write that hangs without failing (a lock, a
+    server that never answers) must not hold the carrier's receipt window
+    until the carrier gives up: it is answered after RECEIPT_HOLD_MAX."""
+    from router.engine import RECEIPT_HOLD_MAX
+    from router.sim import SimConfig
+
+    stack = await stack_factory(
+        sims={"sim-eu": SimConfig(port=0, dlr_delay=0.3), "sim-world": SimConfig(port=0)},
+        receipt_ack="durable",
+    )
+    sim = stack.sims["sim-eu"]
+    esme, _ = await connect(stack.smpp_port)
+    lock = await db.acquire()
+    try:
+        await lock.execute("BEGIN; LOCK TABLE delivery_events IN ACCESS EXCLUSIVE MODE")
+        for i in range(3):
+            assert (await esme.submit("+4512345678", f"hang {i}")).status == 0
+        deadline = time.monotonic() + 5
+        while sim.stats.receipts_sent < 3:
+            assert time.monotonic() < deadline, "receipts never sent"
+            await asyncio.sleep(0.02)
+        sent_at = time.monotonic()
+        await asyncio.sleep(1.0)
+        assert sim.stats.receipts_acked == 0, "answered before the write"
+        while sim.stats.receipts_acked < 3:
+            assert time.monotonic() - sent_at < RECEIPT_HOLD_MAX + 3, "held past the limit"
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - sent_at >= RECEIPT_HOLD_MAX - 0.5
+    finally:
+        await lock.execute("ROLLBACK")
+        await db.release(lock)
+        esme.close()

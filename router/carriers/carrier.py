@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import random
@@ -32,6 +33,7 @@ from ..smpp.pdu import (
 )
 from ..smpp.session import Role, SmppSession
 from ..smpp.transport import ResponseCallback, SmppProtocol
+from ..tasks import resolve
 from .correlate import Correlator
 from .ratelimit import TokenBucket
 from .receipt import CarrierReceipt, is_receipt, parse_receipt
@@ -105,14 +107,15 @@ class CarrierSession(SmppProtocol):
             assert isinstance(pdu, DeliverSm)
             # Always acknowledge (a refused receipt is redelivered forever);
             # a matched one once its status is logged (delivery.receipt_ack).
-            matched = False
             try:
                 matched = self.carrier._on_deliver(pdu)
-            finally:
-                if matched:
-                    self.carrier.events.when_logged(partial(self.answer, pdu))
-                else:
-                    self.answer(pdu)
+            except Exception:
+                log.exception("carrier_receipt_failed", carrier=self.carrier.name)
+                matched = False
+            if matched:
+                self.carrier.events.when_logged(partial(self.answer, pdu))
+            else:
+                self.answer(pdu)
             return
         if cid == _DATA_SM:
             self.answer(pdu)
@@ -262,12 +265,13 @@ class Carrier:
         deadline = self.clock() + timeout
         while self.in_flight and self.clock() < deadline:  # noqa: ASYNC110 (bounded drain)
             await asyncio.sleep(0.05)
-        # Receipts waiting for their traffic-log write are answered before
-        # the unbind (the writer is still running), or sent again later.
-        while (  # noqa: ASYNC110 (bounded drain)
-            any(s.session.peer_pending for s in self.sessions) and self.clock() < deadline
-        ):
-            await asyncio.sleep(0.01)
+        # Receipts held for their traffic-log write (delivery.receipt_ack)
+        # are answered before the unbind: those held now are answered once
+        # this callback runs (in order), later ones are sent again later.
+        held = asyncio.get_running_loop().create_future()
+        self.events.when_logged(partial(resolve, held))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(held, max(0.0, deadline - self.clock()))
         await asyncio.gather(
             *(s.unbind(timeout=1.0) for s in list(self.sessions)), return_exceptions=True
         )

@@ -20,9 +20,9 @@ still hold the message in memory and must finish it itself.
 
 They are counted in ``smsrouter_messages_final_total{status="unknown"}``
 (per carrier: a carrier that stops sending receipts shows there). The claim
-is a lease (``expect_by`` moves 5 minutes ahead); the routes are deleted in
-the spool's next upkeep round after the finish. A claim whose finish never
-ran (the node died, or lost the claim's answer with its connection) is
+is a lease (``expect_by`` moves 5 minutes ahead); the routes are deleted
+once the traffic log holds the finish (Engine._forget_route). A claim
+whose finish never ran (the node died, or lost the claim's answer with its connection) is
 claimed again when the lease ends. Once finished, the ``unknown`` receipt
 or webhook has the guarantees of any receipt (README, "Not done yet": an
 SMPP receipt waiting for a bind lives in memory). Between the claim and the
@@ -30,9 +30,9 @@ delete (a fraction of a second) a very late carrier receipt that reaches
 another node could still find the route and finish the message there too.
 
 A route can also outlive its message's final receipt: the traffic log
-records the final status and the route is deleted in the spool's next
-upkeep round, a fraction of a second apart; a router that goes down in
-between leaves the route, and may not have sent the submitter its receipt
+records the final status and the route is deleted after that write, in
+the spool's next upkeep round; a router that goes down in between leaves
+the route, and may not have sent the submitter its receipt
 (an SMPP receipt waits for its bind in memory). Such a message is not
 finished as ``unknown``: the claim brings the newest final status the
 traffic log holds for it, and the message is finished again with that

@@ -18,9 +18,11 @@ instead of ``flush_interval``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -28,7 +30,7 @@ import structlog
 
 from ..model import Message, Status
 from ..observe import metrics
-from ..tasks import DB_ERRORS, is_data_error
+from ..tasks import DB_ERRORS, is_data_error, resolve
 from .db import copy_dropping_refused
 
 log = structlog.get_logger("router.trafficlog")
@@ -110,6 +112,8 @@ class TrafficLog:
         self._added_msgs = self._added_evts = 0
         self._written_msgs = self._written_evts = 0
         self._barriers: deque[tuple[int, int, Callable[[], None], bool]] = deque()
+        # One flush at a time: the counts above assume batches commit in order.
+        self._flushing = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -182,6 +186,17 @@ class TrafficLog:
         if not self._barriers:
             asyncio.get_running_loop().call_later(self.barrier_delay, self._wake.set)
         self._barriers.append((self._added_msgs, self._added_evts, callback, outlast_outage))
+
+    async def settle(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until what is recorded now is written
+        and the callbacks waiting for it have run: at shutdown, before the
+        spool takes its last route deletes."""
+        if self.pool is None or self._task is None:
+            return
+        written = asyncio.get_running_loop().create_future()
+        self.after_write(partial(resolve, written))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(written, timeout)
 
     @property
     def waiting(self) -> int:
@@ -295,6 +310,10 @@ class TrafficLog:
         """Write up to ``flush_rows`` of each kind; rows go back on failure,
         except rows PostgreSQL refuses (``is_data_error``): those are found
         and dropped (counted), or one of them would fail every later flush."""
+        async with self._flushing:
+            await self._flush_once()
+
+    async def _flush_once(self) -> None:
         assert self.pool is not None
         loop = asyncio.get_running_loop()
         started = loop.time()
