@@ -731,15 +731,17 @@ class Engine:
             return
         done = False
 
-        def once() -> None:
+        def once(forced: bool = False) -> None:
             nonlocal done
             if not done:
                 done = True
+                if forced:
+                    metrics.RECEIPT_ANSWERS_FORCED.inc()
                 callback()
 
         self.traffic_log.after_write(once, outlast_outage=False)
         if not done:
-            asyncio.get_running_loop().call_later(RECEIPT_HOLD_MAX, once)
+            asyncio.get_running_loop().call_later(RECEIPT_HOLD_MAX, once, True)
 
     def take_forwarded_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
         """A carrier receipt another node got for a message this node sent."""

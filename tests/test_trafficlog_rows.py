@@ -10,6 +10,9 @@ from typing import Any
 
 import asyncpg
 
+from router.engine import RECEIPT_HOLD_MAX
+from router.observe import metrics
+from router.sim import SimConfig
 from router.store.trafficlog import MESSAGE_COLUMNS, TrafficLog
 from tests.esme import connect
 from tests.factories import make_message
@@ -161,14 +164,12 @@ async def test_a_receipt_held_for_a_write_that_hangs_is_answered_after_5_s(
     traffic-log write, but a write that hangs without failing (a lock, a
     server that never answers) must not hold the carrier's receipt window
     until the carrier gives up: it is answered after RECEIPT_HOLD_MAX."""
-    from router.engine import RECEIPT_HOLD_MAX
-    from router.sim import SimConfig
-
     stack = await stack_factory(
         sims={"sim-eu": SimConfig(port=0, dlr_delay=0.3), "sim-world": SimConfig(port=0)},
         receipt_ack="durable",
     )
     sim = stack.sims["sim-eu"]
+    forced = metrics.RECEIPT_ANSWERS_FORCED._value.get()
     esme, _ = await connect(stack.smpp_port)
     lock = await db.acquire()
     try:
@@ -186,6 +187,7 @@ async def test_a_receipt_held_for_a_write_that_hangs_is_answered_after_5_s(
             assert time.monotonic() - sent_at < RECEIPT_HOLD_MAX + 3, "held past the limit"
             await asyncio.sleep(0.05)
         assert time.monotonic() - sent_at >= RECEIPT_HOLD_MAX - 0.5
+        assert metrics.RECEIPT_ANSWERS_FORCED._value.get() == forced + 3
     finally:
         await lock.execute("ROLLBACK")
         await db.release(lock)

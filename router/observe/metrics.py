@@ -312,6 +312,11 @@ RECEIPT_ROUTES_REFUSED = Counter(
     "Receipt routes PostgreSQL refused to store (a value it cannot hold): dropped, so"
     " their receipts match only while the message is in memory.",
 )
+RECEIPT_ANSWERS_FORCED = Counter(
+    "smsrouter_carrier_receipt_answers_forced_total",
+    "Carrier receipts held for their traffic-log write (delivery.receipt_ack ="
+    ' "durable") and answered after the longest hold (5 s) instead: the write hung.',
+)
 RECEIPTS_RESENT = Counter(
     "smsrouter_receipts_resent_total",
     "Messages finished again with the final status the traffic log holds, for receipt"

@@ -102,7 +102,10 @@ async def _reset(conn: asyncpg.Connection) -> None:
     per acquire, several hundred a second under load from the spool writers,
     its upkeep and the traffic log. Those leave no session state (an open
     transaction is rolled back by the pool before this), so only the
-    connections marked by ``holds_session_state`` pay for it."""
+    connections marked by ``holds_session_state`` pay for it. Measured on
+    the 2-core box (acquire, SELECT 1, release; 3 x 5,000): 98-108 us of
+    router CPU and 157-179 us wall against 164-171 us and 299-316 us with
+    the reset query."""
     pid = conn.get_server_pid()
     if pid in _SESSION_STATE:
         _SESSION_STATE.discard(pid)
