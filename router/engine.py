@@ -739,7 +739,7 @@ class Engine:
                     metrics.RECEIPT_ANSWERS_FORCED.inc()
                 callback()
 
-        self.traffic_log.after_write(once, outlast_outage=False)
+        self.traffic_log.after_write(once, outlast_outage=False, soon=True)
         if not done:
             asyncio.get_running_loop().call_later(RECEIPT_HOLD_MAX, once, True)
 

@@ -108,9 +108,9 @@ async def test_after_write_waits_for_the_commit_of_every_row_recorded_before_it(
         await lock.execute("LOCK TABLE delivery_events IN ACCESS EXCLUSIVE MODE")
         msg = make_message("barrier-1")
         tlog.record_event(msg, "delivered", "sim-1", None, time.time())
-        tlog.after_write(lambda: ran.append("first"))
+        tlog.after_write(lambda: ran.append("first"), soon=True)
         tlog.record_event(make_message("barrier-2"), "delivered", "sim-1", None, time.time())
-        tlog.after_write(lambda: ran.append("second"))
+        tlog.after_write(lambda: ran.append("second"), soon=True)
         await asyncio.sleep(0.5)
         assert ran == ["empty"], "ran before its row was written"
         assert tlog.waiting == 2
@@ -125,6 +125,28 @@ async def test_after_write_waits_for_the_commit_of_every_row_recorded_before_it(
         await tlog.close()
 
 
+async def test_a_callback_not_asked_soon_waits_for_the_flush_interval(
+    db: asyncpg.Pool,
+) -> None:
+    """Route deletes wait for the log without bringing its write forward:
+    with receipts trickling in, each one would otherwise cost a write of
+    its own instead of one per flush interval."""
+    tlog = TrafficLog(db, flush_interval=1.0, barrier_delay=0.002)
+    tlog.start()
+    ran: list[str] = []
+    try:
+        await asyncio.sleep(0.05)
+        tlog.record_event(make_message("not-soon"), "delivered", "sim-1", None, time.time())
+        started = time.monotonic()
+        tlog.after_write(lambda: ran.append("route"))
+        await asyncio.sleep(0.4)
+        assert ran == [], "written early for a callback that did not ask"
+        await _wait_for(ran, "route", timeout=3.0)
+        assert time.monotonic() - started < 2.0
+    finally:
+        await tlog.close()
+
+
 async def test_after_write_through_an_outage_waits_or_gives_up_as_asked(
     db: asyncpg.Pool, database_url: str
 ) -> None:
@@ -133,14 +155,14 @@ async def test_after_write_through_an_outage_waits_or_gives_up_as_asked(
     when the write fails, and at once while the log is down."""
     proxy, proxied_url = await start_proxy(database_url)
     pool = await asyncpg.create_pool(proxied_url, min_size=1, max_size=2)
-    tlog = TrafficLog(pool, flush_interval=30.0, barrier_delay=0.002)
+    tlog = TrafficLog(pool, flush_interval=0.5, barrier_delay=0.002)
     tlog.start()
     ran: list[str] = []
     try:
         proxy.cut()
         tlog.record_event(make_message("outage-1"), "delivered", "sim-1", None, time.time())
         tlog.after_write(lambda: ran.append("route"))
-        tlog.after_write(lambda: ran.append("answer"), outlast_outage=False)
+        tlog.after_write(lambda: ran.append("answer"), outlast_outage=False, soon=True)
         await _wait_for(ran, "answer")
         assert not tlog.healthy
         tlog.after_write(lambda: ran.append("answer-while-down"), outlast_outage=False)

@@ -11,8 +11,8 @@ text into a row (privacy.md 2).
 runs once every row recorded before it is committed. A carrier's receipt
 is answered, and its receipt route deleted, only then (router.engine), so
 that a crash never loses a final status the carrier will not send again.
-While such a callback waits, the writer flushes within ``barrier_delay``
-instead of ``flush_interval``.
+While such a callback waits with ``soon`` (a receipt answer), the writer
+flushes within ``barrier_delay`` instead of ``flush_interval``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ class TrafficLog:
         # rows leave in the order they came, so a callback waits for counts.
         self._added_msgs = self._added_evts = 0
         self._written_msgs = self._written_evts = 0
-        self._barriers: deque[tuple[int, int, Callable[[], None], bool]] = deque()
+        self._barriers: deque[tuple[int, int, Callable[[], None], bool, bool]] = deque()
+        self._soon = 0  # callbacks waiting with soon=True
         # One flush at a time: the counts above assume batches commit in order.
         self._flushing = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -168,14 +169,18 @@ class TrafficLog:
         if len(self.events) >= self.flush_rows:
             self._wake.set()
 
-    def after_write(self, callback: Callable[[], None], *, outlast_outage: bool = True) -> None:
+    def after_write(
+        self, callback: Callable[[], None], *, outlast_outage: bool = True, soon: bool = False
+    ) -> None:
         """Call ``callback`` once every row recorded so far is committed:
         at once when none waits or there is no database. Rows dropped at the
         buffer's limit were never recorded and are not waited for. While
         PostgreSQL is down the callback waits with the rows, unless
         ``outlast_outage`` is False: then it runs as the write fails (and at
         once while the log is down), for callers that must not stall on the
-        log (privacy.md 1: messaging goes on without it)."""
+        log (privacy.md 1: messaging goes on without it). ``soon`` brings
+        the write forward to ``barrier_delay`` (else it comes at the flush
+        interval, as for a route delete: no one waits on those)."""
         if (
             self.pool is None
             or (self._written_msgs >= self._added_msgs and self._written_evts >= self._added_evts)
@@ -183,9 +188,11 @@ class TrafficLog:
         ):
             callback()
             return
-        if not self._barriers:
-            asyncio.get_running_loop().call_later(self.barrier_delay, self._wake.set)
-        self._barriers.append((self._added_msgs, self._added_evts, callback, outlast_outage))
+        if soon:
+            if not self._soon:
+                asyncio.get_running_loop().call_later(self.barrier_delay, self._wake.set)
+            self._soon += 1
+        self._barriers.append((self._added_msgs, self._added_evts, callback, outlast_outage, soon))
 
     async def settle(self, timeout: float) -> None:
         """Wait (at most ``timeout``) until what is recorded now is written
@@ -194,7 +201,7 @@ class TrafficLog:
         if self.pool is None or self._task is None:
             return
         written = asyncio.get_running_loop().create_future()
-        self.after_write(partial(resolve, written))
+        self.after_write(partial(resolve, written), soon=True)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(written, timeout)
 
@@ -206,20 +213,21 @@ class TrafficLog:
     def _release(self) -> None:
         barriers = self._barriers
         while barriers:
-            msgs, evts, callback, _ = barriers[0]
+            msgs, evts, callback, _, soon = barriers[0]
             if msgs > self._written_msgs or evts > self._written_evts:
                 break
             barriers.popleft()
+            self._soon -= soon
             self._call(callback)
 
     def _give_up_waits(self) -> None:
         """A write failed: run the callbacks that must not wait out an outage."""
         if any(not b[3] for b in self._barriers):
-            kept = deque(b for b in self._barriers if b[3])
-            for b in self._barriers:
+            waiting, self._barriers = self._barriers, deque(b for b in self._barriers if b[3])
+            for b in waiting:
                 if not b[3]:
+                    self._soon -= b[4]
                     self._call(b[2])
-            self._barriers = kept
 
     @staticmethod
     def _call(callback: Callable[[], None]) -> None:
@@ -273,7 +281,7 @@ class TrafficLog:
         last_partition_day: dt.date | None = None
         while True:
             if not self._closing and self.depth < self.flush_rows:
-                wait = self.barrier_delay if self._barriers else self.flush_interval
+                wait = self.barrier_delay if self._soon else self.flush_interval
                 try:
                     await asyncio.wait_for(self._wake.wait(), wait)
                 except TimeoutError:
