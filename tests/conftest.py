@@ -113,6 +113,7 @@ async def stack_factory(db: asyncpg.Pool, database_url: str) -> AsyncIterator[An
         routes: RoutesConfig | None = None,
         demo: bool = True,
         carrier_kw: dict[str, dict[str, Any]] | None = None,
+        bound: bool = True,  # False: a test whose carriers may stay unbound
         **cfg_kw: Any,
     ) -> Stack:
         sims = sims or {
@@ -167,6 +168,10 @@ async def stack_factory(db: asyncpg.Pool, database_url: str) -> AsyncIterator[An
             if all(c.up for c in router.engine.carriers.values()):
                 break
             await asyncio.sleep(0.02)
+        else:
+            if bound:
+                down = [n for n, c in router.engine.carriers.items() if not c.up]
+                raise AssertionError(f"carriers not bound after 4 s: {down}")
         return stack
 
     yield make

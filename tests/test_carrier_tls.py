@@ -70,6 +70,7 @@ async def test_carrier_over_tls_verified_and_wrong_ca_refused(
             # Trusts another CA: the handshake must fail, the session stays down.
             "impostor": {"tls": True, "tls_ca": other_ca},
         },
+        bound=False,  # the impostor must stay down
     )
     engine = stack.router.engine
     assert engine.carriers["secure"].up
