@@ -725,7 +725,8 @@ class Engine:
         router dies first, the carrier sends the receipt again after the
         restart; answered at once, its status would be lost. Not held
         while the log is down (receipts keep flowing then), nor longer
-        than RECEIPT_HOLD_MAX (a write that hangs without failing)."""
+        than RECEIPT_HOLD_MAX (a write that hangs without failing, or a
+        backlog ahead of it written too slowly)."""
         if not self._ack_logged:
             callback()
             return

@@ -315,7 +315,8 @@ RECEIPT_ROUTES_REFUSED = Counter(
 RECEIPT_ANSWERS_FORCED = Counter(
     "smsrouter_carrier_receipt_answers_forced_total",
     "Carrier receipts held for their traffic-log write (delivery.receipt_ack ="
-    ' "durable") and answered after the longest hold (5 s) instead: the write hung.',
+    ' "durable") and answered after the longest hold (5 s) instead: the write hung, or'
+    " the backlog written ahead of it took longer.",
 )
 RECEIPTS_RESENT = Counter(
     "smsrouter_receipts_resent_total",
