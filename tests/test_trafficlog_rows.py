@@ -214,3 +214,36 @@ async def test_a_receipt_held_for_a_write_that_hangs_is_answered_after_5_s(
         await lock.execute("ROLLBACK")
         await db.release(lock)
         esme.close()
+
+
+async def test_settle_after_an_outage_does_not_wait_out_the_backoff(
+    db: asyncpg.Pool, database_url: str
+) -> None:
+    """At shutdown the router lets the log settle (route deletes wait for
+    it) before closing the spool. Right after an outage the writer may be
+    in a backoff of seconds; settle cuts it short and retries at once."""
+    proxy, proxied_url = await start_proxy(database_url)
+    pool = await asyncpg.create_pool(proxied_url, min_size=1, max_size=2)
+    tlog = TrafficLog(pool, flush_interval=0.05, barrier_delay=0.002)
+    tlog.start()
+    errors = metrics.TRAFFIC_LOG_ERRORS._value
+    try:
+        proxy.cut()
+        before = errors.get()
+        tlog.record_event(make_message("settle-1"), "delivered", "sim-1", None, time.time())
+        deadline = time.monotonic() + 10
+        while errors.get() < before + 6:  # backoffs 0.1, 0.2 .. 1.6 s, now 3.2 s
+            assert time.monotonic() < deadline, "the writes did not fail"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        assert not tlog.healthy
+        proxy.restore()
+        started = time.monotonic()
+        await tlog.settle(timeout=3.0)
+        assert time.monotonic() - started < 1.5, "settle waited out the backoff"
+        assert await _events_of(db, "settle-1") == 1
+    finally:
+        proxy.restore()
+        await tlog.close()
+        await pool.close()
+        await proxy.stop()

@@ -116,6 +116,9 @@ class TrafficLog:
         # One flush at a time: the counts above assume batches commit in order.
         self._flushing = asyncio.Lock()
         self._wake = asyncio.Event()
+        # Set at shutdown (settle, close): retry a failed write after 0.1 s,
+        # not after the backoff (up to 5 s) an outage has grown to.
+        self._hurry = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.healthy = True
@@ -201,6 +204,7 @@ class TrafficLog:
         if self.pool is None or self._task is None:
             return
         written = asyncio.get_running_loop().create_future()
+        self._hurry.set()
         self.after_write(partial(resolve, written), soon=True)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(written, timeout)
@@ -268,6 +272,7 @@ class TrafficLog:
     async def close(self, timeout: float = 10.0) -> None:
         """Flush what is buffered (bounded by ``timeout``) and stop."""
         self._closing = True
+        self._hurry.set()
         self._wake.set()
         if self._task is not None:
             try:
@@ -311,7 +316,11 @@ class TrafficLog:
                 )
                 if self._closing:
                     return
-                await asyncio.sleep(backoff)
+                if self._hurry.is_set():
+                    await asyncio.sleep(0.1)
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), backoff)
                 backoff = min(backoff * 2, 5.0)
 
     async def flush_once(self) -> None:
