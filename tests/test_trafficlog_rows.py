@@ -5,7 +5,9 @@ its whole batch again and again, so the log stopped for good."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -74,6 +76,25 @@ async def test_rows_postgresql_refuses_are_dropped_and_the_rest_written(
     )
     assert events == 1
     assert tlog.dropped == 2 and tlog.depth == 0
+
+
+@contextlib.asynccontextmanager
+async def proxied_log(
+    database_url: str, flush_interval: float
+) -> AsyncIterator[tuple[Any, TrafficLog]]:
+    """A running TrafficLog whose database sits behind a proxy the test can
+    cut (tests/pgproxy.py); everything stops at the end."""
+    proxy, proxied_url = await start_proxy(database_url)
+    pool = await asyncpg.create_pool(proxied_url, min_size=1, max_size=2)
+    tlog = TrafficLog(pool, flush_interval=flush_interval, barrier_delay=0.002)
+    tlog.start()
+    try:
+        yield proxy, tlog
+    finally:
+        proxy.restore()
+        await tlog.close()
+        await pool.close()
+        await proxy.stop()
 
 
 async def _events_of(db: asyncpg.Pool, message_id: str) -> int:
@@ -153,12 +174,8 @@ async def test_after_write_through_an_outage_waits_or_gives_up_as_asked(
     """Route deletes wait out a database outage with their rows; receipt
     answers (outlast_outage=False) do not hold a carrier for it: they run
     when the write fails, and at once while the log is down."""
-    proxy, proxied_url = await start_proxy(database_url)
-    pool = await asyncpg.create_pool(proxied_url, min_size=1, max_size=2)
-    tlog = TrafficLog(pool, flush_interval=0.5, barrier_delay=0.002)
-    tlog.start()
     ran: list[str] = []
-    try:
+    async with proxied_log(database_url, flush_interval=0.5) as (proxy, tlog):
         proxy.cut()
         tlog.record_event(make_message("outage-1"), "delivered", "sim-1", None, time.time())
         tlog.after_write(lambda: ran.append("route"))
@@ -172,11 +189,6 @@ async def test_after_write_through_an_outage_waits_or_gives_up_as_asked(
         proxy.restore()
         await _wait_for(ran, "route", timeout=15.0)  # the writer's backoff is at most 5 s
         assert await _events_of(db, "outage-1") == 1
-    finally:
-        proxy.restore()
-        await tlog.close()
-        await pool.close()
-        await proxy.stop()
 
 
 async def test_a_receipt_held_for_a_write_that_hangs_is_answered_after_5_s(
@@ -222,12 +234,8 @@ async def test_settle_after_an_outage_does_not_wait_out_the_backoff(
     """At shutdown the router lets the log settle (route deletes wait for
     it) before closing the spool. Right after an outage the writer may be
     in a backoff of seconds; settle cuts it short and retries at once."""
-    proxy, proxied_url = await start_proxy(database_url)
-    pool = await asyncpg.create_pool(proxied_url, min_size=1, max_size=2)
-    tlog = TrafficLog(pool, flush_interval=0.05, barrier_delay=0.002)
-    tlog.start()
     errors = metrics.TRAFFIC_LOG_ERRORS._value
-    try:
+    async with proxied_log(database_url, flush_interval=0.05) as (proxy, tlog):
         proxy.cut()
         before = errors.get()
         tlog.record_event(make_message("settle-1"), "delivered", "sim-1", None, time.time())
@@ -242,8 +250,3 @@ async def test_settle_after_an_outage_does_not_wait_out_the_backoff(
         await tlog.settle(timeout=3.0)
         assert time.monotonic() - started < 1.5, "settle waited out the backoff"
         assert await _events_of(db, "settle-1") == 1
-    finally:
-        proxy.restore()
-        await tlog.close()
-        await pool.close()
-        await proxy.stop()
