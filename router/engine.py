@@ -713,11 +713,15 @@ class Engine:
         tlog.after_write(partial(self._forget_route_now, carrier, carrier_id, message_id))
 
     def _forget_route_now(self, carrier: str, carrier_id: str, message_id: str) -> None:
+        if not self._id_reused(carrier, carrier_id, message_id):
+            self.spool.forget_route(carrier, carrier_id)
+
+    def _id_reused(self, carrier: str, carrier_id: str, message_id: str) -> bool:
+        """The carrier has used this id again, for a message of ours now
+        waiting: its route (same key) is that message's, not to be deleted."""
         c = self.carriers.get(carrier)
         held = c.correlator.lookup(carrier_id) if c is not None else None
-        if held is not None and held.delivery.message.id != message_id:
-            return  # the carrier used the id again meanwhile: the route is that message's
-        self.spool.forget_route(carrier, carrier_id)
+        return held is not None and held.delivery.message.id != message_id
 
     def when_logged(self, callback: Callable[[], None]) -> None:
         """Answer a carrier's receipt (``callback``) once the traffic log
@@ -833,13 +837,10 @@ class Engine:
         for message_id, routes in by_message.items():
             gone: list[tuple[str, str]] = []
             for row in routes:
+                if self._id_reused(row["carrier"], row["carrier_id"], message_id):
+                    continue
                 c = self.carriers.get(row["carrier"])
                 if c is not None:
-                    held = c.correlator.lookup(row["carrier_id"])
-                    if held is not None and held.delivery.message.id != message_id:
-                        # The carrier has used this id again, for a message
-                        # of ours now waiting: the route is that one's.
-                        continue
                     c.correlator.forget(row["carrier_id"])
                 gone.append((row["carrier"], row["carrier_id"]))
             first = routes[0]

@@ -756,10 +756,10 @@ class PgSpool:
         half of it) (2026-12-07).
 
         Tried on 2026-12-07 and not kept: writers holding their connection
-        between batches (no reset round trip per batch), and answering a
-        batch before its connection's release (a reset round trip, a loop
-        turn under load): interleaved runs showed no gain beyond this VM's
-        run-to-run noise."""
+        between batches, and answering a batch before its connection's
+        release (then a reset round trip each, since skipped for these
+        connections: router.store.db._reset): interleaved runs showed no
+        gain beyond this VM's run-to-run noise."""
         while True:
             if not self._adds:
                 if self._closing:

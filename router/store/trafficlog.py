@@ -8,9 +8,11 @@ when it returns. Secret-class messages never put source, destination or
 text into a row (privacy.md 2).
 
 ``after_write(callback)`` is the one way to wait for the log: the callback
-runs once every row recorded before it is committed. A carrier's receipt
-is answered, and its receipt route deleted, only then (router.engine), so
-that a crash never loses a final status the carrier will not send again.
+runs once every row recorded before it is committed. A receipt route is
+deleted only then (router.engine), so that a crash never leaves a message
+with neither its final status nor a route to finish it by; with
+delivery.receipt_ack = "durable" the carrier's receipt is answered only
+then too, so the carrier sends it again after a crash.
 While such a callback waits with ``soon`` (a receipt answer), the writer
 flushes within ``barrier_delay`` instead of ``flush_interval``.
 """
