@@ -90,7 +90,16 @@ def _not_durable() -> Rejected:
 
 
 class ReceiptSink(Protocol):
-    def deliver(self, delivery: Delivery) -> None: ...
+    def deliver(self, delivery: Delivery, done: Callable[[], None] | None = None) -> None:
+        """Send the submitter what became of ``delivery``. ``done`` (if
+        given) is called once, when that no longer rests on this process's
+        memory: the customer answered it, it is written to the database
+        (parked, handed to another node, in the webhook outbox), or it was
+        given up (refused, expired, dropped for room); at once if nothing
+        is to be sent. Not called if the process stops with it in memory
+        only: the message's receipt route then outlives the stop, and the
+        next start sends it again (Engine.finish_overdue)."""
+        ...
 
 
 Summary = tuple[Any, ...]
@@ -686,12 +695,16 @@ class Engine:
                 d.parts_failed += 1
                 d.error = f"{state.name.lower()}:{receipt.error}"
             if d.parts_done + d.parts_failed >= d.message.parts:
+                # This receipt ends the message: its route also waits for
+                # the submitter's receipt to be safe (_finish).
+                route = ((carrier, receipt.carrier_id),)
                 if d.parts_failed == 0:
-                    self._finish(d, Status.DELIVERED, None, carrier)
+                    self._finish(d, Status.DELIVERED, None, carrier, routes=route)
                 elif state is MessageState.EXPIRED:
-                    self._finish(d, Status.EXPIRED, d.error, carrier)
+                    self._finish(d, Status.EXPIRED, d.error, carrier, routes=route)
                 else:
-                    self._finish(d, Status.FAILED, d.error, carrier)
+                    self._finish(d, Status.FAILED, d.error, carrier, routes=route)
+                return
         # Its part's route goes even when the message is final already (an
         # other part failed first): left, it would outlive the message and
         # be taken after a restart for one a crash left (finish_overdue).
@@ -711,6 +724,10 @@ class Engine:
         if tlog.pool is not None and tlog.depth >= tlog.limit:
             return
         tlog.after_write(partial(self._forget_route_now, carrier, carrier_id, message_id))
+
+    def _forget_routes(self, routes: Sequence[tuple[str, str]], message_id: str) -> None:
+        for carrier, carrier_id in routes:
+            self._forget_route(carrier, carrier_id, message_id)
 
     def _forget_route_now(self, carrier: str, carrier_id: str, message_id: str) -> None:
         if not self._id_reused(carrier, carrier_id, message_id):
@@ -848,18 +865,22 @@ class Engine:
             if d is None and not self._finished_here(message_id):
                 d = self._rebuild_delivery(first, first["carrier"], len(routes))
             # (None: its last receipt came as the route was claimed.)
-            if d is not None:
-                logged = first.get("final_status")
-                if logged is None:
-                    self._finish(d, Status.UNKNOWN, "no_receipt", d.carrier or first["carrier"])
-                else:
-                    carrier = first.get("final_carrier") or d.carrier or first["carrier"]
-                    at = first["final_at"].timestamp()
-                    self._finish(d, Status(logged), first.get("final_error"), carrier, at)
-                    metrics.RECEIPTS_RESENT.inc()
-                finished += 1
-            for carrier_name, carrier_id in gone:  # after the finish: see _forget_route
-                self._forget_route(carrier_name, carrier_id, message_id)
+            if d is None:
+                self._forget_routes(gone, message_id)
+                continue
+            # The routes go after the finish, and after the submitter's
+            # receipt is safe (_finish, _forget_route).
+            logged = first.get("final_status")
+            if logged is None:
+                self._finish(
+                    d, Status.UNKNOWN, "no_receipt", d.carrier or first["carrier"], routes=gone
+                )
+            else:
+                carrier = first.get("final_carrier") or d.carrier or first["carrier"]
+                at = first["final_at"].timestamp()
+                self._finish(d, Status(logged), first.get("final_error"), carrier, at, gone)
+                metrics.RECEIPTS_RESENT.inc()
+            finished += 1
         return finished
 
     def _finished_here(self, message_id: str) -> bool:
@@ -909,10 +930,19 @@ class Engine:
         error: str | None,
         carrier: str,
         logged_at: float | None = None,
+        routes: Sequence[tuple[str, str]] = (),
     ) -> None:
         """``logged_at``: when the traffic log recorded this status, which it
-        holds already (finish_overdue)."""
+        holds already (finish_overdue). ``routes``: the receipt routes
+        (carrier, carrier id) that brought the finish, deleted once the
+        traffic log holds it and the submitter's receipt no longer rests on
+        this process's memory (ReceiptSink.deliver): a crash before either
+        leaves a route, and the next start finishes the message again with
+        its logged status, so the receipt is sent again (finish_overdue).
+        Before, a receipt waiting for the customer's deliver_sm_resp, or a
+        webhook not yet in its outbox (written every second), was lost."""
         if d.status.final:
+            self._forget_routes(routes, d.message.id)
             return
         now = self.wall() if logged_at is None else logged_at
         d.status = status
@@ -929,8 +959,12 @@ class Engine:
             metrics.child(metrics.DELIVERY_LATENCY, carrier).observe(latency)
             self.traffic_log.record_event(msg, status.value, carrier, error, now)
         sink = self.sinks.get(msg.origin)
-        if sink is not None:
-            sink.deliver(d)
+        if sink is not None and routes and self._routes_durable:
+            sink.deliver(d, partial(self._forget_routes, routes, msg.id))
+        else:
+            if sink is not None:
+                sink.deliver(d)
+            self._forget_routes(routes, msg.id)
         self._retire(d)
 
     def _retire(self, d: Delivery) -> None:

@@ -22,6 +22,7 @@ class TestEsme(SmppProtocol):
         super().__init__(SmppSession(Role.ESME, window=window, peer_window=10_000))
         self.receipts: dict[str, DeliverSm] = {}
         self.delivers: list[DeliverSm] = []
+        self.answer_delivers = True  # False: a customer that takes its receipts and never answers
 
     def on_request(self, pdu: Pdu) -> None:
         if pdu.command_id == CommandId.DELIVER_SM:
@@ -30,7 +31,8 @@ class TestEsme(SmppProtocol):
             rid = pdu.tlv_str(Tag.RECEIPTED_MESSAGE_ID)
             if rid:
                 self.receipts[rid] = pdu
-            self.answer(pdu)
+            if self.answer_delivers:
+                self.answer(pdu)
             return
         super().on_request(pdu)
 

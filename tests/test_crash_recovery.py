@@ -9,20 +9,23 @@ matched by a unique text per message; duplicates are counted and reported.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
 from collections import Counter
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
-from router.accounts import create_account
+from router.accounts import add_api_key, create_account
 from router.sim import CarrierSimulator, SimConfig
 from router.smpp.constants import Status
 from router.smpp.pdu import BindReceiver, BindTransmitter, SubmitSm
-from tests.esme import connect
+from tests.esme import connect, until
 from tests.routerproc import (
     carrier_got_all,
     carrier_toml,
@@ -31,6 +34,7 @@ from tests.routerproc import (
     start_router,
     stop_router,
 )
+from tests.webhook_receiver import Hit, Receiver
 
 
 def texts(sim: CarrierSimulator) -> set[str]:
@@ -258,6 +262,139 @@ async def test_a_receipt_the_router_died_with_before_logging_it_is_not_lost(
             await db.release(lock)
         stop_router(proc)
         await sim.stop()
+
+
+async def until_count(
+    db: asyncpg.Pool, n: int, sql: str, *args: object, timeout: float = 15.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while (got := int(await db.fetchval(sql, *args))) != n:
+        assert time.monotonic() < deadline, f"{got} != {n}: {sql}"
+        await asyncio.sleep(0.05)
+
+
+ROUTES = "SELECT count(*) FROM receipt_routes"
+LOGGED = "SELECT count(*) FROM delivery_events WHERE status = $1 AND message_id = ANY($2)"
+
+
+async def test_a_receipt_the_customer_never_answered_is_sent_again_after_kill_9(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    """The customer's receiver takes its receipts and never answers them
+    (deliver_sm_resp) when the router dies, after the traffic log has the
+    final status. The receipt routes stay until the customer answers, so
+    the restarted router finishes those messages again with their logged
+    status and the customer's new receiver gets the receipts. Before, the
+    routes went with the log's write and the receipts were lost."""
+    await create_account(db, "acme", system_id="acme", password="acme-pw1")
+    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.1))
+    sim_port = await sim.start()
+    ports = free_ports()
+    cfg = tmp_path / "router.toml"
+    write_config(cfg, ports, sim_port, tps=100)
+    log = tmp_path / "router.log"
+    proc = await start_router(cfg, database_url, ports["ops"], log)
+    tx, _ = await connect(ports["smpp"], bind_cls=BindTransmitter)
+    rx, _ = await connect(ports["smpp"], bind_cls=BindReceiver)
+    rx.answer_delivers = False
+    try:
+        ids = []
+        for i in range(3):
+            r = await tx.submit("+4512345678", f"unanswered-receipt-{i}")
+            assert r.status == 0
+            ids.append(r.message_id)  # type: ignore[attr-defined]
+        await until(lambda: set(rx.receipts) == set(ids), 10, "the receipts")
+        await until_count(db, 3, LOGGED, "delivered", ids)
+        await asyncio.sleep(1.0)  # several traffic-log writes and route upkeeps later
+        assert await db.fetchval(ROUTES) == 3, "routes deleted before the customer answered"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        tx.close()
+        rx.close()
+
+        proc = await start_router(cfg, database_url, ports["ops"], log)
+        rx, _ = await connect(ports["smpp"], bind_cls=BindReceiver)
+        await until(lambda: set(rx.receipts) == set(ids), 15, "the receipts after the restart")
+        assert all(b"stat:DELIVRD" in p.short_message for p in rx.receipts.values())
+        await until_count(db, 0, ROUTES)  # answered this time
+        assert sim.received_count() == 3, "resent to the carrier"
+        assert await db.fetchval(LOGGED, "unknown", ids) == 0
+    finally:
+        tx.close()
+        rx.close()
+        stop_router(proc)
+        await sim.stop()
+
+
+async def test_a_webhook_not_yet_in_its_outbox_is_sent_again_after_kill_9(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    """An HTTP message's webhook fails once (HTTP 500) and its retry is to
+    be written to the outbox, but that write is held (a lock on
+    webhook_outbox) when the router dies, after the traffic log has the
+    final status. The route stays until the outbox holds the webhook, so
+    the restarted router sends it again. Before, the route went with the
+    log's write (every 0.2 s, the outbox every 1 s) and the webhook was
+    lost."""
+    acme = await create_account(db, "acme", system_id="acme", password="acme-pw1")
+    _, key = await add_api_key(db, acme)
+    answers = [500]
+
+    async def behave(hit: Hit) -> web.StreamResponse:
+        return web.Response(status=answers.pop(0) if answers else 204)
+
+    receiver = await Receiver(behave).start()
+    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.1))
+    sim_port = await sim.start()
+    ports = free_ports()
+    cfg = tmp_path / "router.toml"
+    write_config(cfg, ports, sim_port, tps=100)
+    cfg.write_text(cfg.read_text() + "[webhooks]\nallow_private_targets = true\n")
+    log = tmp_path / "router.log"
+    proc = await start_router(cfg, database_url, ports["ops"], log)
+    lock: asyncpg.pool.PoolConnectionProxy | None = None
+    try:
+        lock = await db.acquire()
+        await lock.execute("BEGIN; LOCK TABLE webhook_outbox IN ACCESS EXCLUSIVE MODE")
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"http://127.0.0.1:{ports['http']}/v1/messages",
+                headers={"Authorization": f"Bearer {key}"},
+                json={
+                    "to": "+4512345678",
+                    "from": "Acme",
+                    "text": "hook",
+                    "callback_url": receiver.url + "/h",
+                },
+            ) as resp,
+        ):
+            assert resp.status == 202, await resp.text()
+            mid = (await resp.json())["id"]
+        await until(lambda: receiver.hits, 10, "the first webhook")
+        await until_count(db, 1, LOGGED, "delivered", [mid])
+        await asyncio.sleep(1.5)  # past the outbox's write interval (1 s)
+        assert await db.fetchval(ROUTES) == 1, "route deleted before the webhook was kept"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        await lock.execute("ROLLBACK")
+        await db.release(lock)
+        lock = None
+        assert await db.fetchval("SELECT count(*) FROM webhook_outbox") == 0
+        assert len(receiver.hits) == 1
+
+        proc = await start_router(cfg, database_url, ports["ops"], log)
+        await until(lambda: len(receiver.hits) == 2, 15, "the webhook after the restart")
+        body = json.loads(receiver.hits[1].body)
+        assert body["id"] == mid and body["status"] == "delivered"
+        await until_count(db, 0, ROUTES)
+    finally:
+        if lock is not None:
+            await lock.execute("ROLLBACK")
+            await db.release(lock)
+        stop_router(proc)
+        await sim.stop()
+        await receiver.stop()
 
 
 async def test_receipts_for_an_unbound_customer_survive_kill_9(

@@ -20,7 +20,8 @@ from router.model import MessageClass, Status
 from router.observe import metrics
 from router.sim.smsc import SimConfig
 from router.smpp.constants import MessageState, Tag
-from router.smpp.pdu import QuerySm
+from router.smpp.constants import Status as SmppStatus
+from router.smpp.pdu import BindReceiver, BindTransmitter, QuerySm
 from router.store.spool import PgSpool
 from tests.esme import TestEsme as Esme
 from tests.esme import connect, until
@@ -327,6 +328,65 @@ async def test_a_part_route_goes_with_its_receipt_after_its_message_ended(
         assert len(esme.delivers) == 1
         assert b"stat:UNDELIV" in esme.receipts[r.message_id].short_message
         assert engine.lookup(r.message_id).status.value == "failed"
+    finally:
+        esme.close()
+
+
+async def test_a_route_stays_until_the_customer_answers_every_part_receipt(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    """A message reassembled from three customer parts has a receipt per
+    part id. The route of the carrier receipt that ended it stays until
+    the customer has answered all three (tests/test_crash_recovery.py
+    shows what it is kept for: a restart sends the receipts again)."""
+    stack = await stack_factory()
+    tx, _ = await connect(stack.smpp_port, bind_cls=BindTransmitter)
+    rx, _ = await connect(stack.smpp_port, bind_cls=BindReceiver)
+    rx.answer_delivers = False
+    try:
+        ids = []
+        for seq in (1, 2, 3):
+            udh = bytes((5, 0, 3, 0x17, 3, seq))
+            r = await tx.submit("+4512345678", udh + b"part", esm_class=0x40)
+            assert r.status == 0
+            ids.append(r.message_id)
+        await until(lambda: set(rx.receipts) == set(ids), 10, "a receipt per part")
+        logged = "SELECT count(*) FROM delivery_events WHERE status = 'delivered'"
+        deadline = time.monotonic() + 10
+        while not await db.fetchval(logged):
+            assert time.monotonic() < deadline, "the final status was not logged"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # route upkeep runs every few ms
+        assert await routes(db) == 1
+        for pdu in rx.delivers[:2]:
+            rx.answer(pdu)
+        await asyncio.sleep(0.5)
+        assert await routes(db) == 1, "deleted before the last receipt was answered"
+        rx.answer(rx.delivers[2])
+        await wait_routes_down_to(db, 0)
+    finally:
+        tx.close()
+        rx.close()
+
+
+async def test_a_route_goes_when_the_customer_refuses_its_receipt(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    """A receipt the customer refuses three times is given up (counted
+    refused): nothing is left to keep its route for."""
+    stack = await stack_factory()
+    esme, _ = await connect(stack.smpp_port)
+    esme.answer_delivers = False
+    try:
+        r = await esme.submit("+4512345678", "refused receipt")
+        assert r.status == 0
+        refused = metrics.RECEIPTS_OUT.labels("smpp", "refused")
+        before = refused.value
+        for n in range(1, 4):
+            await until(lambda n=n: len(esme.delivers) >= n, 15, f"receipt try {n}")
+            esme.answer(esme.delivers[n - 1], SmppStatus.ESME_RSYSERR)
+        await wait_routes_down_to(db, 0)
+        assert refused.value == before + 1
     finally:
         esme.close()
 

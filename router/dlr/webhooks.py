@@ -185,9 +185,18 @@ class _Job:
     handed: bool = False  # left memory for the outbox; its write is pending
     finished: bool = False  # delivered or given up: its row (if any) goes
     next_wall: float = 0.0  # retry time of a handed job
+    # Called once it no longer rests on this process's memory: sent, given
+    # up, dropped, or its outbox row committed (ReceiptSink.deliver).
+    settled: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"_Job(id={self.message_id!r}, attempts={self.attempts})"
+
+    def settle(self) -> None:
+        done = self.settled
+        if done is not None:
+            self.settled = None
+            done()
 
 
 def _iso(ts: float) -> str:
@@ -409,18 +418,25 @@ class WebhookSender:
         """Webhooks held in memory (outbox rows not claimed by us excluded)."""
         return len(self._pending)
 
-    def deliver(self, delivery: Delivery) -> None:
-        """Queue the webhook of a final status. Never awaits, never raises."""
-        if not delivery.status.final:
-            return  # only final statuses leave; a transient one never follows a final one
+    def deliver(self, delivery: Delivery, done: Callable[[], None] | None = None) -> None:
+        """Queue the webhook of a final status. Never awaits, never raises.
+        ``done``: once it is sent, given up, or its outbox row (a standard
+        message's) is committed; at once if there is none to send
+        (ReceiptSink.deliver)."""
         msg = delivery.message
-        if msg.id in self._seen:
-            return  # one webhook per message: a final state is never overwritten
         url = msg.callback_url
         if url is None:
             account = self.accounts.by_id.get(msg.account_id)
             url = getattr(account, "webhook_url", None)
-        if not url:
+        if (
+            not url
+            # Only final statuses leave; a transient one never follows a final one.
+            or not delivery.status.final
+            # One webhook per message: a final state is never overwritten.
+            or msg.id in self._seen
+        ):
+            if done is not None:
+                done()
             return
         try:
             host = URL(url).host or ""
@@ -449,9 +465,11 @@ class WebhookSender:
             durable=durable,
             destination=msg.destination if durable else None,
             created_wall=self.wall() if durable else 0.0,
+            settled=done,
         )
         if len(self._pending) >= self.max_pending and not self._drop_oldest():
             self._count("dropped")
+            job.settle()
             return
         self._add(job)
         if durable:
@@ -487,11 +505,13 @@ class WebhookSender:
             else:
                 self._leave(job)
                 self._count("dropped")
+                job.settle()
             return True
         return False
 
     def _finish(self, job: _Job, outcome: str) -> None:
         self._leave(job)
+        job.settle()
         job.finished = True
         if job.row:
             assert job.key is not None
@@ -509,6 +529,7 @@ class WebhookSender:
             # The database has not taken the last max_pending of these.
             log.warning("webhook_outbox_backlog_full", id=job.message_id)
             self._count("dropped")
+            job.settle()
             return
         else:
             job.handed = True
@@ -750,6 +771,7 @@ class WebhookSender:
             raise
         for j, was_handed in zip(inserts, handed, strict=True):
             assert j.key is not None
+            j.settle()
             if was_handed:
                 self._spilled -= 1
             elif not j.done:

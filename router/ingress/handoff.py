@@ -60,6 +60,8 @@ _UTC = dt.UTC
 
 # What a receipt handed over needs: account, remaining retention (s), PDU.
 Deliver = Callable[[int, DeliverSm, float], None]
+# Called once a receipt handed over or parked is committed (ReceiptSink.deliver).
+Written = Callable[[], None] | None
 # A carrier's receipt for a message this node sent: carrier name, receipt.
 TakeCarrierReceipt = Callable[[str, CarrierReceipt], None]
 
@@ -107,8 +109,9 @@ class ReceiptHandoff:
         self._published: dict[int, int] = {}
         self.remote: dict[int, list[str]] = {}  # account id -> other nodes with binds
         self._rr: dict[int, int] = {}
-        # node, account, pdu, seconds left, parked (waiting for a bind of the account)
-        self._out: list[tuple[str, int, bytes, float, bool]] = []
+        # node, account, pdu, seconds left, parked (waiting for a bind of the
+        # account), called once written
+        self._out: list[tuple[str, int, bytes, float, bool, Written]] = []
         self.park_limit = park_limit
         self.parked_rows = 0  # this node's parked rows in the database (counted at each refresh)
         self._parking = 0  # parked receipts queued or being written
@@ -134,9 +137,17 @@ class ReceiptHandoff:
     def can_take(self, account_id: int) -> bool:
         return bool(self.remote.get(account_id))
 
-    def offer(self, account_id: int, pdu: DeliverSm, seconds_left: float, secret: bool) -> bool:
+    def offer(
+        self,
+        account_id: int,
+        pdu: DeliverSm,
+        seconds_left: float,
+        secret: bool,
+        written: Written = None,
+    ) -> bool:
         """Hand a receipt to another node holding a bind of the account;
-        False if none does (the caller keeps it)."""
+        False if none does (the caller keeps it). ``written`` is called once
+        its row is committed."""
         nodes = self.remote.get(account_id)
         if not nodes or seconds_left <= 0:
             return False
@@ -145,24 +156,32 @@ class ReceiptHandoff:
         if secret:
             pdu = _blank_addresses(pdu)
         pdu.sequence = 0
-        self._out.append((nodes[i], account_id, pdu.encode(), seconds_left, False))
+        self._out.append((nodes[i], account_id, pdu.encode(), seconds_left, False, written))
         self._wake.set()
         metrics.RECEIPTS_OUT.labels("smpp", "handed_over").inc()
         return True
 
-    def park(self, account_id: int, pdu: DeliverSm, seconds_left: float, secret: bool) -> bool:
+    def park(
+        self,
+        account_id: int,
+        pdu: DeliverSm,
+        seconds_left: float,
+        secret: bool,
+        written: Written = None,
+    ) -> bool:
         """Keep a receipt for an account with no receiving bind anywhere in
         ``receipt_handoff`` (``parked``) for this node instead of memory, so
         that neither a restart nor a crash loses it: it is taken when the
         account binds here, handed to the node where it binds, or, if this
         node dies, adopted with its backlog. False when this node already
-        has ``park_limit`` parked (the caller keeps it in memory, bounded)."""
+        has ``park_limit`` parked (the caller keeps it in memory, bounded).
+        ``written`` is called once its row is committed."""
         if seconds_left <= 0 or self.parked_rows + self._parking >= self.park_limit:
             return False
         if secret:
             pdu = _blank_addresses(pdu)
         pdu.sequence = 0
-        self._out.append((self.node, account_id, pdu.encode(), seconds_left, True))
+        self._out.append((self.node, account_id, pdu.encode(), seconds_left, True, written))
         self._parking += 1
         self._count_parked()
         self._wake.set()
@@ -272,6 +291,9 @@ class ReceiptHandoff:
                     [o[4] for o in out],
                 )
                 written, out, out_carrier = out, [], []
+                for o in written:
+                    if o[5] is not None:
+                        o[5]()
                 if parked:
                     self._parking -= parked
                     self.parked_rows += parked

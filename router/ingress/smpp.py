@@ -229,7 +229,7 @@ def throttle_hold(streak: int, first: float, cap: float) -> float:
 
 
 class PendingReceipt:
-    __slots__ = ("pdu", "expires", "tries", "secret", "handed")
+    __slots__ = ("pdu", "expires", "tries", "secret", "handed", "done")
 
     def __init__(
         self, pdu: DeliverSm, expires: float, secret: bool = False, handed: bool = False
@@ -239,6 +239,31 @@ class PendingReceipt:
         self.tries = 0
         self.secret = secret  # a secret message's: never written down with its addresses
         self.handed = handed  # came from another node: not handed on again
+        # Called once it no longer rests on this process's memory (see
+        # ReceiptSink.deliver): answered, written down, or given up.
+        self.done: Callable[[], None] | None = None
+
+    def settle(self) -> None:
+        done = self.done
+        if done is not None:
+            self.done = None
+            done()
+
+
+class _AllOf:
+    """Calls ``then`` at the last of ``left`` calls: a message reassembled
+    from customer parts has a receipt per part."""
+
+    __slots__ = ("left", "then")
+
+    def __init__(self, left: int, then: Callable[[], None]) -> None:
+        self.left = left
+        self.then = then
+
+    def __call__(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.then()
 
 
 class SmppFrontDoor:
@@ -634,17 +659,20 @@ class SmppFrontDoor:
 
     # ------------------------------------------------------------- receipts
 
-    def deliver(self, d: Delivery) -> None:
+    def deliver(self, d: Delivery, done: Callable[[], None] | None = None) -> None:
         """ReceiptSink: a message of an SMPP customer reached a final status.
 
         A message reassembled from customer parts gets one receipt per part
         id (each one SMS: sub:001), all with the message's final state, for
-        each part whose own registered_delivery asks for it."""
+        each part whose own registered_delivery asks for it. ``done``: once
+        every one of them is answered by the customer, parked or handed over
+        (written), or given up (ReceiptSink.deliver)."""
         msg = d.message
         delivered = d.status is Status.DELIVERED
         ids = msg.part_ids or (msg.id,)
         asks = msg.part_receipts if len(msg.part_receipts) == len(ids) else None
         expires = 0.0
+        out: list[PendingReceipt] = []
         for i, message_id in enumerate(ids):
             want = (asks[i] if asks is not None else msg.registered_delivery) & 0x03
             if want == 0 or (want == REGDLV_FAILURE and delivered):
@@ -664,7 +692,18 @@ class SmppFrontDoor:
                 source_npi=msg.source_npi,
                 parts=1 if msg.part_ids else msg.parts,
             )
-            self._send_receipt(msg.account_id, PendingReceipt(pdu, expires, msg.secret))
+            out.append(PendingReceipt(pdu, expires, msg.secret))
+        if done is not None:
+            if not out:
+                done()
+            elif len(out) == 1:
+                out[0].done = done
+            else:
+                each = _AllOf(len(out), done)
+                for pr in out:
+                    pr.done = each
+        for pr in out:
+            self._send_receipt(msg.account_id, pr)
 
     def take_handed_over(self, account_id: int, pdu: DeliverSm, seconds_left: float) -> None:
         """A receipt another node finished for an account bound here."""
@@ -676,11 +715,25 @@ class SmppFrontDoor:
         """No bind of the account here: give the receipt to a node that has
         one. One that came from another node waits here for the sweep
         (``again``) rather than bounce straight back."""
-        return (
+        if (
             self.handoff is not None
             and (again or not pr.handed)
-            and self.handoff.offer(account_id, pr.pdu, pr.expires - self.clock(), pr.secret)
-        )
+            and self.handoff.offer(
+                account_id, pr.pdu, pr.expires - self.clock(), pr.secret, pr.done
+            )
+        ):
+            pr.done = None  # the hand-off calls it once written
+            return True
+        return False
+
+    def _park(self, account_id: int, pr: PendingReceipt, seconds_left: float) -> bool:
+        """Park it in the database for this node (ReceiptHandoff.park)."""
+        if self.handoff is not None and self.handoff.park(
+            account_id, pr.pdu, seconds_left, pr.secret, pr.done
+        ):
+            pr.done = None  # the hand-off calls it once written
+            return True
+        return False
 
     def _send_receipt(self, account_id: int, pr: PendingReceipt) -> None:
         binds = self.receivers.get(account_id)
@@ -695,14 +748,13 @@ class SmppFrontDoor:
                     pr.pdu.sequence = 0  # a resend gets the new bind's next sequence
                     b.send_request(pr.pdu, self._receipt_callback(account_id, pr))
                     return
-        elif self._hand_over(account_id, pr) or (
-            self.handoff is not None
-            and self.handoff.park(account_id, pr.pdu, pr.expires - self.clock(), pr.secret)
+        elif self._hand_over(account_id, pr) or self._park(
+            account_id, pr, pr.expires - self.clock()
         ):
             return  # bound elsewhere, or no bind anywhere: parked in the database
         q = self.pending.setdefault(account_id, deque())
         if len(q) >= self.cfg.smpp.receipt_buffer:
-            q.popleft()
+            q.popleft().settle()
             metrics.RECEIPTS_OUT.labels("smpp", "dropped").inc()
         q.append(pr)
         metrics.RECEIPTS_PENDING.inc()
@@ -716,11 +768,13 @@ class SmppFrontDoor:
     def _receipt_done(self, account_id: int, pr: PendingReceipt, resp: Pdu | None) -> None:
         if resp is not None and resp.status == Smpp.ESME_ROK:
             metrics.child(metrics.RECEIPTS_OUT, "smpp", "ok").inc()
+            pr.settle()
             self._flush_pending(account_id)
             return
         if resp is not None and pr.tries >= 3:
             # The customer refuses it repeatedly: stop, or it would loop forever.
             metrics.RECEIPTS_OUT.labels("smpp", "refused").inc()
+            pr.settle()
             return
         metrics.RECEIPTS_OUT.labels("smpp", "retry").inc()
         q = self.pending.setdefault(account_id, deque())
@@ -733,7 +787,8 @@ class SmppFrontDoor:
         where the account is bound, else park it in the database for this
         node (ReceiptHandoff.park), so a restart does not lose it. How many
         were kept. Without a database (in-memory mode) they are lost, as
-        that mode says."""
+        that mode says. One that cannot be kept stays unsettled: its route
+        outlives the stop and the next start sends it again."""
         kept = 0
         now = self.clock()
         for account_id, q in self.pending.items():
@@ -743,9 +798,9 @@ class SmppFrontDoor:
                 left = pr.expires - now
                 if left <= 0:
                     metrics.RECEIPTS_OUT.labels("smpp", "expired").inc()
-                elif self._hand_over(account_id, pr, again=True) or (
-                    self.handoff is not None
-                    and self.handoff.park(account_id, pr.pdu, left, pr.secret)
+                    pr.settle()
+                elif self._hand_over(account_id, pr, again=True) or self._park(
+                    account_id, pr, left
                 ):
                     kept += 1  # counted by the hand-off once written
                 else:
@@ -764,6 +819,7 @@ class SmppFrontDoor:
             metrics.RECEIPTS_PENDING.dec()
             if pr.expires < now:
                 metrics.RECEIPTS_OUT.labels("smpp", "expired").inc()
+                pr.settle()
                 continue
             self._send_receipt(account_id, pr)
 
@@ -782,7 +838,7 @@ class SmppFrontDoor:
             q = self.pending.get(account_id)
             now = self.clock()
             while q and q[0].expires < now:
-                q.popleft()
+                q.popleft().settle()
                 metrics.RECEIPTS_PENDING.dec()
                 metrics.RECEIPTS_OUT.labels("smpp", "expired").inc()
         self._sweeper = asyncio.get_running_loop().call_later(5, self._sweep)
