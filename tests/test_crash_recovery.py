@@ -25,6 +25,7 @@ from router.accounts import add_api_key, create_account
 from router.sim import CarrierSimulator, SimConfig
 from router.smpp.constants import Status
 from router.smpp.pdu import BindReceiver, BindTransmitter, SubmitSm
+from tests.esme import TestEsme as Esme
 from tests.esme import connect, until
 from tests.routerproc import (
     carrier_got_all,
@@ -437,9 +438,59 @@ async def test_receipts_for_an_unbound_customer_survive_kill_9(
         assert set(rx.receipts) == set(ids)
         for pdu in rx.receipts.values():
             assert b"stat:DELIVRD" in pdu.short_message
+        await until_count(db, 0, "SELECT count(*) FROM receipt_handoff")  # answered
         rx.close()
-        assert await db.fetchval("SELECT count(*) FROM receipt_handoff") == 0
     finally:
+        stop_router(proc)
+        await sim.stop()
+
+
+async def test_a_parked_receipt_taken_and_never_answered_survives_kill_9(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    """Receipts parked for an unbound customer are taken when its receiver
+    binds, and sent; the customer never answers, and the router dies. The
+    rows stay (marked taken) until an answer, so the restarted router
+    (the same node name) takes them again and the customer's new receiver
+    gets them. Before, they were deleted as taken and lost."""
+    await create_account(db, "acme", system_id="acme", password="acme-pw1")
+    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.1))
+    sim_port = await sim.start()
+    ports = free_ports()
+    cfg = tmp_path / "router.toml"
+    write_config(cfg, ports, sim_port, tps=100)
+    log = tmp_path / "router.log"
+    proc = await start_router(cfg, database_url, ports["ops"], log)
+    tx, _ = await connect(ports["smpp"], bind_cls=BindTransmitter)
+    rx: Esme | None = None
+    try:
+        ids = []
+        for i in range(3):
+            r = await tx.submit("+4512345678", f"taken-receipt-{i}")
+            assert r.status == 0
+            ids.append(r.message_id)  # type: ignore[attr-defined]
+        parked = "SELECT count(*) FROM receipt_handoff WHERE parked"
+        await until_count(db, 3, parked)
+        rx, _ = await connect(ports["smpp"], bind_cls=BindReceiver)
+        rx.answer_delivers = False
+        await until(lambda: set(rx.receipts) == set(ids), 15, "the parked receipts")
+        await asyncio.sleep(0.5)  # the hand-off's writes go on meanwhile
+        taken = "SELECT count(*) FROM receipt_handoff WHERE taken AND NOT parked"
+        assert await db.fetchval(taken) == 3, "taken rows deleted before the customer answered"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        tx.close()
+        rx.close()
+
+        proc = await start_router(cfg, database_url, ports["ops"], log)
+        rx, _ = await connect(ports["smpp"], bind_cls=BindReceiver)
+        await until(lambda: set(rx.receipts) == set(ids), 15, "the receipts after the restart")
+        assert all(b"stat:DELIVRD" in p.short_message for p in rx.receipts.values())
+        await until_count(db, 0, "SELECT count(*) FROM receipt_handoff")  # answered
+    finally:
+        tx.close()
+        if rx is not None:
+            rx.close()
         stop_router(proc)
         await sim.stop()
 

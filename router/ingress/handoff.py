@@ -11,8 +11,11 @@ the one that finished the message. This module carries such receipts over:
 - a receipt with no local bind but a remote one is written to
   ``receipt_handoff`` for one of those nodes (round robin) and that node is
   woken (NOTIFY ``sms_router_receipts``); it claims its rows (SKIP LOCKED,
-  deleted as taken) and sends them as its own, or keeps them pending like
-  any receipt of an account that is not bound;
+  marked taken) and sends them as its own, or keeps them pending like any
+  receipt of an account that is not bound; a taken row is deleted once the
+  customer has answered that receipt (or it was given up, parked again or
+  handed on), so a crash of the taking node does not lose it: it is taken
+  again when the node starts again under its name or is adopted;
 - rows addressed to a node that died are adopted with its spool rows
   (store/spool.py) and sent by the adopter;
 - a receipt for an account with no receiving bind anywhere is parked in
@@ -30,7 +33,7 @@ the one that finished the message. This module carries such receipts over:
 Rows hold the encoded deliver_sm: the receipt text carries no message text
 (carriers/receipt.py), and for a ``secret`` message the addresses are
 blanked before it is written (privacy.md 2). A row lives until a node takes
-it (normally milliseconds) or its retention ends.
+it and the customer answers (normally milliseconds) or its retention ends.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import contextlib
 import datetime as dt
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -58,10 +62,11 @@ BINDS_CHANNEL = "sms_router_binds"
 RECEIPTS_CHANNEL = "sms_router_receipts"
 _UTC = dt.UTC
 
-# What a receipt handed over needs: account, remaining retention (s), PDU.
-Deliver = Callable[[int, DeliverSm, float], None]
 # Called once a receipt handed over or parked is committed (ReceiptSink.deliver).
 Written = Callable[[], None] | None
+# What a receipt taken here needs: account, PDU, remaining retention (s), and
+# what to call once it is safe (answered, given up, parked or handed on).
+Deliver = Callable[[int, DeliverSm, float, Written], None]
 # A carrier's receipt for a message this node sent: carrier name, receipt.
 TakeCarrierReceipt = Callable[[str, CarrierReceipt], None]
 
@@ -74,9 +79,20 @@ _HAND_OVER_SQL = (
     "  FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::float8[], $12::bool[])"
     "  AS u(n, a, p, s, k)),"
     " c AS (INSERT INTO carrier_receipt_handoff (node, carrier, carrier_id, state, error)"
-    "  SELECT * FROM unnest($5::text[], $6::text[], $7::text[], $8::int[], $9::text[]))"
+    "  SELECT * FROM unnest($5::text[], $6::text[], $7::text[], $8::int[], $9::text[])),"
+    " d AS (DELETE FROM receipt_handoff WHERE id = ANY($13::bigint[]))"
     " SELECT pg_notify($10, t) FROM unnest($11::text[]) AS t"
 )
+
+# Rows this node takes: marked taken, deleted once safe (_answered).
+_TAKE_SQL = (
+    "UPDATE receipt_handoff SET taken = true, parked = false WHERE id IN (SELECT id"
+    " FROM receipt_handoff WHERE node = $1 AND {which} AND NOT taken"
+    " ORDER BY id LIMIT {limit} FOR UPDATE SKIP LOCKED)"
+    " RETURNING id, account_id, pdu, extract(epoch FROM expires_at - now())::float8 AS left"
+)
+_TAKE_HANDED = _TAKE_SQL.format(which="NOT parked", limit=500)
+_TAKE_PARKED = _TAKE_SQL.format(which="parked AND account_id = ANY($2::bigint[])", limit=1000)
 
 
 class ReceiptHandoff:
@@ -115,6 +131,9 @@ class ReceiptHandoff:
         self.park_limit = park_limit
         self.parked_rows = 0  # this node's parked rows in the database (counted at each refresh)
         self._parking = 0  # parked receipts queued or being written
+        # Taken rows whose receipt is safe now: deleted with the next write.
+        self._answered_ids: list[int] = []
+        self._untaken = False  # this node's rows taken in an earlier life released
         self._flushing = asyncio.Lock()  # stop() never cancels a write half done
         self._wake = asyncio.Event()
         self._claim = asyncio.Event()
@@ -225,6 +244,8 @@ class ReceiptHandoff:
         parked = 0
         try:
             parked = await self._flush()
+            if self._answered_ids:  # taken rows the write just parked again or handed on
+                await self._flush()
             await self.pool.execute("DELETE FROM receipt_binds WHERE node = $1", self.node)
             await self.pool.execute(f"NOTIFY {BINDS_CHANNEL}")
         except DB_ERRORS as exc:
@@ -263,14 +284,15 @@ class ReceiptHandoff:
         """Write what waits; the number of parked receipts written."""
         out, self._out = self._out, []
         out_carrier, self._out_carrier = self._out_carrier, []
+        gone, self._answered_ids = self._answered_ids, []
         changed = {a: n for a, n in self.local.items() if self._published.get(a) != n} | {
             a: 0 for a in self._published if a not in self.local
         }
-        if not out and not out_carrier and not changed:
+        if not out and not out_carrier and not gone and not changed:
             return 0
         parked = sum(1 for o in out if o[4])
         try:
-            if out or out_carrier:
+            if out or out_carrier or gone:
                 # One statement, one round trip: each await on a busy node's
                 # event loop costs a loop iteration, and a receipt's latency
                 # is the sum of them. The NOTIFYs go out at its commit.
@@ -289,8 +311,9 @@ class ReceiptHandoff:
                     # Parked rows wait for a bind: nobody to wake for them.
                     sorted({o[0] for o in out if not o[4]} | {o[0] for o in out_carrier}),
                     [o[4] for o in out],
+                    gone,
                 )
-                written, out, out_carrier = out, [], []
+                written, out, out_carrier, gone = out, [], [], []
                 for o in written:
                     if o[5] is not None:
                         o[5]()
@@ -306,6 +329,7 @@ class ReceiptHandoff:
         except BaseException:
             self._out[:0] = out  # first in line again
             self._out_carrier[:0] = out_carrier
+            self._answered_ids[:0] = gone
             raise
         for account_id, n in changed.items():
             if n:
@@ -339,6 +363,14 @@ class ReceiptHandoff:
             try:
                 async with self.pool.acquire() as conn:
                     holds_session_state(conn)
+                    if not self._untaken:
+                        # Taken by this node's earlier life and never answered
+                        # (it died, or stopped with them unsettled): again.
+                        await conn.execute(
+                            "UPDATE receipt_handoff SET taken = false WHERE node = $1 AND taken",
+                            self.node,
+                        )
+                        self._untaken = True
                     await conn.add_listener(BINDS_CHANNEL, self._notified)
                     await conn.add_listener(RECEIPTS_CHANNEL, self._notified)
                     try:
@@ -409,15 +441,7 @@ class ReceiptHandoff:
         if not self.parked_rows:
             return
         while self.local:
-            rows = await self.pool.fetch(
-                "DELETE FROM receipt_handoff WHERE id IN (SELECT id FROM receipt_handoff"
-                " WHERE node = $1 AND parked AND account_id = ANY($2::bigint[])"
-                " ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED)"
-                " RETURNING account_id, pdu,"
-                " extract(epoch FROM expires_at - now())::float8 AS left",
-                self.node,
-                list(self.local),
-            )
+            rows = await self.pool.fetch(_TAKE_PARKED, self.node, list(self.local))
             self.parked_rows -= len(rows)
             self._count_parked()
             self._deliver_rows(rows)
@@ -446,13 +470,23 @@ class ReceiptHandoff:
         metrics.RECEIPTS_PARKED.set(max(0, self.parked_rows) + self._parking)
 
     def _deliver_rows(self, rows: list[Any]) -> None:
+        """Send the receipts of rows just taken; each row goes once its
+        receipt is safe (_answered)."""
         for r in rows:
             if r["left"] <= 0:
                 metrics.RECEIPTS_OUT.labels("smpp", "expired").inc()
+                self._answered(r["id"])
                 continue
             pdu = decode(bytes(r["pdu"]))
             if isinstance(pdu, DeliverSm):
-                self.deliver(r["account_id"], pdu, r["left"])
+                self.deliver(r["account_id"], pdu, r["left"], partial(self._answered, r["id"]))
+            else:
+                self._answered(r["id"])
+
+    def _answered(self, row_id: int) -> None:
+        """A taken row's receipt is safe: the row goes with the next write."""
+        self._answered_ids.append(row_id)
+        self._wake.set()
 
     async def _take(self) -> int:
         """Claim and deliver the receipts other nodes left for this one."""
@@ -471,13 +505,7 @@ class ReceiptHandoff:
             if len(rows) < 1000:
                 break
         while True:
-            rows = await self.pool.fetch(
-                "DELETE FROM receipt_handoff WHERE id IN (SELECT id FROM receipt_handoff"
-                " WHERE node = $1 AND NOT parked ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED)"
-                " RETURNING account_id, pdu,"
-                " extract(epoch FROM expires_at - now())::float8 AS left",
-                self.node,
-            )
+            rows = await self.pool.fetch(_TAKE_HANDED, self.node)
             self._deliver_rows(rows)
             total += len(rows)
             if len(rows) < 500:

@@ -705,11 +705,19 @@ class SmppFrontDoor:
         for pr in out:
             self._send_receipt(msg.account_id, pr)
 
-    def take_handed_over(self, account_id: int, pdu: DeliverSm, seconds_left: float) -> None:
-        """A receipt another node finished for an account bound here."""
-        self._send_receipt(
-            account_id, PendingReceipt(pdu, self.clock() + seconds_left, handed=True)
-        )
+    def take_handed_over(
+        self,
+        account_id: int,
+        pdu: DeliverSm,
+        seconds_left: float,
+        done: Callable[[], None] | None = None,
+    ) -> None:
+        """A receipt taken from the database (ReceiptHandoff): handed over by
+        another node, or parked and its account now bound. ``done`` deletes
+        its row once it is safe (as for ReceiptSink.deliver)."""
+        pr = PendingReceipt(pdu, self.clock() + seconds_left, handed=True)
+        pr.done = done
+        self._send_receipt(account_id, pr)
 
     def _hand_over(self, account_id: int, pr: PendingReceipt, again: bool = False) -> bool:
         """No bind of the account here: give the receipt to a node that has

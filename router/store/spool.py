@@ -1070,7 +1070,9 @@ class PgSpool:
                 )
                 # Receipts other nodes left for it, and its binds (handoff.py).
                 await conn.execute(
-                    "UPDATE receipt_handoff SET node = $1 WHERE node = $2", self.node, r["node"]
+                    "UPDATE receipt_handoff SET node = $1, taken = false WHERE node = $2",
+                    self.node,
+                    r["node"],
                 )
                 await conn.execute(
                     "UPDATE carrier_receipt_handoff SET node = $1 WHERE node = $2",

@@ -1,0 +1,9 @@
+-- A receipt a node takes from receipt_handoff (handed to it by another
+-- node, or parked and its account now bound here) stays, marked taken,
+-- until the customer has answered it, or it was given up, parked again or
+-- handed on (router/ingress/handoff.py): a crash of the taking node in
+-- between no longer loses it. Taken rows are taken again when their node
+-- starts again under the same name, or is found dead and adopted.
+-- Old routers, in a rolling upgrade, do not know the mark: they may send a
+-- taken receipt a second time (at least once).
+ALTER TABLE receipt_handoff ADD COLUMN taken boolean NOT NULL DEFAULT false;
