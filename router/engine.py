@@ -910,6 +910,8 @@ class Engine:
             expires_at=accepted + 7 * 86400,
             userref=info.get("userref"),
             callback_url=info.get("callback_url"),
+            part_ids=tuple(info.get("part_ids", ())),
+            part_receipts=tuple(info.get("part_receipts", ())),
         )
         d = Delivery(
             msg,
@@ -959,7 +961,9 @@ class Engine:
             metrics.child(metrics.DELIVERY_LATENCY, carrier).observe(latency)
             self.traffic_log.record_event(msg, status.value, carrier, error, now)
         sink = self.sinks.get(msg.origin)
-        if sink is not None and routes and self._routes_durable:
+        if sink is not None and routes and self._routes_durable and self.traffic_log.pool:
+            # (Without the traffic log a route left by a crash would be
+            # finished as unknown, not with the status it brought.)
             sink.deliver(d, partial(self._forget_routes, routes, msg.id))
         else:
             if sink is not None:

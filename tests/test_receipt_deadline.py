@@ -369,6 +369,30 @@ async def test_a_route_stays_until_the_customer_answers_every_part_receipt(
         rx.close()
 
 
+async def test_without_the_traffic_log_a_route_does_not_wait_for_the_customer(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    """With the traffic log off, no final status is logged for a route a
+    crash left: the deadline would finish it as unknown, a wrong receipt
+    for a delivered message. So the route goes with the carrier's receipt,
+    as before, whether or not the customer answers."""
+    sims = {
+        "sim-eu": SimConfig(port=0, dlr_delay=1.0),
+        "sim-world": SimConfig(port=0, dlr_delay=0.05),
+    }
+    stack = await stack_factory(sims=sims, traffic_log=False)
+    esme, _ = await connect(stack.smpp_port)
+    esme.answer_delivers = False
+    try:
+        r = await esme.submit("+4512345678", "no log")
+        assert r.status == 0
+        await wait_routes(db, 1)  # before the receipt (1 s)
+        await until(lambda: r.message_id in esme.receipts, 10, "the receipt")
+        await wait_routes_down_to(db, 0)
+    finally:
+        esme.close()
+
+
 async def test_a_route_goes_when_the_customer_refuses_its_receipt(
     stack_factory: Any, db: asyncpg.Pool
 ) -> None:

@@ -400,6 +400,10 @@ def test_route_info_is_exactly_json_dumps_of_the_fields() -> None:
         got = route_info(msg)
         assert got == want
         assert json.loads(got)["source"] == s
+    # A message reassembled from customer parts: their ids too.
+    parts = dataclasses.replace(base, part_ids=("p-1", "p-2"), part_receipts=(1, 0))
+    assert json.loads(route_info(parts))["part_ids"] == ["p-1", "p-2"]
+    assert json.loads(route_info(parts))["part_receipts"] == [1, 0]
 
 
 async def test_pool_resets_only_connections_that_hold_session_state(database_url: str) -> None:

@@ -24,16 +24,17 @@ is a lease (``expect_by`` moves 5 minutes ahead); the routes are deleted
 once the traffic log holds the finish (Engine._forget_route). A claim
 whose finish never ran (the node died, or lost the claim's answer with its connection) is
 claimed again when the lease ends. Once finished, the ``unknown`` receipt
-or webhook has the guarantees of any receipt (README, "Not done yet": an
-SMPP receipt waiting for a bind lives in memory). Between the claim and the
+or webhook has the guarantees of any receipt (its routes stay until it is
+safe, Engine._finish). Between the claim and the
 delete (a fraction of a second) a very late carrier receipt that reaches
 another node could still find the route and finish the message there too.
 
-A route can also outlive its message's final receipt: the traffic log
-records the final status and the route is deleted after that write, in
-the spool's next upkeep round; a router that goes down in between leaves
-the route, and may not have sent the submitter its receipt
-(an SMPP receipt waits for its bind in memory). Such a message is not
+A route can also outlive its message's final receipt: the route that
+ended the message is deleted only once the traffic log holds the final
+status and the submitter's receipt is safe (answered by the customer,
+parked, in the webhook outbox: Engine._finish); a router that goes down
+in between leaves the route, and may not have sent the submitter its
+receipt. Such a message is not
 finished as ``unknown``: the claim brings the newest final status the
 traffic log holds for it, and the message is finished again with that
 status, time and error (the submitter may get the receipt twice: at least

@@ -249,6 +249,13 @@ class ReceiptHandoff:
             await self.pool.execute("DELETE FROM receipt_binds WHERE node = $1", self.node)
             await self.pool.execute(f"NOTIFY {BINDS_CHANNEL}")
         except DB_ERRORS as exc:
+            if self._answered_ids:
+                log.warning(
+                    "receipt_handoff_answered_rows_kept",
+                    error=type(exc).__name__,
+                    rows=len(self._answered_ids),
+                    consequence="sent again when this node starts again or is adopted",
+                )
             if self._out:  # the final write did not happen: say what it loses
                 self._parking = 0
                 self._count_parked()
@@ -438,7 +445,9 @@ class ReceiptHandoff:
                 )
             )
         self._count_parked()
-        if not self.parked_rows:
+        if not self.parked_rows or not self._untaken:
+            # (Before the listener's un-take, rows taken now would be
+            # released again by it and sent twice.)
             return
         while self.local:
             rows = await self.pool.fetch(_TAKE_PARKED, self.node, list(self.local))
