@@ -765,13 +765,21 @@ class Engine:
         if not done:
             asyncio.get_running_loop().call_later(RECEIPT_HOLD_MAX, once, True)
 
-    def take_forwarded_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
-        """A carrier receipt another node got for a message this node sent."""
+    def take_forwarded_receipt(
+        self, carrier: str, receipt: CarrierReceipt, done: Callable[[], None] | None = None
+    ) -> None:
+        """A carrier receipt another node got for a message this node sent.
+        ``done`` (its hand-off row goes) once the traffic log holds what it
+        changed, or it is given up: a crash before, and the row is taken
+        again after the restart."""
         if self.take_sibling_receipt(carrier, receipt):
-            return
-        if self.recovery is not None:
+            if done is not None:
+                self.traffic_log.after_write(done)
+        elif self.recovery is not None:
             # Let go from memory meanwhile (receipt_memory) or never ours: from the route.
-            self.recovery.add(carrier, receipt, forwarded=True)
+            self.recovery.add(carrier, receipt, forwarded=True, done=done)
+        elif done is not None:
+            done()
 
     def on_unknown_receipt(self, carrier: str, receipt: CarrierReceipt) -> None:
         if self.offer_receipt is not None:
@@ -830,6 +838,9 @@ class Engine:
             c.correlator.unpark(receipt.carrier_id)
         if d is not None:
             self.on_receipt(Submission(d, row["part"]), carrier, receipt)
+        if w.done is not None:
+            done, w.done = w.done, None
+            self.traffic_log.after_write(done)
 
     def finish_overdue(self, rows: Sequence[Any]) -> int:
         """Messages whose receipt never came (router/carriers/deadline.py):

@@ -582,6 +582,83 @@ async def test_kill_9_with_held_parts_and_a_scheduled_message(
         await sim.stop()
 
 
+async def test_a_carrier_receipt_forwarded_by_another_node_survives_kill_9(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    """Two routers bound to one carrier account: the carrier sends the
+    receipts over both binds (round robin), so about half of node a's
+    receipts reach node b, which answers them and hands them to a through
+    carrier_receipt_handoff. a takes them, and dies before its traffic log
+    has the statuses (a lock on delivery_events holds the write). The
+    taken rows stay until that write, so the restarted a takes them again
+    and every message ends delivered. (a answers its own receipts only
+    once logged, receipt_ack = "durable", so the carrier resends those.)
+    Before, the rows were deleted as taken: those messages had no status
+    and would have ended unknown."""
+    await create_account(db, "acme", system_id="acme", password="acme-pw1")
+    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=1.0))
+    sim_port = await sim.start()
+    routers = {}
+    for name, ack in (("a", "durable"), ("b", "immediate")):
+        ports = free_ports()
+        cfg = tmp_path / f"router-{name}.toml"
+        cfg.write_text(
+            listen_toml(ports)
+            + f'[delivery]\nguarantee = "at-least-once"\nreceipt_ack = "{ack}"\n'
+            + f'node = "node-{name}"\n'
+            + carrier_toml("sim", sim_port, tps=100.0, window=32)
+            + '[routes]\ndefault = ["sim"]\n'
+        )
+        routers[name] = (cfg, ports, tmp_path / f"router-{name}.log")
+    procs = {
+        n: await start_router(c, database_url, p["ops"], log) for n, (c, p, log) in routers.items()
+    }
+    lock: asyncpg.pool.PoolConnectionProxy | None = None
+    esme: Esme | None = None
+    try:
+        esme, _ = await connect(routers["a"][1]["smpp"])
+        ids = []
+        for i in range(10):
+            r = await esme.submit("+4512345678", f"crossing-{i}")
+            assert r.status == 0
+            ids.append(r.message_id)  # type: ignore[attr-defined]
+        # Logged as submitted, routes written, before the receipts (1 s).
+        await until_count(db, 10, LOGGED, "submitted", ids, timeout=0.9)
+        await until_count(db, 10, ROUTES, timeout=0.9)
+        lock = await db.acquire()
+        await lock.execute("BEGIN; LOCK TABLE delivery_events IN ACCESS EXCLUSIVE MODE")
+        await until(lambda: sim.stats.receipts_sent >= 10, 10, "the receipts")
+        taken = "SELECT count(*) FROM carrier_receipt_handoff WHERE node = 'node-a' AND taken"
+        # b answers at once what it forwards; a holds its own answers.
+        deadline = time.monotonic() + 10
+        while (crossed := sim.stats.receipts_acked) == 0 or await db.fetchval(taken) != crossed:
+            assert time.monotonic() < deadline, "no receipt crossed to a and was taken there"
+            await asyncio.sleep(0.05)
+        assert crossed < 10
+        os.kill(procs["a"].pid, signal.SIGKILL)
+        procs["a"].wait(timeout=10)
+        esme.close()
+        await lock.execute("ROLLBACK")
+        await db.release(lock)
+        lock = None
+        assert await db.fetchval(LOGGED, "delivered", ids) == 0
+
+        cfg, ports, log = routers["a"]
+        procs["a"] = await start_router(cfg, database_url, ports["ops"], log)
+        await until_count(db, 10, LOGGED, "delivered", ids, timeout=20)
+        assert await db.fetchval(LOGGED, "unknown", ids) == 0
+        await until_count(db, 0, "SELECT count(*) FROM carrier_receipt_handoff")
+    finally:
+        if esme is not None:
+            esme.close()
+        if lock is not None:
+            await lock.execute("ROLLBACK")
+            await db.release(lock)
+        for p in procs.values():
+            stop_router(p)
+        await sim.stop()
+
+
 async def test_two_nodes_share_the_database_without_taking_each_others_messages(
     db: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:

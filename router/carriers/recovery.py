@@ -58,6 +58,14 @@ class Waiting:
     since: float
     due: float
     tries: int = 0
+    # Called once it is resolved (its status logged) or given up: a
+    # forwarded receipt's hand-off row goes then (ReceiptHandoff._logged).
+    done: Callable[[], None] | None = None
+
+    def give_up(self) -> None:
+        done, self.done = self.done, None
+        if done is not None:
+            done()
 
 
 class RouteRecovery:
@@ -97,14 +105,21 @@ class RouteRecovery:
     def __len__(self) -> int:
         return len(self.waiting)
 
-    def add(self, carrier: str, receipt: CarrierReceipt, forwarded: bool = False) -> None:
+    def add(
+        self,
+        carrier: str,
+        receipt: CarrierReceipt,
+        forwarded: bool = False,
+        done: Callable[[], None] | None = None,
+    ) -> None:
         now = self.clock()
         if len(self.waiting) >= self.max_waiting:
             # A flood of receipts nobody here sent (a carrier replaying, a
             # wiped database): memory and lookups stay bounded; oldest out.
             dropped = self.waiting.pop(0)
             metrics.RECEIPTS_UNMATCHED.labels(carrier=dropped.carrier).inc()
-        self.waiting.append(Waiting(carrier, receipt, forwarded, now, now))
+            dropped.give_up()
+        self.waiting.append(Waiting(carrier, receipt, forwarded, now, now, done=done))
         self._wake.set()
         if not self._stopped and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(
@@ -144,6 +159,7 @@ class RouteRecovery:
                 continue  # our own submit_sm_resp came and matched it
             if now - w.since > self.ttl:
                 metrics.RECEIPTS_UNMATCHED.labels(carrier=w.carrier).inc()
+                w.give_up()
                 continue
             (due if w.due <= now else keep).append(w)
         # Receipts added while a query runs are kept: self.waiting is swapped first.

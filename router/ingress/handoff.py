@@ -67,8 +67,9 @@ Written = Callable[[], None] | None
 # What a receipt taken here needs: account, PDU, remaining retention (s), and
 # what to call once it is safe (answered, given up, parked or handed on).
 Deliver = Callable[[int, DeliverSm, float, Written], None]
-# A carrier's receipt for a message this node sent: carrier name, receipt.
-TakeCarrierReceipt = Callable[[str, CarrierReceipt], None]
+# A carrier's receipt for a message this node sent: carrier name, receipt,
+# and what to call once its status is logged (or it was given up).
+TakeCarrierReceipt = Callable[[str, CarrierReceipt, Written], None]
 
 
 # Receipts for other nodes (SMPP receipts for an account bound there, carrier
@@ -80,7 +81,8 @@ _HAND_OVER_SQL = (
     "  AS u(n, a, p, s, k)),"
     " c AS (INSERT INTO carrier_receipt_handoff (node, carrier, carrier_id, state, error)"
     "  SELECT * FROM unnest($5::text[], $6::text[], $7::text[], $8::int[], $9::text[])),"
-    " d AS (DELETE FROM receipt_handoff WHERE id = ANY($13::bigint[]))"
+    " d AS (DELETE FROM receipt_handoff WHERE id = ANY($13::bigint[])),"
+    " e AS (DELETE FROM carrier_receipt_handoff WHERE id = ANY($14::bigint[]))"
     " SELECT pg_notify($10, t) FROM unnest($11::text[]) AS t"
 )
 
@@ -133,6 +135,7 @@ class ReceiptHandoff:
         self._parking = 0  # parked receipts queued or being written
         # Taken rows whose receipt is safe now: deleted with the next write.
         self._answered_ids: list[int] = []
+        self._logged_ids: list[int] = []  # of carrier_receipt_handoff, likewise
         self._untaken = False  # this node's rows taken in an earlier life released
         self._flushing = asyncio.Lock()  # stop() never cancels a write half done
         self._wake = asyncio.Event()
@@ -244,16 +247,16 @@ class ReceiptHandoff:
         parked = 0
         try:
             parked = await self._flush()
-            if self._answered_ids:  # taken rows the write just parked again or handed on
+            if self._answered_ids or self._logged_ids:  # taken rows now safe
                 await self._flush()
             await self.pool.execute("DELETE FROM receipt_binds WHERE node = $1", self.node)
             await self.pool.execute(f"NOTIFY {BINDS_CHANNEL}")
         except DB_ERRORS as exc:
-            if self._answered_ids:
+            if self._answered_ids or self._logged_ids:
                 log.warning(
                     "receipt_handoff_answered_rows_kept",
                     error=type(exc).__name__,
-                    rows=len(self._answered_ids),
+                    rows=len(self._answered_ids) + len(self._logged_ids),
                     consequence="sent again when this node starts again or is adopted",
                 )
             if self._out:  # the final write did not happen: say what it loses
@@ -292,14 +295,15 @@ class ReceiptHandoff:
         out, self._out = self._out, []
         out_carrier, self._out_carrier = self._out_carrier, []
         gone, self._answered_ids = self._answered_ids, []
+        logged, self._logged_ids = self._logged_ids, []
         changed = {a: n for a, n in self.local.items() if self._published.get(a) != n} | {
             a: 0 for a in self._published if a not in self.local
         }
-        if not out and not out_carrier and not gone and not changed:
+        if not out and not out_carrier and not gone and not logged and not changed:
             return 0
         parked = sum(1 for o in out if o[4])
         try:
-            if out or out_carrier or gone:
+            if out or out_carrier or gone or logged:
                 # One statement, one round trip: each await on a busy node's
                 # event loop costs a loop iteration, and a receipt's latency
                 # is the sum of them. The NOTIFYs go out at its commit.
@@ -319,8 +323,9 @@ class ReceiptHandoff:
                     sorted({o[0] for o in out if not o[4]} | {o[0] for o in out_carrier}),
                     [o[4] for o in out],
                     gone,
+                    logged,
                 )
-                written, out, out_carrier, gone = out, [], [], []
+                written, out, out_carrier, gone, logged = out, [], [], [], []
                 for o in written:
                     if o[5] is not None:
                         o[5]()
@@ -337,6 +342,7 @@ class ReceiptHandoff:
             self._out[:0] = out  # first in line again
             self._out_carrier[:0] = out_carrier
             self._answered_ids[:0] = gone
+            self._logged_ids[:0] = logged
             raise
         for account_id, n in changed.items():
             if n:
@@ -373,10 +379,11 @@ class ReceiptHandoff:
                     if not self._untaken:
                         # Taken by this node's earlier life and never answered
                         # (it died, or stopped with them unsettled): again.
-                        await conn.execute(
-                            "UPDATE receipt_handoff SET taken = false WHERE node = $1 AND taken",
-                            self.node,
-                        )
+                        for table in ("receipt_handoff", "carrier_receipt_handoff"):
+                            await conn.execute(
+                                f"UPDATE {table} SET taken = false WHERE node = $1 AND taken",
+                                self.node,
+                            )
                         self._untaken = True
                     await conn.add_listener(BINDS_CHANNEL, self._notified)
                     await conn.add_listener(RECEIPTS_CHANNEL, self._notified)
@@ -492,6 +499,11 @@ class ReceiptHandoff:
             else:
                 self._answered(r["id"])
 
+    def _logged(self, row_id: int) -> None:
+        """A taken carrier receipt's status is logged: the row goes."""
+        self._logged_ids.append(row_id)
+        self._wake.set()
+
     def _answered(self, row_id: int) -> None:
         """A taken row's receipt is safe: the row goes with the next write."""
         self._answered_ids.append(row_id)
@@ -501,15 +513,18 @@ class ReceiptHandoff:
         """Claim and deliver the receipts other nodes left for this one."""
         total = 0
         while self.take_carrier_receipt is not None:
+            # Marked taken, deleted once the status it brings is logged
+            # (_logged): a crash before leaves it to take again.
             rows = await self.pool.fetch(
-                "DELETE FROM carrier_receipt_handoff WHERE id IN (SELECT id"
-                " FROM carrier_receipt_handoff WHERE node = $1 ORDER BY id LIMIT 1000"
-                " FOR UPDATE SKIP LOCKED) RETURNING carrier, carrier_id, state, error",
+                "UPDATE carrier_receipt_handoff SET taken = true WHERE id IN (SELECT id"
+                " FROM carrier_receipt_handoff WHERE node = $1 AND NOT taken ORDER BY id"
+                " LIMIT 1000 FOR UPDATE SKIP LOCKED)"
+                " RETURNING id, carrier, carrier_id, state, error",
                 self.node,
             )
             for r in rows:
                 receipt = CarrierReceipt(r["carrier_id"], _state(r["state"]), r["error"])
-                self.take_carrier_receipt(r["carrier"], receipt)
+                self.take_carrier_receipt(r["carrier"], receipt, partial(self._logged, r["id"]))
             total += len(rows)
             if len(rows) < 1000:
                 break

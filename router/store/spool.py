@@ -1089,7 +1089,7 @@ class PgSpool:
                     r["node"],
                 )
                 await conn.execute(
-                    "UPDATE carrier_receipt_handoff SET node = $1 WHERE node = $2",
+                    "UPDATE carrier_receipt_handoff SET node = $1, taken = false WHERE node = $2",
                     self.node,
                     r["node"],
                 )
