@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -419,7 +420,10 @@ class Router:
         if self.handoff is not None:
             if self.smpp is not None:
                 self.smpp.park_pending()  # written (and counted) by handoff.stop()
-            await self.handoff.stop()
+            tlog = self.traffic_log
+            await self.handoff.stop(
+                None if tlog is None else partial(tlog.settle, timeout=min(3.0, timeout))
+            )
         if self.spool is not None:
             if self.traffic_log is not None:
                 # Route deletes wait for the log's write (Engine._forget_route).

@@ -348,3 +348,38 @@ async def test_receipts_that_cannot_be_parked_at_stop_are_counted_lost(
         proxy.restore()
         await proxy.stop()
     assert await db.fetchval("SELECT count(*) FROM receipt_handoff") == 0
+
+
+async def test_a_clean_stop_deletes_the_carrier_receipts_it_took(db: asyncpg.Pool) -> None:
+    """A carrier receipt taken just before a clean stop: its row is marked
+    taken until the status it brings is logged. The stop awaits the
+    traffic log's settle before its last write, so the row goes with it
+    and is not taken again (a second receipt) at the next start."""
+    from router.carriers.receipt import CarrierReceipt
+    from router.ingress.handoff import ReceiptHandoff
+
+    taken: list[tuple[CarrierReceipt, Any]] = []
+    handoff = ReceiptHandoff(
+        db,
+        "node-stop",
+        lambda *a: None,
+        lambda carrier, receipt, done: taken.append((receipt, done)),
+        poll_interval=0.1,
+    )
+    await db.execute(
+        "INSERT INTO carrier_receipt_handoff (node, carrier, carrier_id, state, error)"
+        " VALUES ('node-stop', 'sim', 'c-1', 2, '000')"
+    )
+    handoff.start()
+    try:
+        await until(lambda: taken, 5, "the carrier receipt taken")
+        assert taken[0][0].carrier_id == "c-1"
+        assert await db.fetchval("SELECT taken FROM carrier_receipt_handoff") is True
+    finally:
+
+        async def settle() -> None:  # the traffic log's write of its status
+            for _, done in taken:
+                done()
+
+        await handoff.stop(settle)
+    assert await db.fetchval("SELECT count(*) FROM carrier_receipt_handoff") == 0

@@ -42,7 +42,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -230,10 +230,13 @@ class ReceiptHandoff:
                 asyncio.create_task(self._run_listener(), name="receipt-handoff-listener"),
             ]
 
-    async def stop(self) -> None:
+    async def stop(self, settle: Callable[[], Awaitable[None]] | None = None) -> None:
         """Stop taking receipts, write what is waiting to go (receipts parked
         for this node included: the listener is stopped first, or it would
-        take them straight back), stop publishing binds here."""
+        take them straight back), stop publishing binds here. ``settle``
+        (the traffic log's) is awaited before the last write, so the
+        carrier receipts just taken have their status logged and their rows
+        go with it, rather than be taken again at the next start."""
         self.local.clear()
         tasks = [*self._tasks, *self._refreshers]
         async with self._flushing:  # the writer's write in progress ends first
@@ -244,6 +247,8 @@ class ReceiptHandoff:
                     await t
         self._tasks = []
         self._refreshers.clear()
+        if settle is not None:
+            await settle()
         parked = 0
         try:
             parked = await self._flush()
