@@ -774,7 +774,7 @@ class Engine:
         again after the restart."""
         if self.take_sibling_receipt(carrier, receipt):
             if done is not None:
-                self.traffic_log.after_write(done)
+                self._once_logged(done)
         elif self.recovery is not None:
             # Let go from memory meanwhile (receipt_memory) or never ours: from the route.
             self.recovery.add(carrier, receipt, forwarded=True, done=done)
@@ -840,7 +840,17 @@ class Engine:
             self.on_receipt(Submission(d, row["part"]), carrier, receipt)
         if w.done is not None:
             done, w.done = w.done, None
-            self.traffic_log.after_write(done)
+            self._once_logged(done)
+
+    def _once_logged(self, done: Callable[[], None]) -> None:
+        """``done`` once the traffic log holds what a forwarded carrier
+        receipt changed. Not while the log is full: its rows are dropped
+        then, so the hand-off row stays taken, and the next start takes
+        it again (its route stays too, _forget_route)."""
+        tlog = self.traffic_log
+        if tlog.pool is not None and tlog.depth >= tlog.limit:
+            return
+        tlog.after_write(done)
 
     def finish_overdue(self, rows: Sequence[Any]) -> int:
         """Messages whose receipt never came (router/carriers/deadline.py):

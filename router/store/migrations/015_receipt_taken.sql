@@ -14,3 +14,4 @@ ALTER TABLE carrier_receipt_handoff ADD COLUMN taken boolean NOT NULL DEFAULT fa
 -- Takes look for rows neither parked nor taken; taken rows of a customer
 -- that answers slowly must not lengthen that walk.
 CREATE INDEX receipt_handoff_untaken ON receipt_handoff (node, id) WHERE NOT parked AND NOT taken;
+CREATE INDEX carrier_receipt_handoff_untaken ON carrier_receipt_handoff (node, id) WHERE NOT taken;
