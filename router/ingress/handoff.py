@@ -28,7 +28,10 @@ the one that finished the message. This module carries such receipts over:
 - a carrier's receipt that reached another node than the one that sent the
   message (carriers send receipts over any bind of the system_id) is handed
   to that node if it is alive (``carrier_receipt_handoff``: carrier, id,
-  state and error only), which finishes the message as if it had come there.
+  state and error only), which finishes the message as if it had come there;
+  its row is marked taken and deleted once that node's traffic log holds
+  the status (Engine.take_forwarded_receipt), so a crash in between has it
+  taken again.
 
 Rows hold the encoded deliver_sm: the receipt text carries no message text
 (carriers/receipt.py), and for a ``secret`` message the addresses are
