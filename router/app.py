@@ -5,6 +5,7 @@ in reverse. Also the demo mode (embedded PostgreSQL + carrier simulators).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import gc
 import os
 import secrets
@@ -305,8 +306,11 @@ class Router:
                 # The database's clock: routes carry its created_at.
                 started = await spool.pool.fetchval("SELECT now()")
 
-                def finished(after: str, limit: int) -> Any:
-                    return spool.finished_routes(started, after, limit)
+                def finished(after: str, limit: int, node: str | None) -> Any:
+                    # A dead node's: every route it wrote (the database's
+                    # clock is near ours; a day covers any skew).
+                    before = started if node is None else _in_a_day()
+                    return spool.finished_routes(before, after, limit, node)
 
             self.deadlines = ReceiptDeadlines(
                 spool.claim_overdue_routes,
@@ -315,6 +319,10 @@ class Router:
                 finished=finished,
             )
             self.deadlines.start()
+            spool.on_adopt_node = self.deadlines.resend_for
+            for node in spool.adopted_nodes:  # adopted before this was wired
+                self.deadlines.resend_for(node)
+            spool.adopted_nodes.clear()
         self.ports["smpp"] = await self.smpp.start()
         api = make_api(cfg, self.engine, self.accounts, pool=self.pool)
         add_admin_routes(api, lambda: self.pool, self.accounts, self.optout, audit_key)
@@ -439,6 +447,10 @@ class Router:
             await self.optout.stop()
         if self.pool is not None:
             await self.pool.close()
+
+
+def _in_a_day() -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
 
 
 def webhook_shares(workers: int) -> tuple[int, int]:

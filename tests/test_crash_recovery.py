@@ -288,9 +288,9 @@ async def receipts_after_restart(port: int, ids: list[str]) -> Esme:
     return rx
 
 
-@pytest.mark.parametrize("parts", [False, True])
+@pytest.mark.parametrize(("parts", "renamed"), [(False, False), (True, False), (False, True)])
 async def test_a_receipt_the_customer_never_answered_is_sent_again_after_kill_9(
-    db: asyncpg.Pool, database_url: str, tmp_path: Path, parts: bool
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, parts: bool, renamed: bool
 ) -> None:
     """The customer's receiver takes its receipts and never answers them
     (deliver_sm_resp) when the router dies, after the traffic log has the
@@ -301,13 +301,24 @@ async def test_a_receipt_the_customer_never_answered_is_sent_again_after_kill_9(
 
     ``parts``: one message the customer split in three (UDH), reassembled
     here: a receipt for each part id, before and after the restart (the
-    route keeps the part ids)."""
+    route keeps the part ids). ``renamed``: the router comes back under
+    another delivery.node (a container's new host name): it adopts the
+    dead node's rows once that is not seen for node_grace (3 s), and sends
+    the receipts its crash left unsent then."""
     await create_account(db, "acme", system_id="acme", password="acme-pw1")
     sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.1))
     sim_port = await sim.start()
     ports = free_ports()
     cfg = tmp_path / "router.toml"
     write_config(cfg, ports, sim_port, tps=100)
+    base = cfg.read_text()
+
+    def name_node(node: str) -> None:
+        named = f'[delivery]\nnode = "{node}"\nnode_grace = 3.0\n'
+        cfg.write_text(base.replace("[delivery]\n", named))
+
+    if renamed:
+        name_node("before")
     log = tmp_path / "router.log"
     proc = await start_router(cfg, database_url, ports["ops"], log)
     tx, _ = await connect(ports["smpp"], bind_cls=BindTransmitter)
@@ -336,6 +347,8 @@ async def test_a_receipt_the_customer_never_answered_is_sent_again_after_kill_9(
         tx.close()
         rx.close()
 
+        if renamed:
+            name_node("after")
         proc = await start_router(cfg, database_url, ports["ops"], log)
         rx = await receipts_after_restart(ports["smpp"], ids)
         await until_count(db, 0, ROUTES)  # answered this time

@@ -41,8 +41,10 @@ status, time and error (the submitter may get the receipt twice: at least
 once), without logging it again. And not only at the deadline: ``resend_finished``
 runs once, ``resend_delay`` after a start, over the routes the node wrote
 in its previous life, so that those receipts follow the restart within
-seconds. Both need the traffic log (``database.traffic_log``); without it a
-route left so ends as ``unknown`` at its deadline.
+seconds, and over all the routes of a dead node when it is adopted
+(``resend_for``: it may never come back, or under another name). Both
+need the traffic log (``database.traffic_log``); without it a route left
+so ends as ``unknown`` at its deadline.
 
 ``unknown`` is final: a receipt arriving later finds no route and is counted
 in ``smsrouter_carrier_receipts_unmatched_total``. In ``in-memory`` mode
@@ -63,9 +65,10 @@ from ..tasks import DB_ERRORS, Periodic, cancel_and_wait
 log = structlog.get_logger("router.carriers.deadline")
 
 Claim = Callable[[Sequence[str], int], Any]  # (live nodes, limit) -> awaitable rows
-# (after message id, limit) -> awaitable rows of this node's previous life
-# with their messages' logged final status (PgSpool.finished_routes)
-Finished = Callable[[str, int], Any]
+# (after message id, limit, node: None for this one's previous life, else a
+# dead node just adopted) -> awaitable route rows with their messages'
+# logged final status (PgSpool.finished_routes)
+Finished = Callable[[str, int, str | None], Any]
 
 
 class ReceiptDeadlines(Periodic):
@@ -90,6 +93,7 @@ class ReceiptDeadlines(Periodic):
         self.finished = finished
         self.resend_delay = resend_delay
         self._resend: asyncio.Task[None] | None = None
+        self._adopted: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         super().start()
@@ -101,21 +105,35 @@ class ReceiptDeadlines(Periodic):
     async def stop(self) -> None:
         await cancel_and_wait(self._resend)
         self._resend = None
+        for task in list(self._adopted):
+            await cancel_and_wait(task)
         await super().stop()
 
-    async def _resend_after_restart(self) -> None:
+    def resend_for(self, node: str) -> None:
+        """A dead node was adopted (PgSpool.adopt_orphans): send again the
+        receipts its crash left unsent, as its own restart would have (it
+        may never restart, or come back under another name)."""
+        if self.finished is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._resend_after_restart(node), name="receipts-resend-adopted"
+        )
+        self._adopted.add(task)
+        task.add_done_callback(self._adopted.discard)
+
+    async def _resend_after_restart(self, node: str | None = None) -> None:
         """Once, ``resend_delay`` after start (customers rebind meanwhile;
         a receipt for one not bound is parked as always), until done."""
         await asyncio.sleep(self.resend_delay)
         while True:
             try:
-                await self.resend_finished()
+                await self.resend_finished(node)
                 return
             except DB_ERRORS as exc:
                 log.warning("receipts_resend_failed", error=type(exc).__name__)
                 await asyncio.sleep(self.interval)
 
-    async def resend_finished(self) -> int:
+    async def resend_finished(self, node: str | None = None) -> int:
         """The routes this node left behind when it went down whose message
         has a final status in the traffic log: the router stopped between
         logging that status and deleting the routes (within a fraction of a
@@ -123,11 +141,12 @@ class ReceiptDeadlines(Periodic):
         message is finished again with its logged status (a receipt or
         webhook, at least once) and its routes deleted, now rather than as
         ``unknown`` at its deadline. Pages of ``batch`` messages, in id
-        order; how many were finished."""
+        order; how many were finished. ``node``: a dead node's routes, all
+        of them (adopted), rather than this node's previous life's."""
         assert self.finished is not None
         after, total = "", 0
         while True:
-            rows = await self.finished(after, self.batch)
+            rows = await self.finished(after, self.batch, node)
             if not rows:
                 break
             after = rows[-1]["message_id"]

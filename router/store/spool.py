@@ -470,6 +470,10 @@ class PgSpool:
         self._nodes_task: asyncio.Task[None] | None = None
         # Called with the messages adopted from a dead node (the engine queues them).
         self.on_adopt: Callable[[list[Message]], object] | None = None
+        # Called with the name of each dead node adopted (its receipts that
+        # a crash left unsent are sent again: ReceiptDeadlines.resend_for).
+        self.on_adopt_node: Callable[[str], object] | None = None
+        self.adopted_nodes: list[str] = []  # adopted before on_adopt_node was set
         self.max_rows = max_rows
         self.flush_interval = flush_interval
         self.batch = batch
@@ -633,14 +637,15 @@ class PgSpool:
         )
 
     async def finished_routes(
-        self, before: dt.datetime, after: str = "", limit: int = 1000
+        self, before: dt.datetime, after: str = "", limit: int = 1000, node: str | None = None
     ) -> list[asyncpg.Record]:
-        """The receipt routes this node wrote before ``before`` (its previous
-        life), of up to ``limit`` messages with ids after ``after``, in id
-        order: each row with the final status the traffic log holds for its
-        message (``final_status`` etc.; NULL if none). A route whose message
-        has one outlived its final receipt: the router went down between
-        logging the status and deleting the route (router/carriers/deadline.py)."""
+        """The receipt routes this node (or ``node``, a dead one just
+        adopted) wrote before ``before`` (its previous life), of up to
+        ``limit`` messages with ids after ``after``, in id order: each row
+        with the final status the traffic log holds for its message
+        (``final_status`` etc.; NULL if none). A route whose message has one
+        outlived its final receipt: the router went down between logging
+        the status and deleting the route (router/carriers/deadline.py)."""
         return list(
             await self.pool.fetch(
                 "WITH page AS ("
@@ -651,7 +656,7 @@ class PgSpool:
                 "  ON r.message_id = page.message_id AND r.node = $1 AND r.created_at < $2"
                 + _with_final("r")
                 + " ORDER BY r.message_id",
-                self.node,
+                node or self.node,
                 before,
                 after,
                 limit,
@@ -1095,6 +1100,10 @@ class PgSpool:
                 )
                 await conn.execute("DELETE FROM receipt_binds WHERE node = $1", r["node"])
                 await conn.execute("DELETE FROM router_nodes WHERE node = $1", r["node"])
+            if self.on_adopt_node is not None:
+                self.on_adopt_node(r["node"])
+            else:
+                self.adopted_nodes.append(r["node"])
             if not rows:
                 continue
             rows = sorted(rows, key=lambda row: row["created_at"])
