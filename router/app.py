@@ -5,7 +5,6 @@ in reverse. Also the demo mode (embedded PostgreSQL + carrier simulators).
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import gc
 import os
 import secrets
@@ -306,11 +305,10 @@ class Router:
                 # The database's clock: routes carry its created_at.
                 started = await spool.pool.fetchval("SELECT now()")
 
-                def finished(after: str, limit: int, node: str | None) -> Any:
-                    # A dead node's: every route it wrote (the database's
-                    # clock is near ours; a day covers any skew).
-                    before = started if node is None else _in_a_day()
-                    return spool.finished_routes(before, after, limit, node)
+                def finished(after: str, limit: int, node: tuple[str, Any] | None) -> Any:
+                    if node is None:  # this node's previous life
+                        return spool.finished_routes(started, after, limit)
+                    return spool.finished_routes(node[1], after, limit, node[0])
 
             self.deadlines = ReceiptDeadlines(
                 spool.claim_overdue_routes,
@@ -320,8 +318,8 @@ class Router:
             )
             self.deadlines.start()
             spool.on_adopt_node = self.deadlines.resend_for
-            for node in spool.adopted_nodes:  # adopted before this was wired
-                self.deadlines.resend_for(node)
+            for node, adopted_at in spool.adopted_nodes:  # adopted before this was wired
+                self.deadlines.resend_for(node, adopted_at)
             spool.adopted_nodes.clear()
         self.ports["smpp"] = await self.smpp.start()
         api = make_api(cfg, self.engine, self.accounts, pool=self.pool)
@@ -447,10 +445,6 @@ class Router:
             await self.optout.stop()
         if self.pool is not None:
             await self.pool.close()
-
-
-def _in_a_day() -> dt.datetime:
-    return dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
 
 
 def webhook_shares(workers: int) -> tuple[int, int]:

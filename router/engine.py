@@ -212,6 +212,10 @@ class Engine:
         # passes of 300-500 ms in a 10-minute soak).
         self.recent: OrderedDict[str, Summary] = OrderedDict()
         self.recent_limit = recent_limit
+        # Messages finished here whose routes wait for the submitter's
+        # receipt to be safe (_finish): a deadline claim or an adopter's
+        # re-send must leave those routes to that wait.
+        self._unsafe: set[str] = set()
         self._ticks = 0
         # Hands a carrier receipt to the live node that owns its message
         # (set by the app; False when that node is not known alive).
@@ -725,6 +729,10 @@ class Engine:
             return
         tlog.after_write(partial(self._forget_route_now, carrier, carrier_id, message_id))
 
+    def _receipt_safe(self, routes: Sequence[tuple[str, str]], message_id: str) -> None:
+        self._unsafe.discard(message_id)
+        self._forget_routes(routes, message_id)
+
     def _forget_routes(self, routes: Sequence[tuple[str, str]], message_id: str) -> None:
         for carrier, carrier_id in routes:
             self._forget_route(carrier, carrier_id, message_id)
@@ -887,7 +895,8 @@ class Engine:
                 d = self._rebuild_delivery(first, first["carrier"], len(routes))
             # (None: its last receipt came as the route was claimed.)
             if d is None:
-                self._forget_routes(gone, message_id)
+                if message_id not in self._unsafe:
+                    self._forget_routes(gone, message_id)
                 continue
             # The routes go after the finish, and after the submitter's
             # receipt is safe (_finish, _forget_route).
@@ -985,7 +994,8 @@ class Engine:
         if sink is not None and routes and self._routes_durable and self.traffic_log.pool:
             # (Without the traffic log a route left by a crash would be
             # finished as unknown, not with the status it brought.)
-            sink.deliver(d, partial(self._forget_routes, routes, msg.id))
+            self._unsafe.add(msg.id)
+            sink.deliver(d, partial(self._receipt_safe, routes, msg.id))
         else:
             if sink is not None:
                 sink.deliver(d)

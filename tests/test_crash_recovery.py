@@ -61,17 +61,31 @@ def write_config(
     )
 
 
+async def sim_and_config(
+    tmp_path: Path, sim_cfg: SimConfig, tps: float, receipt_ack: str = "immediate", extra: str = ""
+) -> tuple[CarrierSimulator, dict[str, int], Path]:
+    """A carrier simulator, started, and a router config on it
+    (``tmp_path``/router.toml, ``extra`` TOML appended): the simulator, the
+    router's ports and the config's path."""
+    sim = CarrierSimulator(sim_cfg)
+    sim_port = await sim.start()
+    ports = free_ports()
+    cfg = tmp_path / "router.toml"
+    write_config(cfg, ports, sim_port, tps=tps, receipt_ack=receipt_ack)
+    if extra:
+        cfg.write_text(cfg.read_text() + extra)
+    return sim, ports, cfg
+
+
 async def test_kill_9_under_load_loses_no_acknowledged_message(
     db: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:
     await create_account(db, "acme", system_id="acme", password="acme-pw1")
-    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.2, latency=0.01))
-    sim_port = await sim.start()
-    ports = free_ports()
-    cfg = tmp_path / "router.toml"
     # The carrier is slower than the submitter, so a backlog is queued in
     # the router (and in its spool) when it dies.
-    write_config(cfg, ports, sim_port, tps=300)
+    sim, ports, cfg = await sim_and_config(
+        tmp_path, SimConfig(port=0, name="sim", dlr_delay=0.2, latency=0.01), tps=300
+    )
     log = tmp_path / "router.log"
     proc = await start_router(cfg, database_url, ports["ops"], log)
     acked: dict[str, str] = {}  # text -> our id
@@ -120,11 +134,9 @@ async def test_receipt_after_restart_still_reaches_the_submitter(
 ) -> None:
     await create_account(db, "acme", system_id="acme", password="acme-pw1")
     # Receipts come 2 s after the submit: the router dies in between.
-    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=2.0, id_format="decimal"))
-    sim_port = await sim.start()
-    ports = free_ports()
-    cfg = tmp_path / "router.toml"
-    write_config(cfg, ports, sim_port, tps=100)
+    sim, ports, cfg = await sim_and_config(
+        tmp_path, SimConfig(port=0, name="sim", dlr_delay=2.0, id_format="decimal"), tps=100
+    )
     log = tmp_path / "router.log"
     proc = await start_router(cfg, database_url, ports["ops"], log)
     try:
@@ -190,11 +202,9 @@ async def test_a_receipt_the_router_died_with_before_logging_it_is_not_lost(
     tests/test_receipt_deadline.py). Before, the route went first and the
     message stayed 'submitted' for good."""
     await create_account(db, "acme", system_id="acme", password="acme-pw1")
-    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=1.0))
-    sim_port = await sim.start()
-    ports = free_ports()
-    cfg = tmp_path / "router.toml"
-    write_config(cfg, ports, sim_port, tps=100, receipt_ack=ack)
+    sim, ports, cfg = await sim_and_config(
+        tmp_path, SimConfig(port=0, name="sim", dlr_delay=1.0), tps=100, receipt_ack=ack
+    )
     log = tmp_path / "router.log"
     proc = await start_router(cfg, database_url, ports["ops"], log)
     lock: asyncpg.pool.PoolConnectionProxy | None = None
@@ -306,11 +316,9 @@ async def test_a_receipt_the_customer_never_answered_is_sent_again_after_kill_9(
     dead node's rows once that is not seen for node_grace (3 s), and sends
     the receipts its crash left unsent then."""
     await create_account(db, "acme", system_id="acme", password="acme-pw1")
-    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.1))
-    sim_port = await sim.start()
-    ports = free_ports()
-    cfg = tmp_path / "router.toml"
-    write_config(cfg, ports, sim_port, tps=100)
+    sim, ports, cfg = await sim_and_config(
+        tmp_path, SimConfig(port=0, name="sim", dlr_delay=0.1), tps=100
+    )
     base = cfg.read_text()
 
     def name_node(node: str) -> None:
@@ -351,6 +359,8 @@ async def test_a_receipt_the_customer_never_answered_is_sent_again_after_kill_9(
             name_node("after")
         proc = await start_router(cfg, database_url, ports["ops"], log)
         rx = await receipts_after_restart(ports["smpp"], ids)
+        if renamed:  # sent by the adopter of 'before'
+            assert not await db.fetchval("SELECT count(*) FROM router_nodes WHERE node = 'before'")
         await until_count(db, 0, ROUTES)  # answered this time
         assert sim.received_count() == 3, "resent to the carrier"
         unknown = "SELECT count(*) FROM delivery_events WHERE status = 'unknown'"
@@ -380,12 +390,12 @@ async def test_a_webhook_not_yet_in_its_outbox_is_sent_again_after_kill_9(
         return web.Response(status=answers.pop(0) if answers else 204)
 
     receiver = await Receiver(behave).start()
-    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.1))
-    sim_port = await sim.start()
-    ports = free_ports()
-    cfg = tmp_path / "router.toml"
-    write_config(cfg, ports, sim_port, tps=100)
-    cfg.write_text(cfg.read_text() + "[webhooks]\nallow_private_targets = true\n")
+    sim, ports, cfg = await sim_and_config(
+        tmp_path,
+        SimConfig(port=0, name="sim", dlr_delay=0.1),
+        tps=100,
+        extra="[webhooks]\nallow_private_targets = true\n",
+    )
     log = tmp_path / "router.log"
     proc = await start_router(cfg, database_url, ports["ops"], log)
     lock: asyncpg.pool.PoolConnectionProxy | None = None
@@ -440,11 +450,9 @@ async def test_receipts_for_an_unbound_customer_survive_kill_9(
     the router dies: the receipts that came meanwhile were parked in the
     database, and reach the receiver it binds after the restart."""
     await create_account(db, "acme", system_id="acme", password="acme-pw1")
-    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.1))
-    sim_port = await sim.start()
-    ports = free_ports()
-    cfg = tmp_path / "router.toml"
-    write_config(cfg, ports, sim_port, tps=100)
+    sim, ports, cfg = await sim_and_config(
+        tmp_path, SimConfig(port=0, name="sim", dlr_delay=0.1), tps=100
+    )
     log = tmp_path / "router.log"
     proc = await start_router(cfg, database_url, ports["ops"], log)
     try:
@@ -483,11 +491,9 @@ async def test_a_parked_receipt_taken_and_never_answered_survives_kill_9(
     (the same node name) takes them again and the customer's new receiver
     gets them. Before, they were deleted as taken and lost."""
     await create_account(db, "acme", system_id="acme", password="acme-pw1")
-    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.1))
-    sim_port = await sim.start()
-    ports = free_ports()
-    cfg = tmp_path / "router.toml"
-    write_config(cfg, ports, sim_port, tps=100)
+    sim, ports, cfg = await sim_and_config(
+        tmp_path, SimConfig(port=0, name="sim", dlr_delay=0.1), tps=100
+    )
     log = tmp_path / "router.log"
     proc = await start_router(cfg, database_url, ports["ops"], log)
     tx, _ = await connect(ports["smpp"], bind_cls=BindTransmitter)
@@ -530,12 +536,12 @@ async def test_kill_9_with_held_parts_and_a_scheduled_message(
     parts go out on their own (and are logged), the scheduled one at its
     time. Nothing acknowledged is lost."""
     await create_account(db, "acme", system_id="acme", password="acme-pw1")
-    sim = CarrierSimulator(SimConfig(port=0, name="sim", dlr_delay=0.1))
-    sim_port = await sim.start()
-    ports = free_ports()
-    cfg = tmp_path / "router.toml"
-    write_config(cfg, ports, sim_port, tps=100)
-    cfg.write_text(cfg.read_text() + "[smpp]\nreassembly_timeout = 600.0\n")
+    sim, ports, cfg = await sim_and_config(
+        tmp_path,
+        SimConfig(port=0, name="sim", dlr_delay=0.1),
+        tps=100,
+        extra="[smpp]\nreassembly_timeout = 600.0\n",
+    )
     log = tmp_path / "router.log"
     proc = await start_router(cfg, database_url, ports["ops"], log)
     try:

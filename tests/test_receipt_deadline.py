@@ -369,6 +369,37 @@ async def test_a_route_stays_until_the_customer_answers_every_part_receipt(
         rx.close()
 
 
+async def test_a_resend_or_claim_leaves_a_route_whose_receipt_still_waits(
+    stack_factory: Any, db: asyncpg.Pool
+) -> None:
+    """A message finished here whose receipt the customer has not answered
+    yet: its route, offered again to finish_overdue (a deadline claim, or
+    an adopter's re-send of a dead node's routes), is left to that wait,
+    not deleted (a crash would then lose the receipt); it goes once the
+    customer answers."""
+    stack = await stack_factory()
+    esme, _ = await connect(stack.smpp_port)
+    esme.answer_delivers = False
+    try:
+        r = await esme.submit("+4512345678", "still waiting")
+        assert r.status == 0
+        await until(lambda: r.message_id in esme.receipts, 10, "the receipt")
+        await asyncio.sleep(0.5)  # the status logged
+        spool = stack.router.spool
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+        rows = await spool.finished_routes(later, "", 10)
+        assert [row["message_id"] for row in rows] == [r.message_id]
+        assert rows[0]["final_status"] == "delivered"
+        assert stack.router.engine.finish_overdue(rows) == 0  # finished here already
+        await asyncio.sleep(0.5)
+        assert await routes(db) == 1, "deleted while its receipt waits for the customer"
+        assert len(esme.delivers) == 1  # and not sent again
+        esme.answer(esme.delivers[0])
+        await wait_routes_down_to(db, 0)
+    finally:
+        esme.close()
+
+
 async def test_without_the_traffic_log_a_route_does_not_wait_for_the_customer(
     stack_factory: Any, db: asyncpg.Pool
 ) -> None:

@@ -55,6 +55,7 @@ memory (``delivery.receipt_memory``, see Engine.release_receipt_waits).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -65,10 +66,10 @@ from ..tasks import DB_ERRORS, Periodic, cancel_and_wait
 log = structlog.get_logger("router.carriers.deadline")
 
 Claim = Callable[[Sequence[str], int], Any]  # (live nodes, limit) -> awaitable rows
-# (after message id, limit, node: None for this one's previous life, else a
-# dead node just adopted) -> awaitable route rows with their messages'
-# logged final status (PgSpool.finished_routes)
-Finished = Callable[[str, int, str | None], Any]
+# (after message id, limit, node and the time it was adopted: None for this
+# node's previous life) -> awaitable route rows with their messages' logged
+# final status (PgSpool.finished_routes)
+Finished = Callable[[str, int, tuple[str, dt.datetime] | None], Any]
 
 
 class ReceiptDeadlines(Periodic):
@@ -94,6 +95,7 @@ class ReceiptDeadlines(Periodic):
         self.resend_delay = resend_delay
         self._resend: asyncio.Task[None] | None = None
         self._adopted: set[asyncio.Task[None]] = set()
+        self._stopped = False
 
     def start(self) -> None:
         super().start()
@@ -103,25 +105,27 @@ class ReceiptDeadlines(Periodic):
             )
 
     async def stop(self) -> None:
+        self._stopped = True  # a node adopted from now on waits for its deadlines
         await cancel_and_wait(self._resend)
         self._resend = None
         for task in list(self._adopted):
             await cancel_and_wait(task)
         await super().stop()
 
-    def resend_for(self, node: str) -> None:
-        """A dead node was adopted (PgSpool.adopt_orphans): send again the
-        receipts its crash left unsent, as its own restart would have (it
-        may never restart, or come back under another name)."""
-        if self.finished is None:
+    def resend_for(self, node: str, adopted_at: dt.datetime) -> None:
+        """A dead node was adopted (PgSpool.adopt_orphans) at ``adopted_at``:
+        send again the receipts its crash left unsent in the routes it wrote
+        before, as its own restart would have (it may never restart, or come
+        back under another name)."""
+        if self.finished is None or self._stopped:
             return
         task = asyncio.get_running_loop().create_task(
-            self._resend_after_restart(node), name="receipts-resend-adopted"
+            self._resend_after_restart((node, adopted_at)), name="receipts-resend-adopted"
         )
         self._adopted.add(task)
         task.add_done_callback(self._adopted.discard)
 
-    async def _resend_after_restart(self, node: str | None = None) -> None:
+    async def _resend_after_restart(self, node: tuple[str, dt.datetime] | None = None) -> None:
         """Once, ``resend_delay`` after start (customers rebind meanwhile;
         a receipt for one not bound is parked as always), until done."""
         await asyncio.sleep(self.resend_delay)
@@ -133,7 +137,7 @@ class ReceiptDeadlines(Periodic):
                 log.warning("receipts_resend_failed", error=type(exc).__name__)
                 await asyncio.sleep(self.interval)
 
-    async def resend_finished(self, node: str | None = None) -> int:
+    async def resend_finished(self, node: tuple[str, dt.datetime] | None = None) -> int:
         """The routes this node left behind when it went down whose message
         has a final status in the traffic log: the router stopped between
         logging that status and deleting the routes (within a fraction of a
@@ -141,8 +145,9 @@ class ReceiptDeadlines(Periodic):
         message is finished again with its logged status (a receipt or
         webhook, at least once) and its routes deleted, now rather than as
         ``unknown`` at its deadline. Pages of ``batch`` messages, in id
-        order; how many were finished. ``node``: a dead node's routes, all
-        of them (adopted), rather than this node's previous life's."""
+        order; how many were finished. ``node``: a dead node's routes
+        written before it was adopted (node, time), rather than this node's
+        previous life's."""
         assert self.finished is not None
         after, total = "", 0
         while True:

@@ -472,8 +472,9 @@ class PgSpool:
         self.on_adopt: Callable[[list[Message]], object] | None = None
         # Called with the name of each dead node adopted (its receipts that
         # a crash left unsent are sent again: ReceiptDeadlines.resend_for).
-        self.on_adopt_node: Callable[[str], object] | None = None
-        self.adopted_nodes: list[str] = []  # adopted before on_adopt_node was set
+        self.on_adopt_node: Callable[[str, dt.datetime], object] | None = None
+        # (node, when) adopted before on_adopt_node was set
+        self.adopted_nodes: list[tuple[str, dt.datetime]] = []
         self.max_rows = max_rows
         self.flush_interval = flush_interval
         self.batch = batch
@@ -1099,11 +1100,17 @@ class PgSpool:
                     r["node"],
                 )
                 await conn.execute("DELETE FROM receipt_binds WHERE node = $1", r["node"])
-                await conn.execute("DELETE FROM router_nodes WHERE node = $1", r["node"])
-            if self.on_adopt_node is not None:
-                self.on_adopt_node(r["node"])
-            else:
-                self.adopted_nodes.append(r["node"])
+                # (None: another node adopted it first, its rows moved already.)
+                adopted_at = await conn.fetchval(
+                    "DELETE FROM router_nodes WHERE node = $1 RETURNING now()", r["node"]
+                )
+            if adopted_at is not None:
+                # The routes it wrote before now: not those of a life it
+                # starts again under its name after this.
+                if self.on_adopt_node is not None:
+                    self.on_adopt_node(r["node"], adopted_at)
+                else:
+                    self.adopted_nodes.append((r["node"], adopted_at))
             if not rows:
                 continue
             rows = sorted(rows, key=lambda row: row["created_at"])
