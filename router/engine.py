@@ -724,10 +724,11 @@ class Engine:
         (its rows dropped) the route stays for the deadline."""
         if not self._routes_durable:
             return
-        tlog = self.traffic_log
-        if tlog.pool is not None and tlog.depth >= tlog.limit:
+        if self.traffic_log.dropping:
             return
-        tlog.after_write(partial(self._forget_route_now, carrier, carrier_id, message_id))
+        self.traffic_log.after_write(
+            partial(self._forget_route_now, carrier, carrier_id, message_id)
+        )
 
     def _receipt_safe(self, routes: Sequence[tuple[str, str]], message_id: str) -> None:
         self._unsafe.discard(message_id)
@@ -855,10 +856,8 @@ class Engine:
         receipt changed. Not while the log is full: its rows are dropped
         then, so the hand-off row stays taken, and the next start takes
         it again (its route stays too, _forget_route)."""
-        tlog = self.traffic_log
-        if tlog.pool is not None and tlog.depth >= tlog.limit:
-            return
-        tlog.after_write(done)
+        if not self.traffic_log.dropping:
+            self.traffic_log.after_write(done)
 
     def finish_overdue(self, rows: Sequence[Any]) -> int:
         """Messages whose receipt never came (router/carriers/deadline.py):

@@ -178,11 +178,7 @@ class ReceiptHandoff:
             return False
         i = self._rr.get(account_id, 0) % len(nodes)
         self._rr[account_id] = i + 1
-        if secret:
-            pdu = _blank_addresses(pdu)
-        pdu.sequence = 0
-        self._out.append((nodes[i], account_id, pdu.encode(), seconds_left, False, written))
-        self._wake.set()
+        self._queue(nodes[i], account_id, pdu, seconds_left, secret, False, written)
         metrics.RECEIPTS_OUT.labels("smpp", "handed_over").inc()
         return True
 
@@ -203,14 +199,28 @@ class ReceiptHandoff:
         ``written`` is called once its row is committed."""
         if seconds_left <= 0 or self.parked_rows + self._parking >= self.park_limit:
             return False
+        self._parking += 1
+        self._count_parked()
+        self._queue(self.node, account_id, pdu, seconds_left, secret, True, written)
+        return True
+
+    def _queue(
+        self,
+        node: str,
+        account_id: int,
+        pdu: DeliverSm,
+        seconds_left: float,
+        secret: bool,
+        parked: bool,
+        written: Written,
+    ) -> None:
+        """A receipt row for the next write (a secret message's without
+        its addresses, privacy.md 2)."""
         if secret:
             pdu = _blank_addresses(pdu)
         pdu.sequence = 0
-        self._out.append((self.node, account_id, pdu.encode(), seconds_left, True, written))
-        self._parking += 1
-        self._count_parked()
+        self._out.append((node, account_id, pdu.encode(), seconds_left, parked, written))
         self._wake.set()
-        return True
 
     def forward_carrier_receipt(self, owner: str, carrier: str, receipt: CarrierReceipt) -> bool:
         """Hand a carrier's receipt to the live node that sent its message;

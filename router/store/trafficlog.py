@@ -130,6 +130,12 @@ class TrafficLog:
     def depth(self) -> int:
         return len(self.messages) + len(self.events)
 
+    @property
+    def dropping(self) -> bool:
+        """Full: what is recorded now is dropped, never written (so an
+        after_write callback does not mean it is logged)."""
+        return self.pool is not None and self.depth >= self.limit
+
     # ------------------------------------------------ hot path: append only
 
     def record_message(self, msg: Message, carrier: str | None) -> None:
